@@ -1,0 +1,37 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch is pinned through constraints.txt so pip takes the CPU wheel instead of a multi-GB CUDA build;
+# with your own CUDA torch already installed, run `make install CONSTRAINTS=` to keep it.
+CONSTRAINTS ?= constraints.txt
+PIP_C  := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+SPACE  ?= search_spaces/smoke.yaml
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test lint bench ui clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_C) torch
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) study/run.py --space $(SPACE)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nlstm study dashboards tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs mlruns.db mlflow.db ray_results .pytest_cache

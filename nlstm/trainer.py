@@ -1,0 +1,382 @@
+"""Truncated-BPTT training of a character language model, measured in bits per character.
+
+The trainer knows nothing of Ray, MLflow or YAML (minGPT's rule): it takes a model that maps
+``(tokens, state) -> (logits, state)`` and three token streams, and reports through callbacks.
+Checkpoints hold everything that decides the future of the run (weights, optimizer, schedule,
+RNG states, the data position and the carried recurrent state), so a resumed run continues
+bit-identically on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nlstm.data import StreamBatches
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+LN2 = math.log(2.0)
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue meaningfully."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    bptt: int = 100
+    eval_batch_size: int = 16
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max gradient norm; 0 disables clipping
+    lr_schedule: str = "constant"
+    lr_decay: float = 0.5  # 'plateau': factor applied when valid BPC stops improving
+    patience: int | None = 3  # early stopping after this many epochs without improvement; None: never
+    min_delta: float = 1e-4  # an improvement smaller than this (in BPC) does not count
+    max_steps_per_epoch: int | None = None  # shrink epochs (smoke runs, quick searches)
+    max_eval_tokens: int | None = None  # evaluate on a prefix of valid/test (quick searches)
+    time_budget_s: float | None = None  # stop after this much training time (time-matched comparisons)
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for name in ("epochs", "batch_size", "bptt", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    train_bpc: float
+    valid_bpc: float
+    lr: float
+    tokens_per_s: float  # training tokens per second of training time (evaluation excluded)
+    train_time_s: float  # cumulative training time so far
+    wall_time_s: float  # cumulative wall time so far, evaluation included
+    tokens_seen: int  # cumulative training tokens
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochResult]
+    best_valid_bpc: float
+    best_epoch: int
+    test_bpc: float | None
+    stopped_early: bool
+    stop_reason: str
+    train_time_s: float
+    wall_time_s: float
+    tokens_seen: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self.train_time_s if self.train_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"tokens_per_s": self.tokens_per_s}
+
+
+class Callback(Protocol):
+    """Any subset of these methods; the trainer calls the ones a callback has."""
+
+    def on_step_end(self, trainer: Trainer, step: int, loss_bpc: float) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None: ...
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def detach_state(state: Any) -> Any:
+    """Cut the graph at a truncated-BPTT boundary, whatever the core's state structure."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(s) for s in state)
+    return state
+
+
+def _state_to(state: Any, device: torch.device | str) -> Any:
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, (tuple, list)):
+        return type(state)(_state_to(s, device) for s in state)
+    return state
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Trainer:
+    """Train ``model`` on ``data.train``, select on ``data.valid``, report ``data.test`` at the end."""
+
+    def __init__(self, model: nn.Module, data: Any, cfg: TrainConfig, callbacks: list[Any] | None = None) -> None:
+        self.model = model.to(cfg.device)
+        self.data = data
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.train_batches = StreamBatches(data.train, cfg.batch_size, cfg.bptt)
+        if len(self.train_batches) == 0:
+            raise ValueError(f"training stream of {len(data.train)} tokens is too short for batch {cfg.batch_size}")
+        self.steps_per_epoch = min(len(self.train_batches), cfg.max_steps_per_epoch or len(self.train_batches))
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        # Progress: everything a checkpoint must restore to continue identically.
+        self.epoch = 0  # completed epochs
+        self.batch_index = 0  # next batch within the current epoch
+        self.global_step = 0
+        self.state: Any = None  # recurrent state carried across training windows
+        self.history: list[EpochResult] = []
+        self.best_valid_bpc = math.inf
+        self.best_epoch = 0
+        self.epochs_without_improvement = 0
+        self.train_time_s = 0.0
+        self.wall_time_s = 0.0
+        self.tokens_seen = 0
+        self._epoch_loss_sum = 0.0  # sum of per-window mean losses (nats) in the current epoch
+        self._epoch_windows = 0
+        self.best_state_dict: dict[str, Tensor] | None = None
+
+    # ---------------------------------------------------------------- construction
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params, c = self.model.parameters(), self.cfg
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self):
+        c = self.cfg
+        if c.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs * self.steps_per_epoch)
+        if c.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=c.lr_decay, patience=0)
+        return None
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if method is not None:
+                method(self, *args)
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """One truncated-BPTT window; returns its mean loss in nats."""
+        self.model.train()
+        x, y = x.to(self.cfg.device), y.to(self.cfg.device)
+        logits, state = self.model(x, self.state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"training loss became {value} at epoch {self.epoch + 1}, step {self.global_step + 1} (lr {self.lr:g})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        if self.cfg.lr_schedule == "cosine":
+            self.scheduler.step()
+        self.state = detach_state(state)
+        return value
+
+    def fit(self) -> TrainResult:
+        """Train until the epochs, the patience or the time budget run out (resumes mid-epoch)."""
+        stop_reason = "epochs"
+        while self.epoch < self.cfg.epochs:
+            if self._out_of_time():
+                stop_reason = "time budget"
+                break
+            while self.batch_index < self.steps_per_epoch and not self._out_of_time():
+                start = time.perf_counter()
+                x, y = self.train_batches[self.batch_index]
+                loss = self.train_step(x, y)
+                self.train_time_s += time.perf_counter() - start
+                self.tokens_seen += y.numel()
+                self.batch_index += 1
+                self.global_step += 1
+                self._epoch_loss_sum += loss
+                self._epoch_windows += 1
+                self.wall_time_s += time.perf_counter() - start
+                self._emit("on_step_end", self.global_step, loss / LN2)
+            self._end_epoch()
+            if self._should_stop_early():
+                stop_reason = "early stopping"
+                break
+        return self._finish(stop_reason)
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.time_budget_s is not None and self.train_time_s >= self.cfg.time_budget_s
+
+    def _end_epoch(self) -> EpochResult:
+        start = time.perf_counter()
+        valid_bpc = self.evaluate("valid")
+        self.epoch += 1
+        train_bpc = self._epoch_loss_sum / max(self._epoch_windows, 1) / LN2
+        if valid_bpc < self.best_valid_bpc - self.cfg.min_delta:
+            self.best_valid_bpc, self.best_epoch, self.epochs_without_improvement = valid_bpc, self.epoch, 0
+            self.best_state_dict = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.epochs_without_improvement += 1
+        if self.cfg.lr_schedule == "plateau":
+            self.scheduler.step(valid_bpc)
+        self.wall_time_s += time.perf_counter() - start
+        result = EpochResult(
+            epoch=self.epoch, train_bpc=train_bpc, valid_bpc=valid_bpc, lr=self.lr,
+            tokens_per_s=self.tokens_seen / self.train_time_s if self.train_time_s > 0 else 0.0,
+            train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
+        )
+        self.history.append(result)
+        self.batch_index, self._epoch_loss_sum, self._epoch_windows = 0, 0.0, 0
+        self.state = None  # each epoch starts the stream from the beginning
+        self._emit("on_epoch_end", result)
+        return result
+
+    def _should_stop_early(self) -> bool:
+        return self.cfg.patience is not None and self.epochs_without_improvement >= self.cfg.patience
+
+    def _finish(self, stop_reason: str) -> TrainResult:
+        if self.best_state_dict is not None:
+            self.model.load_state_dict(self.best_state_dict)  # test the model selected on valid
+        start = time.perf_counter()
+        test_bpc = self.evaluate("test") if len(self.data.test) > 1 else None
+        self.wall_time_s += time.perf_counter() - start
+        result = TrainResult(
+            history=list(self.history), best_valid_bpc=self.best_valid_bpc, best_epoch=self.best_epoch,
+            test_bpc=test_bpc, stopped_early=stop_reason != "epochs", stop_reason=stop_reason,
+            train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
+        )
+        self._emit("on_train_end", result)
+        return result
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> float:
+        """BPC over every symbol of the split (spec): streams padded, never truncated, and the
+        state carried across consecutive windows as in training."""
+        data = getattr(self.data, split)
+        if self.cfg.max_eval_tokens is not None:
+            data = data[: self.cfg.max_eval_tokens]
+        return bits_per_char(self.model, data, self.cfg.eval_batch_size, self.cfg.bptt, self.cfg.device)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": _rng_states(),
+            "progress": {
+                "epoch": self.epoch, "batch_index": self.batch_index, "global_step": self.global_step,
+                "best_valid_bpc": self.best_valid_bpc, "best_epoch": self.best_epoch,
+                "epochs_without_improvement": self.epochs_without_improvement,
+                "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
+                "tokens_seen": self.tokens_seen, "epoch_loss_sum": self._epoch_loss_sum,
+                "epoch_windows": self._epoch_windows,
+            },
+            "state": _state_to(self.state, "cpu"),
+            "history": [asdict(r) for r in self.history],
+            "best_state_dict": self.best_state_dict,
+            "train_config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        p = ckpt["progress"]
+        self.epoch, self.batch_index, self.global_step = p["epoch"], p["batch_index"], p["global_step"]
+        self.best_valid_bpc, self.best_epoch = p["best_valid_bpc"], p["best_epoch"]
+        self.epochs_without_improvement = p["epochs_without_improvement"]
+        self.train_time_s, self.wall_time_s, self.tokens_seen = p["train_time_s"], p["wall_time_s"], p["tokens_seen"]
+        self._epoch_loss_sum, self._epoch_windows = p["epoch_loss_sum"], p["epoch_windows"]
+        self.state = _state_to(ckpt["state"], self.cfg.device)
+        self.history = [EpochResult(**r) for r in ckpt["history"]]
+        self.best_state_dict = ckpt["best_state_dict"]
+        _set_rng_states(ckpt["rng"])
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Atomic write: a run killed while saving never leaves a half-written checkpoint."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+@torch.no_grad()
+def bits_per_char(model: nn.Module, data: Tensor, batch_size: int, bptt: int, device: str = "cpu") -> float:
+    """Mean cross-entropy in bits over every predicted symbol of ``data``."""
+    was_training = model.training
+    model.eval()
+    batches = StreamBatches(data, batch_size, bptt, pad=True)
+    total, state = 0.0, None
+    for x, y in batches:
+        logits, state = model(x.to(device), state)
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+    model.train(was_training)
+    return total / max(batches.num_tokens, 1) / LN2
+
+
+class PeriodicCheckpoint:
+    """Save a resumable checkpoint every ``every_steps`` steps and at each epoch's end."""
+
+    def __init__(self, path: str | Path, every_steps: int = 0) -> None:
+        self.path, self.every_steps = Path(path), every_steps
+
+    def on_step_end(self, trainer: Trainer, step: int, loss_bpc: float) -> None:
+        if self.every_steps and step % self.every_steps == 0:
+            trainer.save_checkpoint(self.path)
+
+    def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None:
+        trainer.save_checkpoint(self.path)

@@ -1,0 +1,134 @@
+"""The trainer learns, resumes bit-identically, stops when told to, and fails loudly on divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nlstm import CharLM, ModelConfig
+from nlstm.data import SyntheticConfig, synthetic_corpus
+from nlstm.trainer import DivergenceError, PeriodicCheckpoint, TrainConfig, Trainer, bits_per_char, seed_everything
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(SyntheticConfig(seed=0, train_chars=40_000, valid_chars=4_000, test_chars=4_000))
+
+
+def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, **train):
+    seed_everything(seed)
+    model = CharLM(ModelConfig(vocab_size=len(corpus.vocab), arch=arch, depth=depth, width=48, embedding_dim=16,
+                               dropout=0.1))
+    cfg = TrainConfig(**({"epochs": 2, "batch_size": 16, "bptt": 32, "lr": 5e-3, "seed": seed} | train))
+    return Trainer(model, corpus, cfg, callbacks)
+
+
+@pytest.mark.parametrize("arch,depth", [("nlstm", 2), ("stacked", 2)])
+def test_learns_well_below_unigram_entropy(corpus, arch, depth):
+    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40).fit()
+    unigram = corpus.unigram_entropy_bits()
+    assert result.best_valid_bpc < 0.7 * unigram, (result.best_valid_bpc, unigram)
+    assert result.test_bpc is not None and result.test_bpc < 0.7 * unigram
+    assert [r.epoch for r in result.history] == [1, 2, 3]
+    assert result.history[-1].train_bpc < result.history[0].train_bpc
+    assert result.tokens_seen == 3 * 40 * 16 * 32 and result.tokens_per_s > 0
+
+
+class StopAt:
+    """Simulates a killed run: raises after a given step, once the checkpoint of that step is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
+    straight = make_trainer(corpus, epochs=2, max_steps_per_epoch=6)
+    straight_result = straight.fit()
+
+    ckpt = tmp_path / "ckpt.pt"
+    interrupted = make_trainer(corpus, epochs=2, max_steps_per_epoch=6,
+                               callbacks=[PeriodicCheckpoint(ckpt, every_steps=4), StopAt(8)])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=6, seed=123)  # different init: all must come back
+    resumed.load_checkpoint(ckpt)
+    assert (resumed.epoch, resumed.batch_index, resumed.global_step) == (1, 2, 8)
+    resumed_result = resumed.fit()
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r.valid_bpc for r in resumed_result.history] == [r.valid_bpc for r in straight_result.history]
+    assert [r.train_bpc for r in resumed_result.history] == [r.train_bpc for r in straight_result.history]
+    assert resumed_result.test_bpc == straight_result.test_bpc
+
+
+def test_divergence_raises_a_specific_error(corpus):
+    trainer = make_trainer(corpus)
+    with torch.no_grad():
+        trainer.model.decoder.bias.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="loss became nan at epoch 1, step 1"):
+        trainer.fit()
+
+
+def test_early_stopping_and_time_budget(corpus):
+    stalled = make_trainer(corpus, epochs=5, lr=1e-12, patience=1, max_steps_per_epoch=2).fit()
+    assert stalled.stop_reason == "early stopping" and len(stalled.history) == 2 and stalled.stopped_early
+
+    timed = make_trainer(corpus, epochs=5, time_budget_s=1e-9).fit()
+    assert timed.stop_reason == "time budget" and len(timed.history) == 1 and timed.tokens_seen == 16 * 32
+
+
+def test_bpc_of_a_uniform_model_is_log2_vocab(corpus):
+    model = CharLM(ModelConfig(vocab_size=len(corpus.vocab), width=8, embedding_dim=4))
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+    bpc = bits_per_char(model, corpus.valid[:1001], batch_size=7, bptt=13)
+    assert bpc == pytest.approx(math.log2(len(corpus.vocab)), abs=1e-6)
+
+
+def test_evaluation_counts_every_symbol(corpus):
+    """Padding, not truncation: a model that is perfect on one symbol and uniform elsewhere shows it."""
+    data = corpus.valid[:500]
+    trainer = make_trainer(corpus, eval_batch_size=7, bptt=11)
+    a = bits_per_char(trainer.model, data, 7, 11)
+    b = bits_per_char(trainer.model, data, 1, 499)  # one stream, one window: the plain definition
+    assert a == pytest.approx(b, rel=0.05)  # same symbols; only the carried-state boundaries differ
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "nlstm.train", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_trains_writes_outputs_and_resumes(tmp_path):
+    args = ["--corpus", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "3", "--budget", "2e4",
+            "--batch-size", "8", "--bptt", "16", "--out", str(tmp_path / "run"), "--quiet", "--sample", "20"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "epoch   1" in first.stdout and "width" in first.stdout and "sample:" in first.stdout
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["history"][0]["valid_bpc"] > 0
+    again = run_cli(*args[:3], "2", *args[4:], cwd=tmp_path)  # two epochs now: resumes after the first
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "epoch   2" in again.stdout and "epoch   1" not in again.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--corpus", "nonsense"], "nonsense"),
+    (["--corpus", "synthetic", "--optimizer", "rmsprop"], "optimizer"),
+    (["--corpus", "text:/does/not/exist.txt"], "exist"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = run_cli(*args, "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
