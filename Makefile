@@ -25,10 +25,15 @@ demo: $(STAMP)
 	$(PY) study/run.py --space $(SPACE)
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || echo "no chromium: the report rendering test will be skipped"
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nlstm study dashboards tests benchmarks
+
+# The MLflow UI on the study store, on 127.0.0.1 only: `make ui [STUDY=name] [STORE=uri] [UI_HOST=...] [UI_PORT=...]`.
+ui: $(STAMP)
+	$(PY) study/ui.py $(if $(STUDY),--study $(STUDY)) $(if $(STORE),--tracking-uri $(STORE)) --host $(or $(UI_HOST),127.0.0.1) --port $(or $(UI_PORT),5000)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,0 +1,292 @@
+"""Throughput of the Nested LSTM kernels against torch's own LSTM, in one table.
+
+    python benchmarks/throughput.py                       # CPU sizes (or GPU sizes on a CUDA machine)
+    python benchmarks/throughput.py --sizes 32,100,256 --threads 2 --depth 2 --repeats 5
+    python benchmarks/throughput.py --quick               # a tiny run in seconds (the smoke test's)
+
+For each size (B = batch, T = steps, H = width) it times, interleaved in one process so that every
+ratio compares runs made under the same conditions:
+
+- ``nlstm fused``: ``NestedLSTM(impl="fused")``, depth D (the default implementation);
+- ``nlstm reference``: ``NestedLSTM(impl="reference")``, the per-step autograd loop (fewer repeats);
+- ``torch LSTM xD``: ``nlstm.StackedLSTM``, i.e. ``torch.nn.LSTM(num_layers=D)`` with one bias per
+  layer, so exactly the Nested LSTM's parameter count; oneDNN on CPU, cuDNN on GPU. The ratios are
+  against this row;
+- ``torch LSTM x1 (matched)``: a single-layer ``nn.LSTM`` whose width matches the core's parameter
+  count (``nlstm.core_parameters``).
+
+Training = forward + backward of ``out.sum()`` + ``Adam.step()`` (input requires grad, as an
+embedding's output would); inference = a ``torch.no_grad()`` forward. Tokens/s = B*T / median time.
+Peak memory: on CPU the growth of the peak RSS (``resource.getrusage().ru_maxrss``) over two
+training steps, measured in a fresh subprocess per row (torch's own allocator statistics do not
+exist on CPU and tracemalloc does not see torch); on GPU ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from nlstm import NestedLSTM, StackedLSTM, core_parameters  # noqa: E402
+
+CPU_SIZES = [(32, 100, 256), (64, 100, 512)]
+GPU_SIZES = [(128, 100, 1000)]
+QUICK_SIZES = [(4, 8, 16)]
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # fused | reference | stacked | single
+    width: int
+    params: int
+    train_tps: float | None = None
+    infer_tps: float | None = None
+    train_ms: float | None = None
+    infer_ms: float | None = None
+    mem_mib: float | None = None
+    note: str = ""
+
+
+def matched_single_width(depth: int, width: int, input_size: int) -> int:
+    """Width of a 1-layer LSTM (one bias) with the parameter count closest to the depth-D core's."""
+    target = core_parameters("nlstm", depth, width, input_size)
+    best = min(range(1, 4 * width + 2), key=lambda w: abs(core_parameters("single", 1, w, input_size) - target))
+    return best
+
+
+def build(kind: str, depth: int, width: int, input_size: int, device: str) -> nn.Module:
+    if kind == "fused":
+        m: nn.Module = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="fused")
+    elif kind == "reference":
+        m = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="reference")
+    elif kind == "stacked":
+        m = StackedLSTM(input_size, width, num_layers=depth, batch_first=False)
+    elif kind == "single":
+        m = StackedLSTM(input_size, matched_single_width(depth, width, input_size), num_layers=1, batch_first=False)
+    else:
+        raise ValueError(kind)
+    return m.to(device)
+
+
+def contenders(depth: int, width: int, input_size: int) -> list[Row]:
+    single = matched_single_width(depth, width, input_size)
+    params = core_parameters("nlstm", depth, width, input_size)
+    return [
+        Row("nlstm fused", "fused", width, params),
+        Row("nlstm reference", "reference", width, params),
+        Row(f"torch LSTM x{depth}", "stacked", width, core_parameters("stacked", depth, width, input_size)),
+        Row("torch LSTM x1 (matched)", "single", single, core_parameters("single", 1, single, input_size)),
+    ]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Runner:
+    """One model with its optimizer and inputs; ``train()`` and ``infer()`` each time one step."""
+
+    def __init__(self, kind: str, depth: int, B: int, T: int, H: int, device: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = build(kind, depth, H, H, device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.x = torch.randn(T, B, H, device=device, requires_grad=True)
+        self.device = device
+
+    def train(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(self.x)[0]
+        out.sum().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.x.grad = None
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def infer(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(self.x)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def time_size(rows: list[Row], depth: int, B: int, T: int, H: int, device: str, repeats: int, warmup: int) -> None:
+    """Interleave the contenders: in each round every model runs once, so slow drifts of the
+    machine hit them all alike. The reference runs fewer rounds (it is slow)."""
+    runners = {r.kind: Runner(r.kind, depth, B, T, H, device) for r in rows}
+    ref_repeats = max(1, min(repeats, 3))
+    for mode in ("train", "infer"):
+        times: dict[str, list[float]] = {r.kind: [] for r in rows}
+        for i in range(warmup + repeats):
+            for r in rows:
+                if r.kind == "reference" and (i < warmup - 1 or i >= warmup + ref_repeats):
+                    continue  # one warm-up round and ref_repeats timed rounds only
+                dt = getattr(runners[r.kind], mode)()
+                if i >= warmup:
+                    times[r.kind].append(dt)
+        for r in rows:
+            med = statistics.median(times[r.kind])
+            setattr(r, f"{mode}_ms", med * 1e3)
+            setattr(r, f"{mode}_tps", B * T / med)
+            if r.kind == "reference":
+                r.note = f"median of {len(times[r.kind])}"
+
+
+def measure_memory(kind: str, depth: int, B: int, T: int, H: int, device: str, threads: int) -> float | None:
+    if device == "cuda":
+        runner = Runner(kind, depth, B, T, H, device)
+        runner.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        runner.train()
+        runner.train()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--_memory", json.dumps([kind, depth, B, T, H, threads])]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        print(f"memory measurement for {kind} failed: {res.stderr[-500:]}", file=sys.stderr)
+        return None
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(spec: str) -> None:
+    kind, depth, B, T, H, threads = json.loads(spec)
+    torch.set_num_threads(threads)
+    runner = Runner(kind, depth, B, T, H, "cpu")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    runner.train()
+    runner.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - base) / 1024)
+
+
+def machine(device: str, threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [
+        f"torch {torch.__version__}",
+        f"python {platform.python_version()}",
+        f"CPU: {cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}",
+        f"oneDNN {torch.backends.mkldnn.is_available()}, MKL {torch.backends.mkl.is_available()}",
+    ]
+    if device == "cuda":
+        cudnn = torch.backends.cudnn.version()
+        parts.append(f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, cuDNN {cudnn})")
+    else:
+        parts.append("GPU: none (no GPU figures were measured in this run)")
+    try:
+        load = os.getloadavg()
+        parts.append(f"load average at start {load[0]:.2f}")
+    except OSError:
+        pass
+    return "; ".join(parts)
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(size: tuple[int, int, int], rows: list[Row]) -> str:
+    B, T, H = size
+    base = next(r for r in rows if r.kind == "stacked")
+    lines = [
+        f"B={B}, T={T}, H={H}",
+        "",
+        "| model | width | params | train tok/s | train vs LSTM | infer tok/s | infer vs LSTM "
+        "| train ms | infer ms | peak mem MiB | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        tr = r.train_tps / base.train_tps if r.train_tps and base.train_tps else None
+        inf = r.infer_tps / base.infer_tps if r.infer_tps and base.infer_tps else None
+        lines.append(
+            f"| {r.name} | {r.width} | {r.params:,} | {fmt(r.train_tps, ',.0f')} | {fmt(tr, '.2f')}x | "
+            f"{fmt(r.infer_tps, ',.0f')} | {fmt(inf, '.2f')}x | {fmt(r.train_ms, '.1f')} | {fmt(r.infer_ms, '.1f')} | "
+            f"{fmt(r.mem_mib, '.0f')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_sizes(values: list[str], device: str) -> list[tuple[int, int, int]]:
+    sizes: list[tuple[int, int, int]] = []
+    for v in values:
+        if v == "cpu":
+            sizes += CPU_SIZES
+        elif v == "gpu":
+            sizes += GPU_SIZES
+        else:
+            B, T, H = (int(p) for p in v.split(","))
+            sizes.append((B, T, H))
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=None, help="cpu | gpu | B,T,H (several allowed)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no memory: finishes in seconds")
+    p.add_argument("--_memory", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._memory:
+        _memory_child(args._memory)
+        return
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        sizes, args.repeats, args.warmup, args.no_memory = QUICK_SIZES, 2, 1, True
+    else:
+        sizes = parse_sizes(args.sizes or (["gpu"] if device == "cuda" else ["cpu"]), device)
+    print(f"# NLSTM throughput, depth {args.depth}, device {device}")
+    print(machine(device, args.threads))
+    print(f"command: python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"timing: median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds "
+          f"(reference: 1 warm-up, <= 3 rounds); memory: "
+          + ("skipped" if args.no_memory else "peak RSS growth over 2 training steps in a fresh process"
+             if device == "cpu" else "torch.cuda.max_memory_allocated over 2 training steps"))
+    print()
+    for size in sizes:
+        B, T, H = size
+        rows = contenders(args.depth, H, H)
+        time_size(rows, args.depth, B, T, H, device, args.repeats, args.warmup)
+        if not args.no_memory:
+            for r in rows:
+                r.mem_mib = measure_memory(r.kind, args.depth, B, T, H, device, args.threads)
+        print(table(size, rows))
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``.
+
+- ``search``: Optuna samples configurations (``PruneAwareOptunaSearch``), a scheduler (ASHA,
+  median stopping or none) stops poor trials early; every trial uses the tuning seed.
+- ``evaluate``: the top-k search configurations (overall, per arch or per family), each re-run
+  with the evaluation seeds at the evaluate phase's full training budget.
+- ``ablation``: every cell of the factor grid, each run with the ablation seeds.
+
+A phase whose experiment exists is resumed (``Tuner.restore``): finished trials are kept,
+unfinished ones continue from their last checkpoint, errored ones stay errored (a divergence
+would recur). A finished phase is recorded on the parent run (``nlstm.phase.<phase> = done``)
+and skipped when the study runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+from nlstm.data import Corpus
+from study.searcher import PruneAwareOptunaSearch
+from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
+from study.spec import StudySpec
+from study.tracking import StudyTracker, find_runs, trial_key_of
+from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
+
+METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Tune stopped a phase before all its trials ended (Ctrl+C): rerun the command to resume."""
+
+
+@dataclass
+class StudyRun:
+    """What the phases need from the driver."""
+
+    spec: StudySpec
+    study_dir: Path
+    tracker: StudyTracker
+    corpus: Corpus
+    data_dir: str | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int
+    verbose: bool
+    out: TextIO
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def context(self, phase: str, **kwargs: Any) -> TrialContext:
+        t = self.tracker
+        return TrialContext(self.spec, phase, t.tracking_uri, t.experiment_id, t.parent_run_id, self.data_dir,
+                            threads=max(1, int(self.cpus_per_trial)),
+                            device="cuda" if self.gpus_per_trial > 0 else "cpu", **kwargs)
+
+
+def _trial_name(trial: Any) -> str:
+    return trial_key_of(trial.config) or trial.trial_id
+
+
+def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_config: tune.TuneConfig,
+         param_space: dict[str, Any] | None = None) -> tune.ResultGrid:
+    from study.progress import ProgressLine
+    from study.tracking import TrackingCallback
+
+    resources = {"cpu": run.cpus_per_trial} | ({"gpu": run.gpus_per_trial} if run.gpus_per_trial else {})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    storage = run.study_dir / "ray"
+    path = storage / phase
+    if tune.Tuner.can_restore(str(path)):
+        run.say(f"[{phase}] resuming the trials in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=False)
+    else:
+        callbacks: list[tune.Callback] = [TrackingCallback(run.tracker.tracking_uri, run.tracker.experiment_id)]
+        if not run.verbose:
+            callbacks.append(ProgressLine(phase, total))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=phase, storage_path=str(storage), verbose=2 if run.verbose else 0, callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    ended = results.num_terminated + results.num_errors
+    if ended < total:  # Tune returns normally after Ctrl+C, with trials left
+        raise StudyInterrupted(f"{phase}: {ended} of {total} trials ended")
+    return results
+
+
+# ------------------------------------------------------------------ search
+def _scheduler(spec: StudySpec) -> Any:
+    s, epochs = spec.search.scheduler, spec.search.train.epochs
+    grace = min(s.grace_period, epochs)
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=grace,
+                             reduction_factor=s.reduction_factor)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=grace,
+                                  min_samples_required=s.min_samples_required)
+    return FIFOScheduler()
+
+
+def run_search(run: StudyRun) -> None:
+    spec = run.spec
+    total = num_samples(spec)
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(spec), metric=METRIC, mode=MODE, sampler=make_sampler(spec))
+    tune_config = tune.TuneConfig(
+        metric=METRIC, mode=MODE, search_alg=searcher, scheduler=_scheduler(spec), num_samples=total,
+        max_concurrent_trials=min(run.max_concurrent, spec.search.max_concurrent or run.max_concurrent),
+        reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    results = _fit(run, "search", run.context("search"), total, tune_config)
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        key = m.get("trial_key") or trial_key_of(r.config or {})
+        params = {k: v for k, v in (r.config or {}).items() if k != "trial_number"}
+        status = "failed" if r.error is not None else ("completed" if m.get("finished") else "pruned")
+        rows.append({"key": key, "status": status, "params": params, "family": m.get("family"),
+                     "best_valid_bpc": m.get("best_valid_bpc", math.inf) if r.error is None else math.inf,
+                     "epochs": m.get("epoch", 0), "checkpoint": r.checkpoint.path if r.checkpoint else None})
+    # By best valid BPC whatever the status: a trial stopped early reached its value in fewer epochs,
+    # so it is at least as promising as a finished trial with a worse value.
+    rows.sort(key=lambda row: row["best_valid_bpc"])
+    (run.study_dir / "search_results.json").write_text(json.dumps(rows, indent=1, default=str))
+    _save_best_models(run, rows)
+
+
+def _save_best_models(run: StudyRun, rows: list[dict[str, Any]]) -> None:
+    """model.pt of the best search trials (those evaluate will re-run, or the best one) as artifacts
+    of their runs and under studies/<name>/best/."""
+    chosen = select_top(run.spec, rows) if run.spec.evaluate else rows[:1]
+    best_dir = run.study_dir / "best"
+    best_dir.mkdir(parents=True, exist_ok=True)
+    for row in chosen:
+        if not row.get("checkpoint"):
+            continue
+        out = model_file_from_checkpoint(Path(row["checkpoint"]), best_dir / f"{row['key']}.pt")
+        trial_run = run.tracker.trial_run(row["key"])
+        if out is not None and trial_run is not None:
+            staging = best_dir / row["key"]
+            staging.mkdir(exist_ok=True)
+            shutil.copyfile(out, staging / "model.pt")
+            run.tracker.client.log_artifact(trial_run.info.run_id, str(staging / "model.pt"))
+            shutil.rmtree(staging)
+
+
+def select_top(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluate phase's configurations: the top-k rows (by best valid BPC, pruned or not)
+    overall, per arch or per family. ``rows`` must be sorted."""
+    ev = spec.evaluate
+    assert ev is not None
+    usable = [r for r in rows if r["status"] != "failed" and math.isfinite(r["best_valid_bpc"])]
+    if ev.per == "none":
+        return usable[: ev.top_k]
+    chosen, counts = [], {}
+    for row in usable:
+        cfg = resolve(spec, "search", row["params"])
+        group = cfg.arch if ev.per == "arch" else cfg.family
+        if counts.get(group, 0) < ev.top_k:
+            counts[group] = counts.get(group, 0) + 1
+            chosen.append(row)
+    return chosen
+
+
+def load_search_rows(run: StudyRun) -> list[dict[str, Any]]:
+    path = run.study_dir / "search_results.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: run the search phase first (--phases search)")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------ evaluate and ablation
+def _run_planned(run: StudyRun, phase: str, configs: list[tuple[TrialConfig, dict[str, Any], dict[str, str]]],
+                 seeds: list[int]) -> None:
+    """Config runs for ``configs`` ((config, factors, extra tags)), then every (config, seed) trial,
+    the first seed of every configuration before the second."""
+    vocab = len(run.corpus.vocab)
+    planned: dict[str, PlannedTrial] = {}
+    config_runs: dict[str, str] = {}
+    for cfg, factors, tags in configs:
+        solved = cfg.solve(vocab)
+        params = solved.mlflow_params(seed=0)
+        params.pop("seed")
+        config_runs[cfg.config_hash] = run.tracker.config_run(phase, cfg, params, factors or None, tags)
+    for seed in seeds:
+        for cfg, _, _ in configs:
+            key = f"{phase}-{cfg.config_hash}-s{seed}"
+            planned[key] = PlannedTrial(key, cfg.params, seed, cfg.config_hash)
+    context = run.context(phase, planned=planned, config_runs=config_runs)
+    tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=run.max_concurrent,
+                                  reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    _fit(run, phase, context, len(planned), tune_config, param_space={"trial_key": tune.grid_search(list(planned))})
+    run.tracker.finish_config_runs(phase)
+
+
+def run_evaluate(run: StudyRun) -> None:
+    spec = run.spec
+    configs, seen = [], set()
+    for row in select_top(spec, load_search_rows(run)):
+        cfg = resolve(spec, "evaluate", row["params"])
+        if cfg.config_hash not in seen:
+            seen.add(cfg.config_hash)
+            configs.append((cfg, {}, {"nlstm.source_trial": row["key"]}))
+    if not configs:
+        run.say("[evaluate] no search trial finished: nothing to evaluate")
+        return
+    _run_planned(run, "evaluate", configs, spec.evaluate.seeds)
+
+
+def run_ablation(run: StudyRun) -> None:
+    spec = run.spec
+    base: dict[str, Any] = {}
+    if spec.ablation.base == "search":
+        rows = [r for r in load_search_rows(run) if r["status"] != "failed"]
+        if not rows:
+            run.say("[ablation] no search trial finished: no base configuration")
+            return
+        base = rows[0]["params"]
+    cells = ablation_cells(spec, base)
+    _run_planned(run, "ablation", [(c.config, c.factors, {}) for c in cells], spec.ablation.seeds)
+
+
+PHASE_RUNNERS = {"search": run_search, "evaluate": run_evaluate, "ablation": run_ablation}
+
+
+def run_phase(run: StudyRun, phase: str) -> None:
+    if run.tracker.phase_done(phase):
+        run.say(f"[{phase}] already done (recorded on the study run); skipping")
+        run.say(phase_summary(run, phase))
+        return
+    PHASE_RUNNERS[phase](run)
+    run.tracker.mark_phase_done(phase)
+    run.say(phase_summary(run, phase))
+
+
+# ------------------------------------------------------------------ summaries
+def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def phase_rows(tracker: StudyTracker, phase: str) -> list[dict[str, Any]]:
+    """One row per configuration of a phase, from its MLflow trial runs."""
+    groups: dict[str, dict[str, Any]] = {}
+    for r in find_runs(tracker.client, tracker.experiment_id, kind="trial", phase=phase):
+        tags, metrics = r.data.tags, r.data.metrics
+        g = groups.setdefault(tags.get("nlstm.config_hash", "?"), {
+            "family": tags.get("nlstm.family"), "config_hash": tags.get("nlstm.config_hash"),
+            "num_params": metrics.get("num_params"), "key": tags.get("nlstm.trial_id"),
+            "lr": r.data.params.get("lr"), "valid": [], "test": [], "status": []})
+        g["valid"].append(metrics.get("best_valid_bpc"))
+        g["test"].append(metrics.get("test_bpc"))
+        g["status"].append(tags.get("nlstm.status"))
+    rows = list(groups.values())
+    rows.sort(key=lambda g: min([v for v in g["valid"] if v is not None] or [math.inf]))
+    return rows
+
+
+def phase_summary(run: StudyRun, phase: str, limit: int = 8) -> str:
+    rows = phase_rows(run.tracker, phase)
+    if not rows:
+        return f"[{phase}] no trial runs recorded"
+    header = "trial" if phase == "search" else "configuration (seeds)"
+    lines = [f"[{phase}] {'best trials' if phase == 'search' else 'results, mean ± sd over seeds'}:",
+             f"  {header:<28} {'family':<12} {'params':>9} {'lr':>9} {'valid bpc':>15} {'test bpc':>15}  status"]
+    for g in rows[:limit]:
+        name = g["key"] if phase == "search" else f"{g['config_hash']} ({len(g['valid'])})"
+        status = ",".join(sorted({s or "?" for s in g["status"]}))
+        params = f"{int(g['num_params']):,}" if g["num_params"] else "-"
+        lr = f"{float(g['lr']):.2e}" if g["lr"] not in (None, "None") else "-"
+        lines.append(f"  {name:<28} {g['family'] or '-':<12} {params:>9} {lr:>9} {_fmt(g['valid']):>15} "
+                     f"{_fmt(g['test']):>15}  {status}")
+    if len(rows) > limit:
+        lines.append(f"  ... {len(rows) - limit} more in MLflow")
+    return "\n".join(lines)
