@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) study/run.py --space $(SPACE)
 
 test: $(STAMP)
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || echo "no chromium: the report rendering test will be skipped"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; } || echo "no chromium: the report rendering test will be skipped"
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf runs mlruns.db mlflow.db ray_results .pytest_cache
+	rm -rf runs studies mlflow.db ray_results .pytest_cache

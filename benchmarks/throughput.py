@@ -7,7 +7,8 @@
 For each size (B = batch, T = steps, H = width) it times, interleaved in one process so that every
 ratio compares runs made under the same conditions:
 
-- ``nlstm fused``: ``NestedLSTM(impl="fused")``, depth D (the default implementation);
+- ``nlstm fused``: ``NestedLSTM(impl="fused")``, depth D (the default implementation); on a GPU
+  also ``nlstm fused + CUDA graphs`` (``NLSTM_CUDA_GRAPHS=1``, :mod:`nlstm.fused_cuda`);
 - ``nlstm reference``: ``NestedLSTM(impl="reference")``, the per-step autograd loop (fewer repeats);
 - ``torch LSTM xD``: ``nlstm.StackedLSTM``, i.e. ``torch.nn.LSTM(num_layers=D)`` with one bias per
   layer, so exactly the Nested LSTM's parameter count; oneDNN on CPU, cuDNN on GPU. The ratios are
@@ -17,14 +18,16 @@ ratio compares runs made under the same conditions:
 
 Training = forward + backward of ``out.sum()`` + ``Adam.step()`` (input requires grad, as an
 embedding's output would); inference = a ``torch.no_grad()`` forward. Tokens/s = B*T / median time.
-Peak memory: on CPU the growth of the peak RSS (``resource.getrusage().ru_maxrss``) over two
-training steps, measured in a fresh subprocess per row (torch's own allocator statistics do not
-exist on CPU and tracemalloc does not see torch); on GPU ``torch.cuda.max_memory_allocated``.
+Peak memory: on CPU the growth of the peak RSS (``VmHWM`` from ``/proc/self/status``, reset
+before the steps) over two training steps above the RSS with model, optimizer and input built,
+in a fresh subprocess per row (torch keeps no allocator statistics on CPU and tracemalloc does
+not see its memory); on GPU ``torch.cuda.max_memory_allocated`` over two steps after one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -71,7 +74,7 @@ def matched_single_width(depth: int, width: int, input_size: int) -> int:
 
 
 def build(kind: str, depth: int, width: int, input_size: int, device: str) -> nn.Module:
-    if kind == "fused":
+    if kind in ("fused", "fused-graphs"):
         m: nn.Module = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="fused")
     elif kind == "reference":
         m = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="reference")
@@ -84,11 +87,13 @@ def build(kind: str, depth: int, width: int, input_size: int, device: str) -> nn
     return m.to(device)
 
 
-def contenders(depth: int, width: int, input_size: int) -> list[Row]:
+def contenders(depth: int, width: int, input_size: int, device: str = "cpu") -> list[Row]:
     single = matched_single_width(depth, width, input_size)
     params = core_parameters("nlstm", depth, width, input_size)
+    graphs = [Row("nlstm fused + CUDA graphs", "fused-graphs", width, params)] if device == "cuda" else []
     return [
         Row("nlstm fused", "fused", width, params),
+        *graphs,
         Row("nlstm reference", "reference", width, params),
         Row(f"torch LSTM x{depth}", "stacked", width, core_parameters("stacked", depth, width, input_size)),
         Row("torch LSTM x1 (matched)", "single", single, core_parameters("single", 1, single, input_size)),
@@ -109,25 +114,41 @@ class Runner:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.x = torch.randn(T, B, H, device=device, requires_grad=True)
         self.device = device
+        self.graphs = kind == "fused-graphs"
 
     def train(self) -> float:
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = self.model(self.x)[0]
-        out.sum().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.x.grad = None
-        sync(self.device)
-        return time.perf_counter() - t0
+        with self.env():
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = self.model(self.x)[0]
+            out.sum().backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.x.grad = None
+            sync(self.device)
+            return time.perf_counter() - t0
 
     def infer(self) -> float:
-        sync(self.device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self.model(self.x)
-        sync(self.device)
-        return time.perf_counter() - t0
+        with self.env():
+            sync(self.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.model(self.x)
+            sync(self.device)
+            return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def env(self):
+        """The CUDA-graph row switches nlstm.fused_cuda on for its own calls only."""
+        old = os.environ.get("NLSTM_CUDA_GRAPHS")
+        os.environ["NLSTM_CUDA_GRAPHS"] = "1" if self.graphs else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("NLSTM_CUDA_GRAPHS", None)
+            else:
+                os.environ["NLSTM_CUDA_GRAPHS"] = old
 
 
 def time_size(rows: list[Row], depth: int, B: int, T: int, H: int, device: str, repeats: int, warmup: int) -> None:
@@ -170,15 +191,50 @@ def measure_memory(kind: str, depth: int, B: int, T: int, H: int, device: str, t
     return float(res.stdout.strip().splitlines()[-1])
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_child(spec: str) -> None:
+    """Peak RSS growth over two training steps, above the RSS with the model, optimizer and input
+    built: grads, Adam state, activations and whatever the kernels keep. The peak (VmHWM) is reset
+    first through /proc/self/clear_refs, so the import's own high-water mark does not hide it."""
     kind, depth, B, T, H, threads = json.loads(spec)
     torch.set_num_threads(threads)
     runner = Runner(kind, depth, B, T, H, "cpu")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+        base, peak_field = _rss_kib("VmRSS"), "VmHWM"
+    except OSError:  # no procfs: fall back to ru_maxrss, which may hide growth below an earlier peak
+        base, peak_field = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None
     runner.train()
     runner.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _rss_kib(peak_field) if peak_field else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((peak - base) / 1024)
+
+
+def profile_rows(rows: list[Row], depth: int, B: int, T: int, H: int, device: str, steps: int = 3) -> str:
+    """torch.profiler's self-time table of a few training steps of the fused NLSTM and of the LSTM."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    out = []
+    for r in rows:
+        if r.kind not in ("fused", "stacked"):
+            continue
+        runner = Runner(r.kind, depth, B, T, H, device)
+        for _ in range(2):
+            runner.train()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                runner.train()
+        out.append(f"profile: {r.name}, B={B}, T={T}, H={H}, {steps} training steps (times are totals over them)")
+        out.append(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48))
+    return "\n".join(out)
 
 
 def machine(device: str, threads: int) -> str:
@@ -257,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no memory: finishes in seconds")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler tables (fused vs LSTM)")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory:
@@ -274,18 +331,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"timing: median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds "
           f"(reference: 1 warm-up, <= 3 rounds); memory: "
-          + ("skipped" if args.no_memory else "peak RSS growth over 2 training steps in a fresh process"
+          + ("skipped" if args.no_memory else "peak RSS growth (VmHWM) over 2 training steps in a fresh process"
              if device == "cpu" else "torch.cuda.max_memory_allocated over 2 training steps"))
     print()
     for size in sizes:
         B, T, H = size
-        rows = contenders(args.depth, H, H)
+        rows = contenders(args.depth, H, H, device)
         time_size(rows, args.depth, B, T, H, device, args.repeats, args.warmup)
         if not args.no_memory:
             for r in rows:
                 r.mem_mib = measure_memory(r.kind, args.depth, B, T, H, device, args.threads)
         print(table(size, rows))
         print(flush=True)
+        if args.profile:
+            print(profile_rows(rows, args.depth, B, T, H, device), flush=True)
 
 
 if __name__ == "__main__":

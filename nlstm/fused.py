@@ -1,37 +1,42 @@
 """The fused Nested LSTM: the whole sequence in one custom autograd Function.
 
 It computes the same function as the per-step reference (:func:`nlstm.cell.nested_lstm_step` in
-a loop, ``NestedLSTM(impl="reference")``); ``tests/test_fused.py`` binds the two in float64.
-What makes it fast (numbers and profiles in ``docs/benchmarks.md``):
+a loop, ``NestedLSTM(impl="reference")``); ``tests/test_fused.py`` binds the two in float64 to
+1e-10, gradients included. What makes it fast (numbers and profiles: ``docs/benchmarks.md``):
 
-- **Hoisting and one GEMM per level per step.** The outer input projection ``x_t W_ih^0 + b^0``
-  of all steps is one GEMM before the loop; each step adds ``h_{t-1} W_hh^0``. Level k >= 1 does
-  one GEMM per step, ``[u^k ; r^k] [W_ih^k  W_hh^k]^T + b^k``, on weights concatenated once per call.
-- **oneDNN for the step GEMMs on CPU (float32).** With the weights reordered ("prepacked") once
-  per call, oneDNN's small-batch GEMM runs the per-step products about 1.4x faster than the MKL
-  ``addmm`` behind ``torch.mm``. Elsewhere (float64, CUDA, no oneDNN) the same loop uses
-  ``torch.addmm`` into preallocated buffers. ``NLSTM_FUSED_GEMM=generic`` forces that path.
+- **Hoisting, one GEMM per level per step.** The outer input projection ``x_t W_ih^0 + b^0`` of
+  all steps is one GEMM before the loop; each step adds ``h_{t-1} W_hh^0``. Level k >= 1 does one
+  GEMM per step, ``[u^k ; r^k] [W_ih^k  W_hh^k]^T + b^k``, the weights concatenated once per call.
+- **oneDNN GEMMs on CPU (float32).** With the step weights reordered ("prepacked") once per call,
+  oneDNN's small-batch GEMM runs the per-step products about 1.4x faster than the MKL ``addmm``
+  behind ``torch.mm`` on this AMD CPU. Elsewhere (float64, CUDA, no oneDNN) the same loop runs
+  ``torch.addmm(out=)``; ``NLSTM_FUSED_GEMM=generic`` forces that path.
 - **A hand-written backward through time** that keeps only the post-activation gates, the
-  memories, the inputs of each level's GEMM and two (T, B, n) helpers per level; the weight
-  gradients are then one GEMM per level over all steps at once, ``dA^T [inputs]`` with the
-  stacked gate gradients (T*B, 4n), and ``dx`` one more.
-- **Gates reordered to i, f, o, g** (rows of the weights permuted once per call) so that one
-  ``sigmoid_`` covers the three sigmoid gates. The public layout stays torch's i, f, g, o.
-- **No tanh kernels.** torch's CPU ``tanh`` is about 3x slower than its ``sigmoid``, so the
-  candidates use ``tanh(z) = 2 sigmoid(2z) - 1`` (their weight rows are doubled in the forward's
-  copy, which is exact, so one ``sigmoid_`` covers all four gates) and the outputs use
-  ``o tanh(c) = o - 2 o s`` with ``s = sigmoid(-2c)``, which the backward reuses:
-  ``tanh(c) = 1 - 2s`` and ``o (1 - tanh(c)^2) = 4 o s (1 - s)``.
-- **``out=`` everywhere and views made once**: per-step tensors are views of per-call buffers
-  created with one ``unbind`` per buffer, so the loop mostly launches kernels.
+  memories, each level's GEMM input and two (T, B, n) helpers per level, and computes the weight
+  gradients after the loop as one GEMM per level over all steps (stacked gate gradients
+  (T*B, 4n) against stacked inputs), ``dx`` as one more.
+- **A layout for the element-wise work.** Level k's buffer row at step t is
+  ``[i, f, o, g | c^k_{t-1}]`` (gates reordered from torch's i, f, g, o by permuting weight
+  rows once per call): one ``sigmoid_`` covers i, f, o, and ``[u ; r] = [i ; f] * [g ; c_prev]``
+  is one multiply over ``(B, 2, n)`` views; in the backward ``[di ; df] = [du ; dr] * [g ; c_prev]``
+  and ``[dg ; dc_prev] = [du ; dr] * [i ; f]`` are two. The new memory goes to row t+1.
+- **No tanh kernel.** torch's CPU ``tanh`` is ~3x slower than its ``sigmoid``: the candidates
+  use ``tanh(z) = 1 - 2 sigmoid(-2z)`` (their weight rows are scaled by -2 in the per-call copy,
+  exactly, so one ``sigmoid`` covers all four gates) and the outputs ``o tanh(c) = o - 2 o s``
+  with ``s = sigmoid(-2c)``, which the backward reuses: ``tanh(c) = 1 - 2s`` and
+  ``o (1 - tanh(c)^2) = 4 o s (1 - s)``.
+- **No per-call allocation or view-making in steady state.** Buffers come from a small pool and
+  return to it when their call's backward is done; each pooled buffer carries its per-step views,
+  made once (a view costs about 1 us), so the loops only launch kernels, all with ``out=``.
 
-Inference (grad mode off, or nothing requires grad) runs the same forward without saving for
-the backward. With a :class:`FusedWorkspace` (``NestedLSTM`` owns one) the prepared weights and,
-for single steps, all buffers are reused across calls: one-step generation allocates only its
-outputs (the step output and the new memories).
+Inference (grad mode off, or nothing requires grad) runs the same forward without the helpers
+the backward needs. With a :class:`FusedWorkspace` (``NestedLSTM`` owns one) the prepared weights
+and, for single steps, all buffers are reused across calls: one-step generation allocates only
+its outputs (the step's output and the new memories).
 
 The code is device-agnostic: the same Function runs on CUDA tensors (the generic GEMM path).
-CUDA-only speed-ups live in :mod:`nlstm.fused_cuda`, imported lazily and only for CUDA tensors.
+CUDA-only extras (CUDA-graph replay of both time loops) live in :mod:`nlstm.fused_cuda`,
+imported lazily and only for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ class _Buffers:
     G: list[Tensor]  # level k: (T+1, B, 5n); row t = [i, f, o, g | c^k_{t-1}] after activation
     UR: list[Tensor | None]  # level k >= 1: (T, B, 2n) = [u^k_t ; r^k_t], the input of level k's GEMM
     S: list[Tensor]  # level k: (T, B, n) = sigmoid(-2 c^k_t), so tanh(c^k_t) = 1 - 2s
-    Q: list[Tensor] | None  # training only; level k: (T, B, n) = o s (1 - s), so dc = 4 dh Q
+    Q: list[Tensor] | None  # training only; level k: (T, B, n) = o s (1 - s) (the backward fills it)
     scratch: Tensor  # (B, 2, n): the innermost [i g ; f c_prev]
     one: Tensor  # 0-d constants 1 and -2 (scalars as tensors: no per-call wrapping)
     minus_two: Tensor
@@ -202,8 +207,10 @@ class _Buffers:
             "ifo": (0, 3 * n, False),
             "o": (2 * n, 3 * n, False),
             "g": (3 * n, 4 * n, False),
-            "i_f": (0, 2 * n, True),
-            "g_cp": (3 * n, 5 * n, True),
+            "i_f": (0, 2 * n, False),  # [i ; f] and [g ; c_prev] as (B, 2n) rows...
+            "g_cp": (3 * n, 5 * n, False),
+            "i_f2": (0, 2 * n, True),  # ... and as (B, 2, n) pairs, to broadcast a (B, 1, n) over
+            "g_cp2": (3 * n, 5 * n, True),
         }
         for name, (a, b, pairs) in columns.items():
             self.v[name] = [_steps(G[k][:-1], a, b, pairs) for k in range(depth)]
@@ -211,8 +218,8 @@ class _Buffers:
         self.v["s"] = [S.unbind(0) for S in self.S]
         self.v["q"] = [Q.unbind(0) for Q in self.Q] if self.Q is not None else None
         self.v["ur"] = [u.unbind(0) if u is not None else None for u in self.UR]
-        self.v["ur2"] = [u.unflatten(2, (2, n)).unbind(0) if u is not None else None for u in self.UR]
         self.v["ig_fc"] = self.scratch.unbind(1)
+        self.v["scratch"] = self.scratch.view(self.scratch.shape[0], 2 * n)
 
 
 def _allocate(T: int, B: int, n: int, depth: int, like: Tensor, train: bool) -> _Buffers:
@@ -288,7 +295,8 @@ class _Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            _POOL.give(self.key, self.item)
+            if _POOL is not None:  # None only during interpreter shutdown
+                _POOL.give(self.key, self.item)
 
     def __del__(self) -> None:
         self.release()
@@ -327,14 +335,15 @@ def _allocate_grads(T: int, B: int, n: int, depth: int, like: Tensor) -> _GradBu
     )
     g.v = {
         "dA": [d.unbind(0) for d in g.dA],
-        "d_if": [_steps(d, 0, 2 * n, pairs=True) for d in g.dA],
+        "d_if": [_steps(d, 0, 2 * n) for d in g.dA],
+        "d_if2": [_steps(d, 0, 2 * n, pairs=True) for d in g.dA],
         "d_o": [_steps(d, 2 * n, 3 * n) for d in g.dA],
         "d_g": [_steps(d, 3 * n, 4 * n) for d in g.dA],
         "d_ifo": [_steps(d, 0, 3 * n) for d in g.dA],
         "dc_b": [d.unsqueeze(1) for d in g.dc],  # (B, 1, n): broadcast over a (B, 2, n) pair
         "scr_dg": [s[:, :, 0].unbind(0) for s in g.scr],
         "scr_dc": [s[:, :, 1].unbind(0) for s in g.scr],
-        "dur2": g.dur.view(B, 2, n),
+        "scr_flat": [s.view(2, B, 2 * n).unbind(0) for s in g.scr],
     }
     return g
 
@@ -346,14 +355,12 @@ def _steps(t: Tensor, a: int, b: int, pairs: bool = False) -> tuple[Tensor, ...]
 
 
 def _forward_loop(x: Tensor, h0: Tensor, c0: Sequence[Tensor], w: _Weights, buf: _Buffers) -> None:
-    """Run the sequence (x time-major (T, B, in)) into ``buf``; under no_grad. Fills ``buf.Q``,
-    the backward's helper, only when it exists."""
+    """Run the sequence (x time-major (T, B, in)) into ``buf``; call under no_grad."""
     T, B, m = x.shape
     n = h0.shape[1]
     depth = len(c0)
     inner = depth - 1
     mk = w.mkldnn
-    train = buf.Q is not None
     G = buf.G
     for k in range(depth):
         G[k][0, :, 4 * n :].copy_(c0[k])
@@ -369,15 +376,15 @@ def _forward_loop(x: Tensor, h0: Tensor, c0: Sequence[Tensor], w: _Weights, buf:
     outs = buf.out.unbind(0)
     h_prev = (h0, *outs[:-1])
     h_dest = [outs] + c_new[:-1]  # h^k is the output (k = 0) or the memory c^{k-1}
-    s_t, q_t, ur, ur2 = v["s"], v["q"], v["ur"], v["ur2"]
-    scratch = buf.scratch
+    s_t, ur = v["s"], v["ur"]
+    scratch = v["scratch"]
     ig, fc = v["ig_fc"]
     wh0t = w.wh0.t()
     wcatt = [None] + [wc.t() for wc in w.wcat[1:]]
     tanh_g, bk, pcat = w.tanh_g, w.bk, w.pcat
     one, minus_two = buf.one, buf.minus_two
     mul, add, addcmul, sigmoid = torch.mul, torch.add, torch.addcmul, torch.sigmoid
-    sig_bw = torch.ops.aten.sigmoid_backward.grad_input
+    split_ifo_g = [3 * n, n]
     for t in range(T):
         for k in range(depth):
             # Level k's GEMM into its gate columns, then the activations in place.
@@ -388,9 +395,10 @@ def _forward_loop(x: Tensor, h0: Tensor, c0: Sequence[Tensor], w: _Weights, buf:
                     a = linear(ur[k][t], pcat[k], bk[k], "none", [], "")
                 if tanh_g[k]:
                     sigmoid(a, out=gates[k][t])
-                else:
-                    gates[k][t].copy_(a)
-                    sig[k][t].sigmoid_()
+                else:  # identity g: the sigmoid of i, f, o goes straight to the buffer, g is copied
+                    a_ifo, a_g = a.split(split_ifo_g, 1)
+                    sigmoid(a_ifo, out=sig[k][t])
+                    g_col[k][t].copy_(a_g)
             else:
                 if k == 0:
                     gates[0][t].addmm_(h_prev[t], wh0t)
@@ -400,7 +408,7 @@ def _forward_loop(x: Tensor, h0: Tensor, c0: Sequence[Tensor], w: _Weights, buf:
             if tanh_g[k]:  # g = tanh(z) = 1 - 2 sigmoid(-2z)
                 add(one, g_col[k][t], alpha=-2.0, out=g_col[k][t])
             if k < inner:  # the next level's [u ; r] = [i ; f] * [g ; c_prev]
-                mul(i_f[k][t], g_cp[k][t], out=ur2[k + 1][t])
+                mul(i_f[k][t], g_cp[k][t], out=ur[k + 1][t])
             else:  # the innermost memory: f c_prev + i g
                 mul(i_f[k][t], g_cp[k][t], out=scratch)
                 add(ig, fc, out=c_new[k][t])
@@ -410,8 +418,6 @@ def _forward_loop(x: Tensor, h0: Tensor, c0: Sequence[Tensor], w: _Weights, buf:
             s.sigmoid_()
             o = o_col[k][t]
             addcmul(o, o, s, value=-2.0, out=h_dest[k][t])
-            if train:
-                sig_bw(o, s, grad_input=q_t[k][t])  # o s (1 - s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,9 +446,17 @@ def _backward_loop(
     mk = packed_t is not None
     zeros, dc, scr, dh_buf, dur = grads.zeros, grads.dc, grads.scr, grads.dh, grads.dur
     gv, v = grads.v, buf.v
-    dA_t, d_if, d_o, d_g, d_ifo = gv["dA"], gv["d_if"], gv["d_o"], gv["d_g"], gv["d_ifo"]
-    dc_b, scr_dg, scr_dc, dur2 = gv["dc_b"], gv["scr_dg"], gv["scr_dc"], gv["dur2"]
-    s_t, q_t, i_f, g_cp, y_ifo, y_g = v["s"], v["q"], v["i_f"], v["g_cp"], v["ifo"], v["g"]
+    dA_t, d_o, d_g, d_ifo = gv["dA"], gv["d_o"], gv["d_g"], gv["d_ifo"]
+    dc_b, scr_dg, scr_dc = gv["dc_b"], gv["scr_dg"], gv["scr_dc"]
+    s_t, y_ifo, y_g = v["s"], v["ifo"], v["g"]
+    # Q^k = o s (1 - s) for all steps at once: dc^k = carry + 4 dh^k Q^k.
+    q_t = []
+    for k in range(depth):
+        torch.ops.aten.sigmoid_backward.grad_input(buf.G[k][:T, :, 2 * n : 3 * n], buf.S[k], grad_input=buf.Q[k])
+        q_t.append(v["q"][k])
+    # Pair views: (B, 2, n) where a (B, 1, n) broadcasts (the innermost level), else (B, 2n) rows.
+    pair = [(gv["d_if2"][k], v["g_cp2"][k], v["i_f2"][k], scr[k]) if k == inner
+            else (gv["d_if"][k], v["g_cp"][k], v["i_f"][k], gv["scr_flat"][k]) for k in range(depth)]
     if mk:
         linear, linear_add, _ = _mkldnn_ops()
         ph0t, pcatt = packed_t["h0"], packed_t["cat"]
@@ -483,12 +497,12 @@ def _backward_loop(
             if k == inner:  # c = f c_prev + i g: d[u ; r] is dc twice
                 d_in = dc_b[k]
             elif mk:
-                d_in = linear(dA_t[k + 1][t], pcatt[k + 1], None, "none", [], "").view(B, 2, n)
+                d_in = linear(dA_t[k + 1][t], pcatt[k + 1], None, "none", [], "")
             else:
-                torch.mm(dA_t[k + 1][t], wcat[k + 1], out=dur)
-                d_in = dur2
-            mul(d_in, g_cp[k][t], out=d_if[k][t])  # [di ; df] = [du g ; dr c_prev]
-            mul(d_in, i_f[k][t], out=scr[k][p])  # [dg ; dc_prev] = [du i ; dr f]
+                d_in = torch.mm(dA_t[k + 1][t], wcat[k + 1], out=dur)
+            d_if, g_cp, i_f, scr_k = pair[k]
+            mul(d_in, g_cp[t], out=d_if[t])  # [di ; df] = [du g ; dr c_prev]
+            mul(d_in, i_f[t], out=scr_k[p])  # [dg ; dc_prev] = [du i ; dr f]
             sig_bw(d_ifo[k][t], y_ifo[k][t], grad_input=d_ifo[k][t])
             if tanh_g[k]:
                 tanh_bw(scr_dg[k][p], y_g[k][t], grad_input=d_g[k][t])

@@ -64,8 +64,9 @@ class CharLM(nn.Module):
         self.core = build_core(cfg, input_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.decoder = nn.Linear(cfg.width, cfg.vocab_size)
-        if self.embedding is not None:
-            nn.init.normal_(self.embedding.weight, 0.0, 0.1)
+        # The embedding keeps torch's N(0, 1) init: with the Glorot input kernel behind it, the input
+        # then moves the gates from the first step (N(0, 0.1) left them near-blind to the input and
+        # cost every architecture, the nested most, hundreds of steps on PTB; see the README).
         nn.init.zeros_(self.decoder.bias)
 
     def embed(self, tokens: Tensor) -> Tensor:

@@ -287,6 +287,22 @@ def test_retained_graph_after_buffer_reuse_raises():
         torch.autograd.grad(out.sum(), x)
 
 
+def test_buffer_pool_stays_bounded():
+    fused.empty_cache()
+    _, fus = pair(2)
+    for T in range(1, 8):  # seven shapes, training and inference
+        x, state = make_inputs(2, True, T)
+        out, _ = fus(x, state)
+        out.sum().backward()
+        with torch.no_grad():
+            fus(torch.randn(3, T + 1, 3, dtype=torch.float64))
+    pool = fused._POOL
+    assert len(pool.free) <= pool.max_keys
+    assert all(len(items) <= pool.max_free for items in pool.free.values())
+    fused.empty_cache()
+    assert not pool.free
+
+
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: replay() re-runs the captured function on the
     same static buffers, which is what a replay does on a GPU."""
