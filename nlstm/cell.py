@@ -21,7 +21,7 @@ tanh; ``candidate_activation`` only chooses act_0 when there is a level inside t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +139,7 @@ def init_lstm_weights(
     weights_ih: Sequence[Tensor], weights_hh: Sequence[Tensor], biases: Sequence[Tensor], forget_bias: float
 ) -> None:
     """Shared by the nested and the stacked models so that nesting-vs-stacking differs only in wiring."""
-    for k, (w_ih, w_hh, b) in enumerate(zip(weights_ih, weights_hh, biases)):
+    for k, (w_ih, w_hh, b) in enumerate(zip(weights_ih, weights_hh, biases, strict=True)):
         n = w_hh.shape[1]
         if k == 0:
             fan_in, fan_out = w_ih.shape[1], w_ih.shape[0]

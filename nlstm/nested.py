@@ -9,10 +9,10 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from nlstm.cell import NestedLSTMCell, NestedState, nested_lstm_step
-import torch
 
 IMPLEMENTATIONS = ("fused", "reference")
 
@@ -89,7 +89,7 @@ class NestedLSTM(NestedLSTMCell):
             outputs.append(h)
             if return_memories:
                 traces.append(state[1])
-        memories = tuple(torch.stack(level) for level in zip(*traces)) if return_memories else None
+        memories = tuple(torch.stack(level) for level in zip(*traces, strict=True)) if return_memories else None
         return torch.stack(outputs), state, memories
 
     def extra_repr(self) -> str:

@@ -23,7 +23,6 @@ from nlstm.model import CharLM, ModelConfig
 from nlstm.params import ARCHITECTURES, width_for_budget
 from nlstm.trainer import DivergenceError, EpochResult, PeriodicCheckpoint, TrainConfig, Trainer, seed_everything
 
-
 ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
 
 
@@ -62,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for f in fields(TrainConfig):  # every training option, with the dataclass's defaults
         if f.name != "device":
-            train.add_argument("--" + f.name.replace("_", "-"), type=ARG_TYPES[f.type], default=getattr(defaults, f.name))
+            flag = "--" + f.name.replace("_", "-")
+            train.add_argument(flag, type=ARG_TYPES[f.type], default=getattr(defaults, f.name))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, help="output folder (default runs/train-ARCH-dDEPTH-seedSEED)")

@@ -107,7 +107,7 @@ def test_depth2_cell_matches_equations(outer):
     x, h, c0, c1 = torch.randn(4, 3), torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
     out, (h_new, (c0_new, c1_new)) = cell(x, (h, (c0, c1)))
     ref = depth2_by_hand(x, h, c0, c1, p, outer_tanh=outer == "tanh")
-    for got, want in zip((out, c0_new, c1_new), ref):
+    for got, want in zip((out, c0_new, c1_new), ref, strict=True):
         torch.testing.assert_close(got, want)
     assert out is h_new
 
@@ -127,7 +127,7 @@ def test_depth3_sequence_matches_equations(impl):
         for level, c in enumerate((c0, c1, c2)):
             torch.testing.assert_close(memories[level][:, t], c)
     torch.testing.assert_close(h, hh)
-    for got, want in zip(cs, (c0, c1, c2)):
+    for got, want in zip(cs, (c0, c1, c2), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -138,7 +138,7 @@ def test_nested_depth2_differs_from_stacked_at_same_weights():
     stacked = StackedLSTM(3, 4, num_layers=2)
     with torch.no_grad():
         for a, b in zip(nested.weights_ih + nested.weights_hh + nested.biases,
-                        stacked.weights_ih + stacked.weights_hh + stacked.biases):
+                        stacked.weights_ih + stacked.weights_hh + stacked.biases, strict=True):
             b.copy_(a)
     x = torch.randn(2, 5, 3)
     assert not torch.allclose(nested(x)[0], stacked(x)[0], atol=1e-3)
@@ -155,7 +155,7 @@ def test_gradcheck_reference_float64(depth):
 
     def fn(x, h0, *rest):
         cs, weights = rest[:depth], rest[depth:]
-        out, (h, c) = torch.func.functional_call(model, dict(zip(names, weights)), (x, (h0, cs)))
+        out, (h, c) = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (x, (h0, cs)))
         return out, h, *c
 
     inputs = (x, h0, *cs, *(p.detach().clone().requires_grad_(True) for p in model.parameters()))
@@ -171,7 +171,7 @@ def test_two_chunks_with_carried_state_equal_one_pass(arch, depth):
     first, state = model(tokens[:, :7])
     second, state = model(tokens[:, 7:], state)
     torch.testing.assert_close(torch.cat([first, second], 1), full)
-    for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full_state)):
+    for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full_state), strict=True):
         torch.testing.assert_close(a, b)
 
 

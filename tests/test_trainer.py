@@ -64,7 +64,7 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
     assert (resumed.epoch, resumed.batch_index, resumed.global_step) == (1, 2, 8)
     resumed_result = resumed.fit()
 
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert [r.valid_bpc for r in resumed_result.history] == [r.valid_bpc for r in straight_result.history]
     assert [r.train_bpc for r in resumed_result.history] == [r.train_bpc for r in straight_result.history]
