@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from nlstm.cell import NestedLSTMCell, NestedState, nested_lstm_step
+from nlstm.fused import FusedWorkspace, fused_nested_lstm
 
 IMPLEMENTATIONS = ("fused", "reference")
 
@@ -55,8 +56,6 @@ class NestedLSTM(NestedLSTMCell):
         if state is None:
             state = self.initial_state(x_tm.shape[1], x.device, x.dtype)
         if self.impl == "fused":
-            from nlstm.fused import fused_nested_lstm
-
             out, state, memories = fused_nested_lstm(
                 x_tm, state, self.weights_ih, self.weights_hh, self.biases,
                 self.candidate_activation, return_memories, workspace=self._fused_workspace(),
@@ -73,8 +72,6 @@ class NestedLSTM(NestedLSTMCell):
         allocate per step); created lazily, not part of the state dict, empty in copies."""
         ws = self.__dict__.get("_workspace")
         if ws is None:
-            from nlstm.fused import FusedWorkspace
-
             ws = self.__dict__["_workspace"] = FusedWorkspace()
         return ws
 

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 class ProgressPrinter:
     """A tqdm bar over each epoch's steps and one line per epoch."""
 
-    def __init__(self, steps_per_epoch: int, quiet: bool) -> None:
-        self.steps_per_epoch, self.quiet, self.bar = steps_per_epoch, quiet, None
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
 
     def on_step_end(self, trainer: Trainer, step: int, loss_bpc: float) -> None:
         if self.quiet:
@@ -85,7 +85,7 @@ class ProgressPrinter:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.steps_per_epoch, initial=trainer.batch_index - 1, leave=False,
+            self.bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.batch_index - 1, leave=False,
                             desc=f"epoch {trainer.epoch + 1}", unit="step", file=sys.stderr)
         self.bar.update(1)
         self.bar.set_postfix(bpc=f"{loss_bpc:.3f}")
@@ -125,9 +125,8 @@ def run(args: argparse.Namespace) -> int:
           f"{corpus.unigram_entropy_bits():.3f} bits | {args.arch} depth {args.depth} width {width}: "
           f"{model.num_params():,} parameters")
     checkpoint = out / "checkpoint.pt"
-    progress = ProgressPrinter(0, args.quiet)
+    progress = ProgressPrinter(args.quiet)
     trainer = Trainer(model, corpus, train_cfg, [progress, PeriodicCheckpoint(checkpoint, args.checkpoint_every)])
-    progress.steps_per_epoch = trainer.steps_per_epoch
     if checkpoint.exists() and not args.fresh:
         trainer.load_checkpoint(checkpoint)
         print(f"resumed from {checkpoint} at epoch {trainer.epoch + 1}, step {trainer.global_step}")

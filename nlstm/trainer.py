@@ -112,21 +112,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def detach_state(state: Any) -> Any:
-    """Cut the graph at a truncated-BPTT boundary, whatever the core's state structure."""
+def _map_state(state: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor of a core's state, whatever its nesting of tuples and lists."""
     if isinstance(state, Tensor):
-        return state.detach()
+        return fn(state)
     if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(s) for s in state)
+        return type(state)(_map_state(s, fn) for s in state)
     return state
+
+
+def detach_state(state: Any) -> Any:
+    """Cut the graph at a truncated-BPTT boundary."""
+    return _map_state(state, Tensor.detach)
 
 
 def _state_to(state: Any, device: torch.device | str) -> Any:
-    if isinstance(state, Tensor):
-        return state.to(device)
-    if isinstance(state, (tuple, list)):
-        return type(state)(_state_to(s, device) for s in state)
-    return state
+    return _map_state(state, lambda t: t.to(device))
 
 
 def _rng_states() -> dict[str, Any]:
