@@ -7,18 +7,25 @@
 - ``ablation``: every cell of the factor grid, each run with the ablation seeds.
 
 A phase whose experiment exists is resumed (``Tuner.restore``): finished trials are kept,
-unfinished ones continue from their last checkpoint, errored ones stay errored (a divergence
-would recur). A finished phase is recorded on the parent run (``nlstm.phase.<phase> = done``)
-and skipped when the study runs again.
+unfinished ones continue from their last checkpoint, and errored ones run again: a diverged
+trial fails again at once from its record (a divergence would recur), any other failure is
+retried up to ``MAX_ATTEMPTS`` times in all (see ``study.trial``).
+
+A phase is recorded as done on the parent run (``nlstm.phase.<phase> = done``), and skipped when
+the study runs again, only when every trial Ray ran has its run in the store and the phase's
+trials mostly succeeded; otherwise the phase is recorded as failed and the study stops with
+``StudyFailed``: one line naming the commonest failure reason.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,7 +36,7 @@ from nlstm.data import Corpus
 from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
 from study.spec import StudySpec
-from study.tracking import StudyTracker, find_runs, trial_key_of
+from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
 from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
@@ -37,6 +44,51 @@ METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's b
 
 class StudyInterrupted(KeyboardInterrupt):
     """Tune stopped a phase before all its trials ended (Ctrl+C): rerun the command to resume."""
+
+
+class StudyFailed(RuntimeError):
+    """A phase ended without a result worth recording as done; the message is one line."""
+
+
+def _shape(reason: str) -> str:
+    """A failure reason with its numbers masked, so "nan at step 3 (lr 1e+30)" and "nan at step 7
+    (lr 2e+30)" count as one kind of failure."""
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", reason)
+
+
+@dataclass
+class PhaseOutcome:
+    """How a phase's trials ended, from Ray's results, checked against the store."""
+
+    phase: str
+    completed: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+    @property
+    def total(self) -> int:
+        return len(self.completed) + len(self.pruned) + len(self.failed)
+
+    def problem(self) -> str | None:
+        """Why the phase is not done: no trial finished, or most failed."""
+        if not self.total or (self.completed and len(self.failed) * 2 <= self.total):
+            return None
+        groups = Counter(_shape(r) for r in self.failed.values()).most_common(1)
+        commonest = ""
+        if groups:
+            example = next(r for r in self.failed.values() if _shape(r) == groups[0][0])
+            commonest = f"; commonest failure ({groups[0][1]}x): {example}"
+        if not self.completed:
+            return f"no trial of {self.total} completed ({len(self.failed)} failed, {len(self.pruned)} stopped early)" \
+                   + commonest
+        return f"{len(self.failed)} of {self.total} trials failed{commonest}"
+
+    def rerun_hint(self) -> str:
+        """A rerun retries failures that may be transient; a divergence or a trial that gave up would recur."""
+        retryable = [r for r in self.failed.values() if not r.startswith(("diverged", "gave up"))]
+        if retryable:
+            return f"; rerun to retry the {len(retryable)} trial(s) whose failure may be transient"
+        return "; a rerun would fail the same way: change the study (e.g. the learning-rate range)"
 
 
 @dataclass
@@ -53,6 +105,7 @@ class StudyRun:
     max_concurrent: int
     verbose: bool
     out: TextIO
+    outcome: PhaseOutcome | None = None  # of the phase that ran last
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -81,9 +134,12 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
     if tune.Tuner.can_restore(str(path)):
         run.say(f"[{phase}] resuming the trials in {path}")
         tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=False)
+                                   resume_unfinished=True, resume_errored=True)
     else:
-        callbacks: list[tune.Callback] = [TrackingCallback(run.tracker.tracking_uri, run.tracker.experiment_id)]
+        parents = {"*": context.parent_run_id} if phase == "search" else {
+            key: context.config_runs[p.config_hash] for key, p in context.planned.items()}
+        callbacks: list[tune.Callback] = [TrackingCallback(run.tracker.tracking_uri, run.tracker.experiment_id,
+                                                           run.spec.name, phase, parents)]
         if not run.verbose:
             callbacks.append(ProgressLine(phase, total))
         tuner = tune.Tuner(
@@ -97,7 +153,33 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
     ended = results.num_terminated + results.num_errors
     if ended < total:  # Tune returns normally after Ctrl+C, with trials left
         raise StudyInterrupted(f"{phase}: {ended} of {total} trials ended")
+    run.outcome = outcome_of(run, phase, results)
     return results
+
+
+def outcome_of(run: StudyRun, phase: str, results: tune.ResultGrid) -> PhaseOutcome:
+    """How the phase's trials ended; raises ``StudyFailed`` if Ray knows of trials that the store
+    does not (its folder would then not be this record's cache)."""
+    outcome = PhaseOutcome(phase)
+    recorded = {r.data.tags.get("nlstm.trial_id"): r
+                for r in find_runs(run.tracker.client, run.tracker.experiment_id, kind="trial", phase=phase)}
+    for r in results:
+        m = r.metrics or {}
+        key = m.get("trial_key") or trial_key_of(r.config or {}) or "?"
+        if r.error is not None:
+            record = recorded.get(key)
+            reason = record.data.tags.get("nlstm.fail_reason") if record is not None else None
+            outcome.failed[key] = reason or error_line(str(r.error)) or type(r.error).__name__
+        elif m.get("finished"):
+            outcome.completed.append(key)
+        else:
+            outcome.pruned.append(key)
+    missing = sorted(k for k in outcome.completed + outcome.pruned + list(outcome.failed) if k not in recorded)
+    if missing:
+        raise StudyFailed(f"{phase}: {len(missing)} trial(s) that Ray ran have no run in {run.tracker.tracking_uri} "
+                          f"({', '.join(missing[:5])}); the Ray folder {run.study_dir / 'ray'} is not this store's "
+                          "record: rerun with --restart")
+    return outcome
 
 
 # ------------------------------------------------------------------ search
@@ -215,8 +297,7 @@ def run_evaluate(run: StudyRun) -> None:
             seen.add(cfg.config_hash)
             configs.append((cfg, {}, {"nlstm.source_trial": row["key"]}))
     if not configs:
-        run.say("[evaluate] no search trial finished: nothing to evaluate")
-        return
+        raise StudyFailed("evaluate: no search trial finished, so there is no configuration to evaluate")
     _run_planned(run, "evaluate", configs, spec.evaluate.seeds)
 
 
@@ -226,8 +307,7 @@ def run_ablation(run: StudyRun) -> None:
     if spec.ablation.base == "search":
         rows = [r for r in load_search_rows(run) if r["status"] != "failed"]
         if not rows:
-            run.say("[ablation] no search trial finished: no base configuration")
-            return
+            raise StudyFailed("ablation: no search trial finished, so there is no base configuration")
         base = rows[0]["params"]
     cells = ablation_cells(spec, base)
     _run_planned(run, "ablation", [(c.config, c.factors, {}) for c in cells], spec.ablation.seeds)
@@ -241,9 +321,15 @@ def run_phase(run: StudyRun, phase: str) -> None:
         run.say(f"[{phase}] already done (recorded on the study run); skipping")
         run.say(phase_summary(run, phase))
         return
+    run.outcome = None
     PHASE_RUNNERS[phase](run)
-    run.tracker.mark_phase_done(phase)
     run.say(phase_summary(run, phase))
+    problem = run.outcome.problem() if run.outcome else f"{phase}: no trial ran"
+    if problem:
+        run.tracker.mark_phase_failed(phase, problem)
+        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks in {run.study_dir / 'ray' / phase}"
+        raise StudyFailed(f"{phase}: {problem} (details: {details}){run.outcome.rerun_hint() if run.outcome else ''}")
+    run.tracker.mark_phase_done(phase)
 
 
 # ------------------------------------------------------------------ summaries

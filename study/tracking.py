@@ -28,14 +28,18 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from ray import tune
 
+from study.lease import StudyLease
 from study.spec import StudySpec
+from study.store import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
 PACKAGES = ("nlstm", "torch", "numpy", "ray", "optuna", "mlflow", "pandas", "pydantic", "PyYAML")
-MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
 
 
 def _quote(value: str) -> str:
@@ -64,26 +68,42 @@ class StudyConflict(RuntimeError):
 class StudyTracker:
     def __init__(self, tracking_uri: str, spec: StudySpec, spec_file: Path, study_dir: Path) -> None:
         self.tracking_uri, self.spec, self.spec_file, self.study_dir = tracking_uri, spec, spec_file, study_dir
-        self.client = MlflowClient(tracking_uri)
+        self.client = open_client(tracking_uri)  # a fresh sqlite store is created whole, by one driver
         self.experiment_id = ""
         self.parent_run_id = ""
         self.resumed = False
+        self.lease: StudyLease | None = None
 
-    def open(self, restart: bool = False, environment: dict[str, Any] | None = None,
-             data_params: dict[str, Any] | None = None) -> str:
-        """Find or create the experiment and the parent run; returns the parent run's id."""
+    def _experiment(self) -> str:
+        """The study's experiment, created once even when two drivers ask at the same moment."""
         name = self.spec.name
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             artifacts = None
             if self.tracking_uri.startswith("sqlite:"):  # next to the database, absolute for every worker
                 artifacts = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts,
-                                                               tags={"nlstm.study": name})
-        else:
-            self.experiment_id = exp.experiment_id
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(self.experiment_id)
+            try:
+                return self.client.create_experiment(name, artifact_location=artifacts, tags={"nlstm.study": name})
+            except MlflowException:
+                exp = self.client.get_experiment_by_name(name)  # the other driver created it first
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def acquire_lease(self, on_lost: Any = None) -> str | None:
+        """Hold the study's lease in the store (``study.lease``); returns a note if a stale one was taken over."""
+        self.experiment_id = self._experiment()
+        self.lease = StudyLease(self.client, self.experiment_id, self.spec.name, on_lost=on_lost)
+        return self.lease.acquire()
+
+    def open(self, restart: bool = False, environment: dict[str, Any] | None = None,
+             data_params: dict[str, Any] | None = None) -> str:
+        """Find or create the parent run (under the lease); returns the parent run's id."""
+        name = self.spec.name
+        if self.lease is None:
+            self.acquire_lease()
         parents = find_runs(self.client, self.experiment_id, kind="study")
         study_hash = self.spec.study_hash()
         if parents and restart:
@@ -127,9 +147,25 @@ class StudyTracker:
     def mark_phase_done(self, phase: str) -> None:
         self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", "done")
 
+    def mark_phase_failed(self, phase: str, summary: str) -> None:
+        self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", f"failed: {summary}"[:5000])
+
     def close(self, status: str = "FINISHED") -> None:
-        if self.parent_run_id:
-            self.client.set_terminated(self.parent_run_id, status=status)
+        """End the parent run; on an interruption also every run left RUNNING (re-opened on resume)."""
+        try:
+            if self.parent_run_id:
+                if status == "KILLED":
+                    for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                                       max_results=50_000):
+                        if run.info.run_id == self.parent_run_id:
+                            continue
+                        if run.data.tags.get("nlstm.kind") == "trial":
+                            self.client.set_tag(run.info.run_id, "nlstm.status", "interrupted")
+                        self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.set_terminated(self.parent_run_id, status=status)
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
     # -- config runs (evaluate, ablation)
     def config_run(self, phase: str, config: Any, params: dict[str, Any], factors: dict[str, Any] | None = None,
@@ -157,10 +193,6 @@ class StudyTracker:
         runs = find_runs(self.client, self.experiment_id, kind="trial", trial_id=key)
         return runs[0] if runs else None
 
-    def count_runs(self, kind: str, phase: str | None = None) -> int:
-        tags = {"kind": kind} | ({"phase": phase} if phase else {})
-        return len(find_runs(self.client, self.experiment_id, **tags))
-
 
 # ------------------------------------------------------------------ a trial (in a Ray worker)
 class TrialRun:
@@ -178,6 +210,18 @@ class TrialRun:
     def status(self) -> str:
         return self.tags.get("nlstm.status", "running")
 
+    @property
+    def attempts(self) -> int:
+        return int(self.tags.get("nlstm.attempts", "1"))
+
+    def retry(self) -> None:
+        """Run a trial again that failed for a reason other than divergence (a locked store, a lost
+        worker, out of memory), counting the attempts."""
+        attempts = str(self.attempts + 1)
+        self.client.log_batch(self.run_id, tags=[RunTag("nlstm.status", "running"), RunTag("nlstm.attempts", attempts)])
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.tags |= {"nlstm.status": "running", "nlstm.attempts": attempts}
+
     @classmethod
     def attach(cls, tracking_uri: str, experiment_id: str, key: str, tags: dict[str, str],
                params: dict[str, Any]) -> TrialRun:
@@ -186,9 +230,14 @@ class TrialRun:
         wanted = {p.key: p.value for p in _params(params)}
         if runs:
             run = runs[0]
+            if not run.data.params:  # a placeholder the driver recorded for a trial that died before starting
+                client.log_batch(run.info.run_id, params=_params(params), tags=[RunTag(k, v) for k, v in tags.items()])
+                return cls(client, client.get_run(run.info.run_id))
             if all(run.data.params.get(k) == v for k, v in wanted.items()):
-                if run.info.status != "RUNNING" and run.data.tags.get("nlstm.status", "running") == "running":
+                if run.data.tags.get("nlstm.status", "running") in ("running", "interrupted"):
+                    client.log_batch(run.info.run_id, tags=[RunTag("nlstm.status", "running")])
                     client.update_run(run.info.run_id, status="RUNNING")
+                    run = client.get_run(run.info.run_id)
                 return cls(client, run)
             # The resumed study re-sampled this trial differently (its first start was never
             # recorded by Tune): keep the old run, out of the way, and start a new one.
@@ -240,12 +289,14 @@ class TrackingCallback(tune.Callback):
     Picklable (Tune stores its callbacks with the experiment); the client is made on first use.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str) -> None:
-        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+    def __init__(self, tracking_uri: str, experiment_id: str, study: str = "", phase: str = "",
+                 parents: dict[str, str] | None = None) -> None:
+        self.tracking_uri, self.experiment_id, self.study, self.phase = tracking_uri, experiment_id, study, phase
+        self.parents = parents or {}  # trial key (or "*" for every trial) -> the MLflow run it belongs under
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "_client": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
 
     @property
     def client(self) -> MlflowClient:
@@ -275,11 +326,19 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._run(trial)
-        if run is None or run.data.tags.get("nlstm.status") == "failed":
+        if run is not None and run.data.tags.get("nlstm.status") == "failed":
             return
         reason = error_summary(trial)
-        self.client.log_batch(run.info.run_id, tags=[RunTag("nlstm.status", "failed"),
-                                                     RunTag("nlstm.fail_reason", reason[:1000])])
+        tags = [RunTag("nlstm.status", "failed"), RunTag("nlstm.fail_reason", reason[:1000])]
+        if run is None:  # it died before it could record itself (an import error on the worker, say)
+            key = trial_key_of(trial.config)
+            parent = self.parents.get(key or "", self.parents.get("*"))
+            if key is None or parent is None:
+                return
+            run = self.client.create_run(self.experiment_id, run_name=key, tags={
+                "mlflow.parentRunId": parent, "nlstm.kind": "trial", "nlstm.phase": self.phase,
+                "nlstm.study": self.study, "nlstm.trial_id": key})
+        self.client.log_batch(run.info.run_id, tags=tags)
         self.client.set_terminated(run.info.run_id, status="FAILED")
 
 
@@ -301,7 +360,11 @@ def error_summary(trial: Any) -> str:
             text = Path(path).read_text(errors="replace")
     except OSError:
         pass
-    text = text or str(getattr(trial, "error_msg", "") or "unknown error")
+    return error_line(text or str(getattr(trial, "error_msg", "") or ""))
+
+
+def error_line(text: str) -> str:
+    """The exception line of an error text or traceback, without its module path."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
     return re.sub(r"^[\w.]+\.(\w+: )", r"\1", line) or "unknown error"  # nlstm.trainer.DivergenceError -> ...

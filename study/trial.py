@@ -9,8 +9,10 @@ The last epoch is reported only after everything is recorded (test BPC, memory t
 ``model.pt``), because a scheduler may stop the trial at that report. That last report carries
 ``finished = True``: a trial without it was stopped early (see ``study.searcher``).
 
-A diverging trial (``DivergenceError``) is recorded as failed with its reason and raises, so it
-fails alone; a rerun of the study does not train it again.
+A diverging trial (``DivergenceError``, which includes a model that did not learn) is recorded as
+failed with its reason and raises, so it fails alone; a rerun of the study does not train it
+again. A trial that failed for any other reason is retried when the study is resumed, up to
+``MAX_ATTEMPTS`` attempts in all, its attempts counted on its run (``nlstm.attempts``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ from nlstm.model import CharLM, ModelConfig
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
 from study.space import TRIAL_NUMBER, TrialConfig, resolve
 from study.spec import StudySpec
-from study.tracking import TrialRun, trial_key_of
+from study.tracking import MAX_ATTEMPTS, TrialRun, trial_key_of
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
+
+
+class TrialGaveUp(RuntimeError):
+    """A trial failed ``MAX_ATTEMPTS`` times for reasons other than divergence; it is not retried again."""
 
 
 @dataclass(frozen=True)
@@ -218,8 +224,16 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                      "num_params": cfg.solution.params, "finished": True, "epoch": int(m.get("epochs_run", 0)),
                      "best_valid_bpc": m.get("best_valid_bpc", math.inf), "valid_bpc": m.get("valid_bpc", math.inf)})
         return
-    if run.status == "failed" and run.tags.get("nlstm.fail_reason", "").startswith("diverged"):
-        raise DivergenceError(run.tags["nlstm.fail_reason"])  # deterministic: it would diverge again
+    if run.status == "failed":
+        reason = run.tags.get("nlstm.fail_reason", "unknown error")
+        if reason.startswith("diverged"):
+            raise DivergenceError(reason)  # deterministic: it would diverge again
+        if run.attempts >= MAX_ATTEMPTS:
+            if not reason.startswith("gave up"):
+                reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"
+                run.set_status("failed", reason)
+            raise TrialGaveUp(reason)
+        run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
 
     seed_everything(seed)
     model = CharLM(ModelConfig(**model_config))
