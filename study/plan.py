@@ -23,6 +23,7 @@ from study.space import (
     TrialConfig,
     ablation_cells,
     condition_holds,
+    fixed_budget,
     num_samples,
     preview_search,
     resolve,
@@ -231,6 +232,8 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
         base_text = "the model/train defaults"
         if ab.base == "search":
             base_text = "the best search configuration (unknown before the search; defaults shown)"
+            if fixed_budget(spec) is None and "budget" not in ab.params and "budget" not in ab.factors:
+                base["budget"] = min(_budgets(spec))  # the searched budget: its lowest value shown
         cells = ablation_cells(spec, base)
         factors = " x ".join(f"{k} {v}" for k, v in ab.factors.items())
         lines += ["", f"ablation: {factors} on {base_text}{' + ' + str(ab.params) if ab.params else ''}",

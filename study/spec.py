@@ -678,6 +678,10 @@ def _check_ablation(file: str, spec: StudySpec) -> None:
                     raise SpecError(file, f"{path}[{i}]" if section == "factors" else path, problem)
     if ab.base == "search" and spec.search is None:
         raise SpecError(file, "ablation.base", "expected `defaults` when the study has no search section")
+    searched = not isinstance(spec.budget, FixedEntry)
+    if ab.base == "defaults" and searched and "budget" not in ab.params and "budget" not in ab.factors:
+        raise SpecError(file, "ablation", "expected a budget in ablation.params or ablation.factors (the top-level "
+                        "budget is searched, and base: defaults takes no value from the search)")
 
 
 class _SplitOptions(Section):

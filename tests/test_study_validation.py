@@ -239,3 +239,21 @@ def test_dry_run_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and expected in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_an_ablation_on_defaults_needs_a_budget_when_the_budget_is_searched(tmp_path):
+    path = write(tmp_path, BASE.replace("5000", "[3000, 5000]") + SEARCH + ABLATION)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: ablation: expected a budget in ablation.params or ablation.factors")
+
+
+def test_dry_run_of_an_ablation_on_a_searched_budget(tmp_path, monkeypatch, capsys):
+    from study.run import main
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, BASE.replace("5000", "[3000, 5000]") + SEARCH.replace("}}}\n", "}}, num_samples: 1,"
+                 " train: {epochs: 1, max_steps_per_epoch: 2}}\n") + ABLATION.replace("{factors", "{base: search,"
+                                                                                       " factors"))
+    assert main(["--space", str(path), "--dry-run"]) == 0
+    assert "budget     3,000" in capsys.readouterr().out
