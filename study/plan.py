@@ -5,26 +5,32 @@ parameter counts, and an estimated duration from a short throughput measurement 
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nlstm.data import Corpus, StreamBatches
 from nlstm.model import CharLM, ModelConfig
+from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
 from study.space import (
     TrialConfig,
     ablation_cells,
     condition_holds,
+    fixed_budget,
     num_samples,
     preview_search,
     resolve,
     sampler_description,
     scheduler_description,
 )
-from study.spec import ARCHS, CategoricalEntry, FixedEntry, StudySpec, entry_values
+from study.spec import ARCHS, MIN_BUDGET, CategoricalEntry, FixedEntry, SpecError, StudySpec, entry_values
 
 TRIAL_OVERHEAD_S = 3.0  # starting/resetting a trial, MLflow writes, checkpoints (measured: 2-4 s)
 CONCURRENCY_SLOWDOWN = 1.15  # two trials on two cores each run ~10-15 % slower than one alone
@@ -226,6 +232,8 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
         base_text = "the model/train defaults"
         if ab.base == "search":
             base_text = "the best search configuration (unknown before the search; defaults shown)"
+            if fixed_budget(spec) is None and "budget" not in ab.params and "budget" not in ab.factors:
+                base["budget"] = min(_budgets(spec))  # the searched budget: its lowest value shown
         cells = ablation_cells(spec, base)
         factors = " x ".join(f"{k} {v}" for k, v in ab.factors.items())
         lines += ["", f"ablation: {factors} on {base_text}{' + ' + str(ab.params) if ab.params else ''}",
@@ -277,15 +285,175 @@ def _entry_text(name: str, entry: Any) -> str:
     return f"{name} {entry.type} [{entry.low:g}, {entry.high:g}]{scale}{step}{cond}"
 
 
-def check_budgets(spec: StudySpec, vocab_size: int) -> None:
-    """Raise ValueError ('budget ...') if some architecture of the study cannot meet a budget."""
-    configs: list[TrialConfig] = []
+# ------------------------------------------------------------------ budgets and memory
+HARD_MEMORY_CAP = 2**40  # bytes: what a trial may need when its device is not on this machine (1 TiB)
+SCAN_LIMIT = 20_000  # budgets tried one by one below the envelope's bound (each solve is ~15 us)
+
+
+@dataclass(frozen=True)
+class BudgetUse:
+    """A budget the study trains at: where the file sets it and the configurations trained at it.
+    ``searched_from``: the low end of a searched range, so every budget above it is used too."""
+
+    path: str
+    budget: float
+    configs: list[TrialConfig]
+    searched_from: bool = False
+
+
+def _budget_entries(spec: StudySpec) -> list[tuple[str, float, bool]]:
+    """(key path, value, is the low end of a range) for every value the top-level budget takes."""
+    entry = spec.budget
+    if isinstance(entry, FixedEntry):
+        return [("budget", float(entry.value), False)]
+    if isinstance(entry, CategoricalEntry):
+        return [(f"budget.choices[{i}]", float(v), False) for i, v in enumerate(entry.choices)]
+    return [("budget.low", float(entry.low), True), ("budget.high", float(entry.high), False)]
+
+
+def _embedding_values(spec: StudySpec) -> list[int | None]:
+    """The embedding sizes the search can use (a searched embedding_dim: its choices or range ends;
+    conditions are ignored, so this may check more combinations than are sampled)."""
+    entry = spec.search.space.get("embedding_dim") if spec.search else None
+    return [spec.model.embedding_dim] if entry is None else list(dict.fromkeys(entry_values(entry)))
+
+
+def budget_uses(spec: StudySpec) -> list[BudgetUse]:
+    """Every budget of the study with every architecture trained at it, per phase."""
+    uses: list[BudgetUse] = []
     if spec.search is not None:
-        for budget in _budgets(spec):
-            for arch, depth in search_families(spec):
-                configs.append(resolve(spec, "search", {"arch": arch, "depth": depth, "layers": depth,
-                                                        "budget": budget}))
-    if spec.ablation is not None:
-        configs += [c.config for c in ablation_cells(spec, {})]
-    for cfg in configs:
-        cfg.solve(vocab_size)
+        phases = ["search", *(["evaluate"] if spec.evaluate is not None else [])]
+        for path, budget, searched_from in _budget_entries(spec):
+            configs = [resolve(spec, phase, {"arch": arch, "depth": depth, "layers": depth, "budget": budget,
+                                             "embedding_dim": emb})
+                       for phase in phases for arch, depth in search_families(spec) for emb in _embedding_values(spec)]
+            uses.append(BudgetUse(path, budget, configs, searched_from))
+    ab = spec.ablation
+    if ab is not None:
+        own = "budget" in ab.params or "budget" in ab.factors
+        bases = [("", None, False)] if own or isinstance(spec.budget, FixedEntry) else _budget_entries(spec)
+        for base_path, base_budget, searched_from in bases:
+            base = {} if base_budget is None else {"budget": base_budget}
+            by_path: dict[str, list[TrialConfig]] = {}
+            for cell in ablation_cells(spec, base):
+                if "budget" in cell.factors:
+                    path = f"ablation.factors.budget[{ab.factors['budget'].index(cell.factors['budget'])}]"
+                else:
+                    path = "ablation.params.budget" if "budget" in ab.params else base_path or "budget"
+                by_path.setdefault(path, []).append(cell.config)
+            uses += [BudgetUse(path, configs[0].budget, configs, searched_from and path == base_path)
+                     for path, configs in by_path.items()]
+    return uses
+
+
+def _relative_error(cfg: TrialConfig, vocab_size: int) -> float:
+    try:
+        return cfg.solve(vocab_size).solution.relative_error
+    except ValueError:  # width_for_budget: even width 1 is more than twice the budget
+        return math.inf
+
+
+@functools.cache
+def minimum_budget(arch: str, depth: int, vocab_size: int, embedding_dim: int | None, tolerance: float) -> int:
+    """The smallest budget from which on (at it and at every larger one) ``width_for_budget``
+    matches this architecture within ``tolerance``.
+
+    Below it the match depends on luck (at 100 parameters some architectures land within 2 %,
+    others 38 % off). The search: ``width_for_budget`` lands within half a step of the budget,
+    and a step is one embedding unit (V + 4n parameters; with one-hot input, one unit of width),
+    so the error is at most half a step over the budget, an envelope that falls with the budget.
+    Bisection finds where the envelope meets the tolerance; from there a scan downwards finds the
+    last budget that actually misses it (capped at SCAN_LIMIT budgets; then the envelope's bound,
+    which also works, is returned)."""
+    def count(width: int, emb: int | None = embedding_dim) -> int:
+        return lm_parameters(arch, depth, width, vocab_size, emb)
+
+    c = count(0)
+    a = (count(2) - 2 * count(1) + c) / 2
+    b = count(1) - c - a
+
+    def envelope(budget: int) -> float:
+        root = (-b + math.sqrt(b * b + 4 * a * max(budget - c, 0))) / (2 * a)
+        half_step = (vocab_size + 4 * max(root, 1)) / 2 if embedding_dim is not None else (a * (2 * root + 1) + b) / 2
+        return half_step / budget
+
+    def matches(budget: int) -> bool:
+        try:
+            s = width_for_budget(arch, depth, budget, vocab_size, embedding_dim=embedding_dim)
+        except ValueError:
+            return False
+        return abs(s.relative_error) <= tolerance
+
+    # the envelope holds once the embedding can shrink to 1 (or, one-hot, from width 1 on)
+    low = max(MIN_BUDGET, count(1, 1) if embedding_dim is not None else count(1))
+    high = low
+    while envelope(high) > tolerance:
+        high *= 2
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if envelope(mid) <= tolerance else (mid + 1, high)
+    budget = low
+    for _ in range(SCAN_LIMIT):
+        if budget <= MIN_BUDGET or not matches(budget - 1):
+            return budget
+        budget -= 1
+    return low
+
+
+def _memory_needed(cfg: TrialConfig, vocab_size: int) -> int:
+    """Bytes a trial needs at least (float32): weights, gradients and the optimizer's state, plus
+    what training keeps for the backward pass per token of a batch x bptt window (the embedding,
+    per level or layer its 4 gates and 2 states, the logits and their gradient), or evaluation's
+    window if larger."""
+    s, t = cfg.solution, cfg.train
+    states = {"adam": 2, "adamw": 2}.get(t["optimizer"], 1 if t["momentum"] > 0 else 0)
+    weights = 4 * s.params * (2 + states)
+    emb = s.embedding_dim or vocab_size
+    train = 4 * t["batch_size"] * t["bptt"] * (emb + 6 * s.width * cfg.depth + 2 * vocab_size)
+    evaluate = 4 * t["eval_batch_size"] * t["bptt"] * (emb + 2 * s.width * cfg.depth + vocab_size)
+    return weights + max(train, evaluate)
+
+
+def trial_memory(gpus_per_trial: float) -> tuple[int, str]:
+    """(bytes, what they are) that one trial may use: its share of this machine's GPU, or this
+    machine's RAM; a trial on a GPU this machine lacks (a cluster's) gets HARD_MEMORY_CAP."""
+    if gpus_per_trial > 0:
+        if not torch.cuda.is_available():
+            return HARD_MEMORY_CAP, "the cap for a device that is not on this machine"
+        total = torch.cuda.get_device_properties(0).total_memory
+        share = min(gpus_per_trial, 1.0)
+        return int(total * share), f"{share:g} of this machine's GPU ({total / 2**30:.1f} GiB)"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(ram, HARD_MEMORY_CAP), "this machine's memory"
+
+
+def check_budgets(spec: StudySpec, vocab_size: int, file: str | Path = "<spec>",
+                  gpus_per_trial: float | None = None) -> None:
+    """Raise SpecError (one line, naming the budget's key) if a budget of the study is below the
+    one that matches every architecture within ``budget_tolerance`` (naming that minimum), or if
+    a trial would not fit in the memory one trial gets (``gpus_per_trial`` defaults to the file's)."""
+    tolerance = spec.budget_tolerance
+    gpus = spec.resources.gpus_per_trial if gpus_per_trial is None else gpus_per_trial
+    available, where = trial_memory(gpus)
+    for use in budget_uses(spec):
+        configs = [cfg.solve(vocab_size) if math.isfinite(_relative_error(cfg, vocab_size)) else cfg
+                   for cfg in use.configs]
+        families = ", ".join(dict.fromkeys(cfg.family for cfg in configs))
+        missed = [cfg for cfg in configs if not abs(_relative_error(cfg, vocab_size)) <= tolerance]
+        if missed or use.searched_from:
+            needed = max(minimum_budget(cfg.arch, cfg.depth, vocab_size, cfg.model["embedding_dim"], tolerance)
+                         for cfg in configs)
+            if missed or use.budget < needed:
+                what = "a searched budget from" if use.searched_from else "a budget of"
+                detail = (f"{missed[0].family} is {_relative_error(missed[0], vocab_size):+.1%} off at "
+                          f"{use.budget:,.0f}" if missed else f"below it some are more than {tolerance:.0%} off")
+                raise SpecError(file, use.path, f"expected {what} at least {needed:,} parameters, from which every "
+                                f"architecture ({families}) is within {tolerance:.0%} (budget_tolerance); {detail}")
+        for cfg in configs:
+            needed = _memory_needed(cfg, vocab_size)
+            if needed > available:
+                t = cfg.train
+                raise SpecError(file, use.path, f"expected a model that fits in memory: {cfg.family} at "
+                                f"{use.budget:,.0f} parameters needs at least {needed / 2**30:,.1f} GiB to train "
+                                f"(batch {t['batch_size']} x bptt {t['bptt']}, {t['optimizer']}), and a trial has "
+                                f"{available / 2**30:,.1f} GiB ({where})")

@@ -10,6 +10,7 @@ The file has these sections (docs/study.md has an annotated example)::
     model      ModelConfig defaults: arch, depth, embedding_dim, dropout, candidate_activation, ...
     train      TrainConfig defaults: epochs, batch_size, bptt, optimizer, lr, clip, ...
     budget     the parameter budget: a number, or a space entry (then it is searched)
+    budget_tolerance  how far an architecture's parameter count may be from its budget (0.02)
     search     space, sampler, scheduler, num_samples, max_concurrent, metric, seed, train overrides
     evaluate   top_k (per arch|family|none), seeds, train overrides (the full budget)
     ablation   base (search|defaults), params, factors (a grid), seeds, train overrides
@@ -29,10 +30,20 @@ import math
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 PHASES = ("search", "evaluate", "ablation")
@@ -41,8 +52,23 @@ ARCHS = ("nlstm", "stacked", "single")
 # trainer's options under their YAML names, plus `layers` (the depth of a stacked LSTM).
 MODEL_PARAMS = ("arch", "depth", "layers", "embedding_dim", "dropout", "candidate_activation", "forget_bias", "impl")
 NOT_SEARCHABLE_TRAIN = ("seed", "device")
+# Every budget of a study is a parameter count in [MIN_BUDGET, MAX_BUDGET]. The cap is a hard one,
+# checked without knowing the machine: a billion parameters need 16 GB for weights, gradients and
+# Adam's state alone (study.plan.check_budgets also checks the whole trial against this machine).
+MIN_BUDGET = 100
+MAX_BUDGET = 1_000_000_000
 
-Scalar = None | bool | int | float | str
+
+
+def _finite(value: Any) -> Any:
+    """Checked before the union is tried, so that ``.nan`` says so (not 'expected true or false')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("spec", "expected a finite number, got {value}", {"value": _describe(value)})
+    return value
+
+
+# A value in a space entry, a condition or the ablation: a YAML scalar (numbers finite).
+Scalar = Annotated[None | bool | int | float | str, BeforeValidator(_finite)]
 
 
 class SpecError(ValueError):
@@ -59,9 +85,11 @@ def _close(word: str, options: list[str]) -> str:
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are an error that lists the known ones."""
+    """Base of every section: unknown keys are an error that lists the known ones. Types are
+    strict (``true`` is not an integer, ``2.0`` is not an integer, ``"3"`` is not a number; an
+    integer is a valid float) and every number is finite (``.inf`` and ``.nan`` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -282,7 +310,7 @@ class SmokeSpec(Section):
     num_samples: int = Field(2, ge=1)
     top_k: int = Field(1, ge=1)
     seeds: int = Field(1, ge=1)  # keep the first n evaluation / ablation seeds
-    budget: float | None = Field(None, gt=0.0)  # replace every budget by this one
+    budget: float | None = Field(None, ge=MIN_BUDGET, le=MAX_BUDGET)  # replace every budget by this one
     model: ModelDefaults = ModelDefaults()  # overrides of the model defaults
     train: TrainDefaults = TrainDefaults()  # overrides of every phase's training options
 
@@ -294,6 +322,9 @@ class StudySpec(Section):
     model: ModelDefaults = ModelDefaults()
     train: TrainDefaults = TrainDefaults()
     budget: SpaceEntry
+    # Every architecture's parameter count must be within this fraction of each budget (the width
+    # and embedding size are solved per architecture; budgets too small to match are refused).
+    budget_tolerance: float = Field(0.02, gt=0.0, lt=1.0)
     search: SearchSpec | None = None
     evaluate: EvaluateSpec | None = None
     ablation: AblationSpec | None = None
@@ -322,8 +353,9 @@ class StudySpec(Section):
         return section.train if section is not None else self.train
 
     def study_hash(self) -> str:
-        """Identity of what the study computes (not its description or resources)."""
-        data = self.model_dump(mode="json", exclude={"description", "resources"})
+        """Identity of what the study computes (not its description, resources or the tolerance
+        the budgets were checked with: none of them changes a trial)."""
+        data = self.model_dump(mode="json", exclude={"description", "resources", "budget_tolerance"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
@@ -337,8 +369,56 @@ def merge_train(base: TrainDefaults, override: TrainDefaults) -> TrainDefaults:
 
 
 # ------------------------------------------------------------------ YAML reading
+# Aliases are allowed (`train: &full {epochs: 50}` ... `train: *full`), but a document is refused
+# once expanded past these limits: nine aliases of nine aliases of ... ("billion laughs") are 342
+# bytes that expand to 10^9 values, and PyYAML's composer and every later pass recurse, so deep
+# nesting or an alias inside its own anchor would end in a RecursionError. A study file needs
+# 7 levels, a few hundred values and a few kB.
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 10_000
+MAX_YAML_CHARS = 1_000_000
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document the loader will not expand (too deep, too large, or recursive)."""
+
+    def __init__(self, mark: yaml.Mark, problem: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
+    """SafeLoader that reads ``1e-4`` (no dot) as a float, as YAML 1.2 does, and refuses deep
+    nesting and recursive aliases while composing (before anything recurses over them)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open: list[str | None] = []  # the anchors of the nodes being composed, outermost first
+        self._composed = 0  # nodes composed so far (an alias is not a new node)
+
+    def fetch_flow_collection_start(self, token_class: type) -> None:
+        # The scanner keeps a possible key per open bracket and rescans them all for each token,
+        # so 50,000 `[` would take minutes before the composer saw the first level.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _Refused(self.get_mark(), f"expected at most {MAX_YAML_DEPTH} levels of nesting")
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _Refused(event.start_mark, f"expected no alias inside its own anchor (*{event.anchor} "
+                               "is recursive)")
+            return super().compose_node(parent, index)
+        if len(self._open) >= MAX_YAML_DEPTH:
+            raise _Refused(event.start_mark, f"expected at most {MAX_YAML_DEPTH} levels of nesting")
+        self._composed += 1
+        if self._composed > MAX_YAML_VALUES:
+            raise _Refused(event.start_mark, f"expected at most {MAX_YAML_VALUES:,} values")
+        self._open.append(event.anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
 
 
 _Loader.add_implicit_resolver(
@@ -348,10 +428,50 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it past MAX_YAML_VALUES values or MAX_YAML_DEPTH
+    levels. Each distinct node is visited once (its expanded size and height are remembered), so
+    this is linear in the file, whatever the aliases would expand to."""
+    known: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) once expanded
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if id(node) not in known:
+            if depth > MAX_YAML_DEPTH:
+                raise _Refused(node.start_mark, f"expected at most {MAX_YAML_DEPTH} levels of nesting "
+                               "once aliases are expanded")
+            values, levels = 1, 1
+            for child in _children(node):
+                child_values, child_levels = measure(child, depth + 1)
+                values, levels = values + child_values, max(levels, child_levels + 1)
+                if values > MAX_YAML_VALUES:
+                    raise _Refused(node.start_mark, f"expected at most {MAX_YAML_VALUES:,} values once aliases "
+                                   "are expanded, got more (aliases of aliases?)")
+            known[id(node)] = (values, levels)
+        values, levels = known[id(node)]
+        if depth + levels - 1 > MAX_YAML_DEPTH:
+            raise _Refused(node.start_mark, f"expected at most {MAX_YAML_DEPTH} levels of nesting once aliases "
+                           "are expanded")
+        return values, levels
+
+    measure(root, 1)
+
+
 def _check_duplicates(node: yaml.Node, file: str, path: str = "") -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                raise SpecError(file, path, f"line {line}: expected a plain name as a key, got a "
+                                f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
             key = key_node.value
             sub = f"{path}.{key}" if path else str(key)
             if key in seen:
@@ -372,18 +492,27 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError(file, "", "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(file, "", f"cannot read it ({e})") from None
+    if len(text) > MAX_YAML_CHARS:  # PyYAML reads ~2 MB/s: bound the time before parsing
+        raise SpecError(file, "", f"expected at most {MAX_YAML_CHARS:,} characters, got {len(text):,}")
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        if node is not None:
-            _check_duplicates(node, file)
-        data = yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        _check_duplicates(node, file)
+        return loader.construct_document(node)
+    except _Refused as e:
+        mark = e.problem_mark
+        raise SpecError(file, "", f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
         raise SpecError(file, "", f"{where}: expected valid YAML ({e.problem})") from None
     except yaml.YAMLError as e:
         raise SpecError(file, "", f"expected valid YAML ({e})") from None
-    return data
+    finally:
+        loader.dispose()
 
 
 # ------------------------------------------------------------------ error messages
@@ -461,8 +590,11 @@ def _check_param_value(name: str, value: Any) -> str | None:
 
 
 def _check_budget_value(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 100:
-        return f"expected a parameter count >= 100, got {_describe(value)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < MIN_BUDGET:
+        return f"expected a parameter count >= {MIN_BUDGET}, got {_describe(value)}"
+    if value > MAX_BUDGET:
+        return (f"expected a parameter count <= {MAX_BUDGET:,} (larger models do not fit in memory), "
+                f"got {_describe(value)}")
     return None
 
 
@@ -546,6 +678,34 @@ def _check_ablation(file: str, spec: StudySpec) -> None:
                     raise SpecError(file, f"{path}[{i}]" if section == "factors" else path, problem)
     if ab.base == "search" and spec.search is None:
         raise SpecError(file, "ablation.base", "expected `defaults` when the study has no search section")
+    searched = not isinstance(spec.budget, FixedEntry)
+    if ab.base == "defaults" and searched and "budget" not in ab.params and "budget" not in ab.factors:
+        raise SpecError(file, "ablation", "expected a budget in ablation.params or ablation.factors (the top-level "
+                        "budget is searched, and base: defaults takes no value from the search)")
+
+
+class _SplitOptions(Section):
+    split: list[float] = Field([0.9, 0.05, 0.05], min_length=3, max_length=3)  # train, valid, test fractions
+
+
+class _PoetryOptions(Section):
+    eval_set: Literal["5", "all"] = "5"
+
+
+def _corpus_options(corpus: str) -> type[Section]:
+    """The options ``load_corpus`` takes for this corpus, as a strict schema (types only: their
+    ranges are the corpus's own checks)."""
+    if corpus == "synthetic":
+        from nlstm.data import SyntheticConfig
+
+        hints = get_type_hints(SyntheticConfig)
+        return create_model("SyntheticOptions", __base__=Section,
+                            **{f.name: (hints[f.name], f.default) for f in fields(SyntheticConfig)})
+    if corpus == "chinese-poetry":
+        return _PoetryOptions
+    if corpus == "tinyshakespeare" or corpus.startswith("text:"):
+        return _SplitOptions
+    return Section
 
 
 def _check_data(file: str, spec: StudySpec) -> None:
@@ -561,6 +721,11 @@ def _check_data(file: str, spec: StudySpec) -> None:
         if key not in options:
             raise SpecError(file, f"data.options.{key}", f"unknown option for {corpus}; expected "
                             f"{'one of ' + ', '.join(options) if options else 'no options'}{_close(key, options)}")
+    try:
+        _corpus_options(corpus.lower()).model_validate(spec.data.options)
+    except ValidationError as e:
+        path, message = _message(e.errors()[0])
+        raise SpecError(file, f"data.options.{path}", message) from None
     if corpus.lower() == "synthetic":
         try:
             SyntheticConfig(**spec.data.options)
