@@ -166,9 +166,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     except (CorpusError, OSError, ValueError) as e:
         raise UsageError(f"{args.space}: data: {e}") from None
     try:
-        check_budgets(spec, len(corpus.vocab))
-    except ValueError as e:
-        raise UsageError(f"{args.space}: budget: expected a budget every architecture can meet ({e})") from None
+        check_budgets(spec, len(corpus.vocab), args.space, gpus_per_trial=gpus)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
 
     local_cpus = os.cpu_count() or 1
     if not args.address and not args.dry_run:
