@@ -2,8 +2,10 @@
 
     [search] 5/12 done (2 pruned, 1 failed) | 2 running | 5 pending | best 1.734 bpc search-0003 nlstm-d2 | 1:42
 
-On a terminal the line is rewritten in place; in a log file a line is written only when a trial
-starts or ends. A failed trial also gets a line of its own with its reason.
+On a terminal the line is rewritten in place, and a failed trial gets a line of its own with its
+reason. In a log file (CI, ``nohup``) each trial's end is one line, and the summary line is
+written every ``summary_every_s`` seconds and at the end: a few dozen lines for a small study,
+not one per change.
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ def _clock(seconds: float) -> str:
 
 
 class ProgressLine(tune.Callback):
-    def __init__(self, phase: str, total: int, stream: TextIO | None = None) -> None:
-        self.phase, self.total = phase, total
+    def __init__(self, phase: str, total: int, stream: TextIO | None = None, summary_every_s: float = 60.0) -> None:
+        self.phase, self.total, self.summary_every_s = phase, total, summary_every_s
         self._stream = stream
         self._start = time.monotonic()
         self._last_draw = 0.0
-        self._last_text = ""
+        self._last_summary = self._start
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
-        return {"phase": self.phase, "total": self.total, "_stream": None, "_start": 0.0, "_last_draw": 0.0,
-                "_last_text": ""}
+        return {"phase": self.phase, "total": self.total, "summary_every_s": self.summary_every_s, "_stream": None,
+                "_start": 0.0, "_last_draw": 0.0, "_last_summary": 0.0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._start = time.monotonic()
+        self._start = self._last_summary = time.monotonic()
 
     @property
     def stream(self) -> TextIO:
@@ -75,22 +77,32 @@ class ProgressLine(tune.Callback):
 
     def draw(self, trials: list[Any], force: bool = False) -> None:
         now = time.monotonic()
-        text = self.text(trials)
         if self.stream.isatty():
             if force or now - self._last_draw >= 0.5:
-                self.stream.write("\r" + text + "\x1b[K")
+                self.stream.write("\r" + self.text(trials) + "\x1b[K")
                 self.stream.flush()
                 self._last_draw = now
-        elif force and text.split(" | ")[:3] != self._last_text.split(" | ")[:3]:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._last_text = text
+        elif now - self._last_summary >= self.summary_every_s:
+            self.say(self.text(trials))
+            self._last_summary = now
 
     def say(self, line: str) -> None:
         if self.stream.isatty():
             self.stream.write("\r\x1b[K")
         self.stream.write(line + "\n")
         self.stream.flush()
+
+    def ended(self, trial: Any, how: str) -> None:
+        """A log's line for a trial that ended (a terminal shows it in the live line instead)."""
+        if self.stream.isatty():
+            return
+        result = trial.last_result or {}
+        key = result.get("trial_key") or trial_key_of(trial.config) or trial.trial_id
+        family = f" {result['family']}" if result.get("family") else ""
+        epochs = f" after {result['epoch']} epoch(s)" if result.get("epoch") else ""
+        value = result.get("best_valid_bpc")
+        best = f", best {value:.3f} bpc" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+        self.say(f"  [{self.phase}] {key}{family} {how}{epochs}{best}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.draw(trials)
@@ -102,6 +114,7 @@ class ProgressLine(tune.Callback):
         self.draw(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended(trial, "completed" if (trial.last_result or {}).get("finished") else "stopped early (pruned)")
         self.draw(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -111,8 +124,5 @@ class ProgressLine(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         text = self.text(trials)
-        if self.stream.isatty():
-            self.stream.write("\r" + text + "\x1b[K\n")
-        elif text.split(" | ")[:3] != self._last_text.split(" | ")[:3]:
-            self.stream.write(text + "\n")
+        self.stream.write(("\r" + text + "\x1b[K\n") if self.stream.isatty() else text + "\n")
         self.stream.flush()

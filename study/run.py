@@ -89,6 +89,7 @@ def fail(message: str, code: int = 2) -> int:
 def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run ..." lines in progress
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers

@@ -39,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
 PACKAGES = ("nlstm", "torch", "numpy", "ray", "optuna", "mlflow", "pandas", "pydantic", "PyYAML")
 MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
+EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
 MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
 
 
@@ -83,7 +85,8 @@ class StudyTracker:
             if self.tracking_uri.startswith("sqlite:"):  # next to the database, absolute for every worker
                 artifacts = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
             try:
-                return self.client.create_experiment(name, artifact_location=artifacts, tags={"nlstm.study": name})
+                return self.client.create_experiment(name, artifact_location=artifacts, tags={
+                    "nlstm.study": name, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
             except MlflowException:
                 exp = self.client.get_experiment_by_name(name)  # the other driver created it first
                 if exp is None:

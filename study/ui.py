@@ -42,6 +42,7 @@ def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dashboards.load import StoreError, default_tracking_uri, open_store
+    from study.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
 
     uri = args.tracking_uri or default_tracking_uri()
     try:
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if exp is None:
             print(f"error: no study {args.study!r} in {uri}", file=sys.stderr)
             return 2
-        url += f"/#/experiments/{exp.experiment_id}"
+        url += f"/#/experiments/{exp.experiment_id}/runs"
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT:  # a study recorded before the tag existed
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
     cmd = server_command(uri, args.host, args.port)
     if args.print_command:
         print(" ".join(cmd))

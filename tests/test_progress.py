@@ -1,0 +1,44 @@
+"""The progress output of a study in a log file (not a terminal): one line per trial end and a
+periodic summary, not a line per change."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from study.progress import ProgressLine
+
+
+def trial(key: str, status: str = "RUNNING", **result) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=key, status=status, config={"trial_key": key}, error_file=None, error_msg=None,
+                           last_result={"trial_key": key, "family": "nlstm-d2", **result})
+
+
+def test_a_log_gets_one_line_per_trial_end_and_a_final_summary():
+    log = io.StringIO()
+    progress = ProgressLine("search", total=10, stream=log, summary_every_s=3600)
+    trials = [trial(f"search-{i:04d}") for i in range(10)]
+    for i, t in enumerate(trials):
+        progress.on_trial_start(0, trials, t)
+        for epoch in range(1, 6):  # many results, none of which may print in a log
+            t.last_result |= {"epoch": epoch, "best_valid_bpc": 3.0 - epoch / 10}
+            progress.on_trial_result(0, trials, t, t.last_result)
+            progress.on_step_end(0, trials)
+        t.status = "TERMINATED"
+        t.last_result["finished"] = i % 2 == 0
+        progress.on_trial_complete(0, trials, t)
+    progress.on_experiment_end(trials)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11, lines
+    assert lines[0] == "  [search] search-0000 nlstm-d2 completed after 5 epoch(s), best 2.500 bpc"
+    assert lines[1] == "  [search] search-0001 nlstm-d2 stopped early (pruned) after 5 epoch(s), best 2.500 bpc"
+    assert lines[-1].startswith("[search] 10/10 done (5 pruned) | 0 running | 0 pending | best 2.500 bpc")
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+
+
+def test_a_log_gets_a_periodic_summary_while_trials_run():
+    log = io.StringIO()
+    progress = ProgressLine("evaluate", total=2, stream=log, summary_every_s=0.0)
+    trials = [trial("evaluate-a-s1"), trial("evaluate-a-s2", status="PENDING")]
+    progress.on_step_end(0, trials)
+    assert log.getvalue().splitlines() == ["[evaluate] 0/2 done | 1 running | 1 pending | 0:00"]
