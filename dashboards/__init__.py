@@ -1,8 +1,9 @@
 """dashboards: a study's MLflow runs -> pandas frames -> statistics, figures and a report.
 
 Data flows one way: MLflow (written by ``study/``, layout in ``docs/mlflow-layout.md``) ->
-:mod:`dashboards.load` (tidy frames) -> :mod:`dashboards.stats` (intervals, paired tests, verdicts)
--> :mod:`dashboards.figures` -> :mod:`dashboards.report` (``report.html`` + ``report.md``).
+:mod:`dashboards.load` (tidy frames) -> :mod:`dashboards.outcome` (did each run learn?) ->
+:mod:`dashboards.stats` (protocols, intervals, paired/Welch tests, verdicts) -> :mod:`dashboards.figures`
+-> :mod:`dashboards.report` (``report.html`` + ``report.md``).
 Nothing here trains or imports torch; ``study/report.py`` is the command-line entry point.
 """
 

@@ -135,10 +135,11 @@ def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]
     not_learned = judged[judged["outcome"] == NOT_LEARNED] if len(judged) else judged
     if len(not_learned):
         completed = int((not_learned["state"] == "completed").sum())
-        sentences.append(f"{len(not_learned)} run{'s' if len(not_learned) > 1 else ''} did not learn ("
-                         f"{completed} completed with a BPC not below chance or not finite, "
-                         f"{len(not_learned) - completed} failed as diverged or not learning): they are excluded "
-                         "from every statistic and counted per arm below.")
+        how = [f"{completed} completed with a BPC not below chance or not finite" if completed else "",
+               f"{len(not_learned) - completed} failed as diverged or not learning" if completed < len(not_learned)
+               else ""]
+        sentences.append(f"{len(not_learned)} run{'s' if len(not_learned) > 1 else ''} did not learn "
+                         f"({', '.join(h for h in how if h)}): excluded from every statistic and counted per arm.")
     if data.n_duplicates:
         sentences.append(f"{data.n_duplicates} duplicate trial run(s) with the same trial id were ignored.")
     return table, sentences

@@ -122,10 +122,16 @@ def with_protocol(trials: pd.DataFrame) -> pd.DataFrame:
     label = trials["phase"].fillna("?").astype(str)
     keys = [k for k in TRAINING_BUDGET if k in trials]
     for _, group in trials.groupby(label, sort=False):
-        budgets = group[keys].astype(str)
-        for key in (k for k in keys if budgets[k].nunique() > 1):
-            label[group.index] += f", {key} " + budgets[key]
+        # A run that failed before logging its params has no budget: it belongs to its phase's only one, if single.
+        for key in (k for k in keys if group[k].dropna().map(_budget_value).nunique() > 1):
+            label[group.index] += f", {key} " + group[key].map(_budget_value)
     return trials.assign(protocol=label)
+
+
+def _budget_value(value: Any) -> str:
+    if pd.isna(value):
+        return "unknown"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 @dataclass

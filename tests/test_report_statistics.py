@@ -296,7 +296,8 @@ def test_outcomes_follow_status_reason_and_bar():
 def test_a_phase_with_two_training_budgets_is_two_protocols():
     from dashboards.stats import with_protocol
 
-    runs = pd.DataFrame({"phase": ["evaluate", "evaluate", "ablation", "ablation", "ablation"],
-                         "epochs": [50, 50, 10, 20, 20]})
+    runs = pd.DataFrame({"phase": ["evaluate", "evaluate", "ablation", "ablation", "ablation", "ablation"],
+                         "epochs": [50, None, 10, 20, 20, None]})  # None: failed before its params were logged
     assert list(with_protocol(runs)["protocol"]) == ["evaluate", "evaluate", "ablation, epochs 10",
-                                                     "ablation, epochs 20", "ablation, epochs 20"]
+                                                     "ablation, epochs 20", "ablation, epochs 20",
+                                                     "ablation, epochs unknown"]
