@@ -426,7 +426,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def _where(c: Comparison, metric: str) -> str:
-    return f"at budget {format_budget(c.budget)}, {c.protocol} protocol ({metric})"
+    return f"at budget {format_budget(c.budget)} in protocol \"{c.protocol}\" ({metric})"
 
 
 def not_comparable(c: Comparison, metric: str, elsewhere: list[str]) -> str:
@@ -467,8 +467,8 @@ def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arm
         return (f"{head}: {winner.family} has the lower mean over the seeds that learned ({detail}), but its "
                 f"configuration did not learn in {winner.config_not_learned} of its seeds, so the seeds compared are "
                 f"a biased sample and no winner is declared.{tail}")
-    sentence = (f"{winner.family} has a lower {metric} than {loser.family} at budget {format_budget(c.budget)}, "
-                f"{c.protocol} protocol: {detail}.")
+    sentence = (f"{winner.family} has a lower {metric} than {loser.family} at budget {format_budget(c.budget)} "
+                f"in protocol \"{c.protocol}\": {detail}.")
     if paired and arms_overlap:
         sentence += (" The two arms' own 95 % intervals overlap, so the edge shows only when runs are paired by "
                      "seed; treat it as tentative.")

@@ -223,8 +223,10 @@ def test_arms_are_compared_within_one_protocol(tmp_path, empty_db):
         assert test_rows.loc[phase, "p"] == pytest.approx(res.pvalue, rel=1e-9)
         assert (test_rows.loc[phase, "diff_low"], test_rows.loc[phase, "diff_high"]) == pytest.approx((low, high))
     said = verdicts(md)
-    assert any(v.startswith("nlstm-d2 has a lower test BPC than stacked-d2") and "evaluate" in v for v in said)
-    assert any(v.startswith("stacked-d2 has a lower test BPC than nlstm-d2") and "ablation" in v for v in said)
+    assert any(v.startswith('nlstm-d2 has a lower test BPC than stacked-d2 at budget 20k in protocol "evaluate"')
+               for v in said), said
+    assert any(v.startswith('stacked-d2 has a lower test BPC than nlstm-d2 at budget 20k in protocol "ablation"')
+               for v in said), said
 
 
 def test_arms_without_a_common_protocol_are_not_compared(tmp_path, empty_db):
