@@ -279,10 +279,10 @@ def config_table(aset: AnalysisSet) -> pd.DataFrame:
                     "valid_low": valid.low, "valid_high": valid.high, "test_mean": test.mean, "test_low": test.low,
                     "test_high": test.high, "selected": config in chosen})
         rows.append(row)
-    table = _sort_arms(pd.DataFrame(rows))
-    return table.sort_values(["protocol", "budget", "family", "valid_mean"], key=lambda c: (
-        c.map(protocol_key) if c.name == "protocol" else c.map(family_key) if c.name == "family" else c),
-        kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    order = table.assign(_p=table["protocol"].map(protocol_key), _f=table["family"].map(family_key))
+    order = order.sort_values(["_p", "budget", "_f", "valid_mean"], kind="stable")
+    return order.drop(columns=["_p", "_f"]).reset_index(drop=True)
 
 
 def excluded_runs(aset: AnalysisSet) -> pd.DataFrame:

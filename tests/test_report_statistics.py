@@ -222,6 +222,7 @@ def test_arms_are_compared_within_one_protocol(tmp_path, empty_db):
         low, high = res.confidence_interval(0.95)
         assert test_rows.loc[phase, "p"] == pytest.approx(res.pvalue, rel=1e-9)
         assert (test_rows.loc[phase, "diff_low"], test_rows.loc[phase, "diff_high"]) == pytest.approx((low, high))
+    assert "Note: Shows the evaluate protocol only; the runs of the ablation protocol" in md  # figures do not mix
     said = verdicts(md)
     assert any(v.startswith('nlstm-d2 has a lower test BPC than stacked-d2 at budget 20k in protocol "evaluate"')
                for v in said), said
@@ -303,3 +304,22 @@ def test_a_phase_with_two_training_budgets_is_two_protocols():
     assert list(with_protocol(runs)["protocol"]) == ["evaluate", "evaluate", "ablation, epochs 10",
                                                      "ablation, epochs 20", "ablation, epochs 20",
                                                      "ablation, epochs unknown"]
+
+
+def test_representative_configuration_is_one_whose_runs_all_learned(tmp_path, empty_db):
+    """Of two configurations of nlstm-d2, the lower mean valid BPC comes from one that diverged in a seed."""
+    seeds = (1, 2, 3, 4)
+    runs = [FakeRun("evaluate", "nlstm", 2, s, valid=1.40 + noise(s), test=1.41, lr=1e-2) for s in seeds[:3]]
+    runs += [FakeRun("evaluate", "nlstm", 2, 4, valid=math.nan, lr=1e-2, state="failed",
+                     reason="diverged: training loss became inf at epoch 3")]
+    runs += [FakeRun("evaluate", "nlstm", 2, s, valid=1.45 + noise(s + 5), test=1.46, lr=2e-3) for s in seeds]
+    runs += [FakeRun("evaluate", "stacked", 2, s, valid=1.60 + noise(s + 9), test=1.61) for s in seeds]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    nested = arms.set_index("family").loc["nlstm-d2"]
+    stable = next(r.config_hash for r in runs if r.lr == 2e-3)
+    assert nested["config_hash"] == stable and nested["n_configs"] == 2 and nested["n_seeds"] == 4
+    assert nested["excluded"] == "1 of 8 (1 did not learn)"
+    configs = pd.read_csv(tmp_path / "report" / "tables" / "configs.csv").set_index("config_hash")
+    assert configs.loc[stable, "selected"] and configs.loc[stable, "excluded"] == "none of 4"
+    assert comparisons[comparisons["metric"] == "test BPC"]["test"].tolist() == ["paired t-test"]
+    assert "**Every configuration of the analysed phases**" in md
