@@ -21,7 +21,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
-from dashboards.stats import AnalysisSet, analysis_set, family_key, format_budget, sorted_families, t_errorbar
+from dashboards.outcome import NOT_LEARNED
+from dashboards.stats import (
+    AnalysisSet,
+    analysis_set,
+    family_key,
+    format_budget,
+    protocol_key,
+    sorted_families,
+    t_errorbar,
+)
 from dashboards.timescales import levels_of, load_memories, timescale_frame
 
 METRIC_LABEL = {"best_valid_bpc": "valid BPC", "test_bpc": "test BPC", "valid_bpc": "valid BPC"}
@@ -87,6 +96,22 @@ def _primary_metric(frame: pd.DataFrame) -> str:
     return "test_bpc" if len(frame) and np.isfinite(frame["test_bpc"].astype(float)).all() else "best_valid_bpc"
 
 
+def one_protocol(sel: pd.DataFrame, score) -> tuple[pd.DataFrame, str | None]:
+    """The runs of the one protocol with the highest ``score(runs)`` (a figure never mixes seeds or epochs of
+    different phases), and a note naming the protocols it leaves out (None when there are none)."""
+    if sel.empty or "protocol" not in sel or sel["protocol"].nunique() < 2:
+        return sel, None
+    groups = {p: g for p, g in sel.groupby("protocol", sort=False)}
+    best = max(sorted(groups, key=protocol_key), key=lambda p: score(groups[p]))
+    others = ", ".join(sorted((p for p in groups if p != best), key=protocol_key))
+    return groups[best], (f"Shows the {best} protocol only; the runs of the {others} protocol (other seeds or "
+                          "training budget) are in the tables.")
+
+
+def _breadth(runs: pd.DataFrame) -> tuple[int, int]:
+    return (runs["family"].nunique(), len(runs))
+
+
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     """Nullable ints to floats, so seaborn/matplotlib see plain numbers."""
     out = frame.copy()
@@ -112,7 +137,7 @@ def _budget_axis(ax, runs: pd.DataFrame) -> None:
 
 def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
     res = FigureResult(1, "parameter-matched", "Parameter-matched comparison")
-    sel = _plain(aset.selected)
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (r["budget"].nunique(), *_breadth(r)))
     if sel.empty:
         res.missing = "No run has completed yet, so there is nothing to compare at matched parameter counts."
         return res
@@ -141,6 +166,8 @@ def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
                    f"with 95 % t-interval bars ({_runs_seeds(sel)}).")
     if n_budgets < 2:
         res.notes.append("Only one budget has completed runs, so the figure shows no trend over model size.")
+    if note:
+        res.notes.append(note)
     if "test_bpc" not in metrics:
         res.notes.append("No run has a test BPC yet (search trials skip it), so only validation BPC is shown.")
     return res
@@ -162,7 +189,8 @@ def _depth_budget(sel: pd.DataFrame) -> tuple[float, list[int]] | None:
 
 def figure_depth(aset: AnalysisSet) -> FigureResult:
     res = FigureResult(2, "nesting-vs-stacking", "Depth by nesting vs depth by stacking")
-    sel = _plain(aset.selected)
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (
+        len((_depth_budget(r) or (None, []))[1]), *_breadth(r)))
     chosen = _depth_budget(sel) if not sel.empty else None
     if chosen is None:
         res.missing = ("No budget has completed nested and stacked runs at the same depth, so depth by nesting "
@@ -219,13 +247,16 @@ def figure_depth(aset: AnalysisSet) -> FigureResult:
                          "over depth.")
     if n_pairs == 0:
         res.notes.append("No seed completed in both arms, so the right panel has no pairs.")
+    if note:
+        res.notes.append(note)
     return res
 
 
 # ---------------------------------------------------------------------------- 3. time-matched
 def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res = FigureResult(3, "time-matched", "Time-matched view")
-    epochs = epoch_frame(data, aset.selected["run_id"]) if not aset.selected.empty else pd.DataFrame()
+    sel, note = one_protocol(aset.selected, _breadth)
+    epochs = epoch_frame(data, sel["run_id"]) if not sel.empty else pd.DataFrame()
     need = {"valid_bpc", "train_time_s", "tokens_seen"}
     if epochs.empty or not need <= set(epochs.columns):
         res.missing = "No per-epoch metrics (valid BPC, training time, tokens seen) have been recorded yet."
@@ -253,13 +284,16 @@ def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res.caption = (f"Validation BPC after each epoch against cumulative training time (left) and tokens seen (right), "
                    f"one line per run ({n_runs} runs, {len(families)} families): at equal time the faster core "
                    "gets more updates.")
+    if note:
+        res.notes.append(note)
     return res
 
 
 # ---------------------------------------------------------------------------- 4. learning curves
 def figure_learning_curves(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res = FigureResult(4, "learning-curves", "Learning curves per family")
-    epochs = epoch_frame(data, aset.selected["run_id"]) if not aset.selected.empty else pd.DataFrame()
+    sel, note = one_protocol(aset.selected, _breadth)
+    epochs = epoch_frame(data, sel["run_id"]) if not sel.empty else pd.DataFrame()
     if epochs.empty or "valid_bpc" not in epochs:
         res.missing = "No per-epoch validation BPC has been recorded yet, so there are no learning curves."
         return res
@@ -289,6 +323,8 @@ def figure_learning_curves(data: StudyData, aset: AnalysisSet) -> FigureResult:
                    f"(dashed) per family, one panel per budget ({n_runs} runs).")
     if epochs["epoch"].nunique() < 2:
         res.notes.append("Every run has a single epoch so far, so the curves are single points.")
+    if note:
+        res.notes.append(note)
     return res
 
 
@@ -341,15 +377,19 @@ def hyperparameter_importance(trials: pd.DataFrame, params: list[str]) -> tuple[
     return pd.Series(rho, dtype=float).sort_values(ascending=False), "|Spearman rho| with BPC"
 
 
-def figure_search(data: StudyData) -> FigureResult:
+def figure_search(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res = FigureResult(5, "search", "Search diagnostics")
-    search = _plain(data.trials[data.trials["phase"] == "search"])
+    search = _plain(aset.trials[aset.trials["phase"] == "search"])
     if search.empty:
         res.missing = "No search-phase trial has been recorded, so there are no search diagnostics."
         return res
     done = search[(search["state"] == "completed") & np.isfinite(search["best_valid_bpc"].astype(float))]
+    n_not_learned = int((done["outcome"] == NOT_LEARNED).sum()) if "outcome" in done else 0
+    if n_not_learned:  # 15-700 BPC next to 1.5 would flatten every panel; they are listed under "Excluded runs"
+        done = done[done["outcome"] != NOT_LEARNED]
     if len(done) < MIN_SEARCH_TRIALS:
-        res.missing = (f"Only {len(done)} search trial{'s have' if len(done) != 1 else ' has'} completed (of "
+        res.missing = (f"Only {len(done)} search trial{'s have' if len(done) != 1 else ' has'} completed"
+                       f"{' and learned' if n_not_learned else ''} (of "
                        f"{len(search)} recorded); the search diagnostics need at least {MIN_SEARCH_TRIALS}.")
         return res
     done = done.sort_values("start_time", kind="stable").reset_index(drop=True)
@@ -400,7 +440,9 @@ def figure_search(data: StudyData) -> FigureResult:
     res.figure = fig
     res.caption = (f"Search phase: best validation BPC per completed trial with the running best, hyper-parameter "
                    f"importance ({method or 'n/a'}) and the top hyper-parameters against BPC ({len(done)} completed "
-                   f"trials; {n_pruned} pruned and {n_failed} failed not shown).")
+                   f"trials; {n_pruned} pruned, {n_failed} failed"
+                   + (f" and {n_not_learned} that completed without learning" if n_not_learned else "")
+                   + " not shown).")
     if len(done) < 10:
         res.notes.append(f"With {len(done)} completed trials the importances are indicative only.")
     if search["budget"].nunique() > 1:
@@ -451,7 +493,8 @@ def _plot_traces(ax, memories: dict, run: pd.Series, steps: int = 160, units: in
 
 def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res = FigureResult(6, "memory-timescales", "Memory timescales")
-    ts = timescale_frame(_plain(aset.selected)) if not aset.selected.empty else timescale_frame(aset.selected)
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (timescale_frame(r)["run_id"].nunique(), *_breadth(r)))
+    ts = timescale_frame(sel)
     if ts.empty:
         res.missing = ("No run has memory-timescale metrics yet (timescale_l{k}/step_change_l{k} are recorded for "
                        "evaluate and ablation trials after training).")
@@ -460,8 +503,7 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
     ts_at = ts[(ts["budget"] == budget) if pd.notna(budget) else ts["budget"].isna()]
     families = sorted_families(ts_at["family"])
     palette = family_palette(families)
-    at_runs = _plain(aset.selected)
-    at_runs = at_runs[at_runs["run_id"].isin(ts_at["run_id"])]
+    at_runs = sel[sel["run_id"].isin(ts_at["run_id"])]
     examples = _example_runs(at_runs) if data.client is not None else []
     traces = [(run, load_memories(data.client, run["run_id"])) for run in examples]
     traces = [(run, mem) for run, mem in traces if mem is not None and levels_of(mem)]
@@ -498,14 +540,16 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
     if ts["budget"].nunique() > 1:
         res.notes.append(f"Timescales are shown for one budget ({format_budget(budget)}) of "
                          f"{ts['budget'].nunique()}; the tables hold all budgets' numbers.")
+    if note:
+        res.notes.append(note)
     return res
 
 
 def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[FigureResult]:
-    aset = aset or analysis_set(data.trials)
+    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
     builders = (lambda: figure_parameter_matched(aset), lambda: figure_depth(aset),
                 lambda: figure_time_matched(data, aset), lambda: figure_learning_curves(data, aset),
-                lambda: figure_search(data), lambda: figure_timescales(data, aset))
+                lambda: figure_search(data, aset), lambda: figure_timescales(data, aset))
     out = []
     for number, build in enumerate(builders, start=1):
         try:
@@ -518,4 +562,4 @@ def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[Figure
 
 __all__ = ["FigureResult", "all_figures", "family_key", "family_palette", "figure_depth", "figure_learning_curves",
            "figure_parameter_matched", "figure_search", "figure_time_matched", "figure_timescales",
-           "hyperparameter_importance", "quiet"]
+           "hyperparameter_importance", "one_protocol", "quiet"]

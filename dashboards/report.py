@@ -19,9 +19,12 @@ import pandas as pd
 
 from dashboards.figures import FigureResult, all_figures
 from dashboards.load import STATES, StudyData
+from dashboards.outcome import EXCLUDED, FAILED, NOT_LEARNED, PRUNED
 from dashboards.stats import (
     MIN_SEEDS,
     TEST_NAME,
+    WELCH,
+    WELCH_NAME,
     AnalysisSet,
     analysis_set,
     arm_table,
@@ -112,7 +115,7 @@ class ReportFiles:
     logged_to: str | None = None  # parent run id the report was logged to
 
 
-def _runs_summary(data: StudyData) -> tuple[Table, list[str]]:
+def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]:
     counts = data.state_counts()
     rows = [[str(r["phase"]), *(str(int(r[s])) for s in STATES), str(int(r["total"]))] for _, r in counts.iterrows()]
     if len(counts):
@@ -128,32 +131,55 @@ def _runs_summary(data: StudyData) -> tuple[Table, list[str]]:
                          "every statistic below"
                          + (" (a run still marked running may also be one whose driver was killed)."
                             if n["running"] else "."))
+    judged = aset.trials
+    not_learned = judged[judged["outcome"] == NOT_LEARNED] if len(judged) else judged
+    if len(not_learned):
+        completed = int((not_learned["state"] == "completed").sum())
+        how = [f"{completed} completed with a BPC not below chance or not finite" if completed else "",
+               f"{len(not_learned) - completed} failed as diverged or not learning" if completed < len(not_learned)
+               else ""]
+        sentences.append(f"{len(not_learned)} run{'s' if len(not_learned) > 1 else ''} did not learn "
+                         f"({', '.join(h for h in how if h)}): excluded from every statistic and counted per arm.")
     if data.n_duplicates:
         sentences.append(f"{data.n_duplicates} duplicate trial run(s) with the same trial id were ignored.")
     return table, sentences
 
 
 def _arm_rows(arms: pd.DataFrame) -> Table:
-    rows = [[format_budget(r["budget"]), str(r["family"]), str(r["n_seeds"]), str(r["n_configs"]),
-             fmt_int(r["num_params"]), fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),
+    rows = [[str(r["protocol"]), format_budget(r["budget"]), str(r["family"]), str(r["n_seeds"]),
+             str(r["n_configs"]), fmt_int(r["num_params"]),
+             fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),
              fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_test"]), fmt_int(r["tokens_per_s"]),
-             fmt_seconds(r["train_time_s"])]
+             fmt_seconds(r["train_time_s"]), str(r["excluded"])]
             for _, r in arms.iterrows()]
     return Table("Per arm: mean and 95 % t-interval over seeds",
-                 ["budget", "family", "seeds", "configs", "parameters", "valid BPC [95 % CI]", "test BPC [95 % CI]",
-                  "tokens/s", "train time (s)"], rows,
-                 note="configs > 1: the arm is represented by its configuration with the lowest mean valid BPC.")
+                 ["protocol", "budget", "family", "seeds", "configs", "parameters", "valid BPC [95 % CI]",
+                  "test BPC [95 % CI]", "tokens/s", "train time (s)", "excluded runs"], rows,
+                 note="seeds: runs that learned in the arm's representative configuration. configs > 1: the arm is "
+                      "represented by a configuration in which every finished run learned, if any, then the lowest "
+                      "mean valid BPC. Excluded runs: of the arm's finished runs in this protocol, how many were left "
+                      "out and why (did not learn: diverged, or BPC not below chance).")
+
+
+def _seeds_cell(r: pd.Series) -> str:
+    if r["test"] == WELCH or (pd.isna(r["n_pairs"]) and r["n_other"]):
+        return f"{r['n_nested']} and {r['n_other']} seeds"
+    return f"{int(r['n_pairs'])} pairs" if pd.notna(r["n_pairs"]) else f"{r['n_nested']} and {r['n_other']} seeds"
 
 
 def _comparison_rows(comparisons: pd.DataFrame) -> Table:
     rows = []
     for _, r in comparisons.iterrows():
         mean, ci = fmt_signed_ci(r["diff_mean"], r["diff_low"], r["diff_high"])
-        rows.append([format_budget(r["budget"]), str(r["comparison"]), str(r["metric"]), str(r["n_pairs"]), mean, ci,
-                     f"{r['t']:.2f}" if np.isfinite(r["t"]) else "n/a", fmt_p(r["p"]), str(r["test"])])
-    return Table("Paired differences (nested - other; negative: the Nested LSTM is better)",
-                 ["budget", "comparison", "metric", "pairs", "mean diff", "95 % CI", "t", "p", "test"], rows,
-                 note=f"Test: {TEST_NAME} over the seeds completed in both arms; no correction for multiple "
+        rows.append([str(r["protocol"]), format_budget(r["budget"]), str(r["comparison"]), str(r["metric"]),
+                     str(r["test"]), _seeds_cell(r), mean, ci, f"{r['t']:.2f}" if np.isfinite(r["t"]) else "n/a",
+                     fmt_p(r["p"]), str(r["excluded"])])
+    return Table("Differences between arms of one protocol (nested - other; negative: the Nested LSTM is better)",
+                 ["protocol", "budget", "comparison", "metric", "test", "seeds", "mean diff", "95 % CI", "t", "p",
+                  "excluded runs"], rows,
+                 note=f"Test: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the seeds "
+                      f"are not truly paired and the test is {WELCH_NAME} over all seeds of both arms; none with "
+                      "fewer than 2 seeds a side or arms without a common protocol. No correction for multiple "
                       "comparisons.")
 
 
@@ -161,33 +187,47 @@ def _config_rows(configs: pd.DataFrame) -> Table | None:
     if configs.empty:
         return None
     factors = [c for c in configs.columns if c.startswith("factor.")]
-    headers = ["phase", "budget", "family", *(f.removeprefix("factor.") for f in factors), "config", "seeds",
-               "valid BPC [95 % CI]", "test BPC [95 % CI]", "represents its arm"]
-    rows = [[str(r["phase"]), format_budget(r["budget"]), str(r["family"]),
+    headers = ["protocol", "budget", "family", *(f.removeprefix("factor.") for f in factors), "config", "seeds",
+               "valid BPC [95 % CI]", "test BPC [95 % CI]", "excluded runs", "represents its arm"]
+    rows = [[str(r["protocol"]), format_budget(r["budget"]), str(r["family"]),
              *("" if pd.isna(r[f]) else str(r[f]) for f in factors), str(r["config_hash"])[:12], str(r["n_seeds"]),
              fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),
-             fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_seeds"]), "yes" if r["selected"] else ""]
+             fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_seeds"]), str(r["excluded"]),
+             "yes" if r["selected"] else ""]
             for _, r in configs.iterrows()]
     return Table("Every configuration of the analysed phases", headers, rows)
 
 
-def _failed_rows(data: StudyData) -> Table | None:
-    failed = data.trials[data.trials["state"] == "failed"]
-    if failed.empty:
+def excluded_frame(aset: AnalysisSet) -> pd.DataFrame:
+    """Runs left out of the statistics: every run that did not learn or failed (any phase), and the pruned runs of
+    the analysed phases (pruning is routine in a search)."""
+    columns = ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"]
+    trials = aset.trials
+    if trials.empty:
+        return pd.DataFrame(columns=columns)
+    keep = trials["outcome"].isin([NOT_LEARNED, FAILED]) | ((trials["outcome"] == PRUNED)
+                                                            & trials["phase"].isin(aset.phases))
+    return trials.loc[keep, columns].reset_index(drop=True)
+
+
+def _excluded_rows(excluded: pd.DataFrame) -> Table | None:
+    if excluded.empty:
         return None
-    rows = [[str(r["run_name"]), str(r["phase"]), str(r["family"]),
-             str(r["fail_reason"] if pd.notna(r["fail_reason"]) else f"MLflow status {r['mlflow_status']}")[:160]]
-            for _, r in failed.iterrows()]
-    return Table("Failed runs", ["run", "phase", "family", "reason"], rows)
+    rows = [[str(r["run_name"]), str(r["phase"]), format_budget(r["budget"]), str(r["family"]),
+             "" if pd.isna(r["seed"]) else str(r["seed"]), str(r["outcome"]), str(r["outcome_reason"])[:200]]
+            for _, r in excluded.iterrows()]
+    return Table("Excluded runs", ["run", "phase", "budget", "family", "seed", "outcome", "reason"], rows,
+                 note=f"Outcomes: {', '.join(EXCLUDED)}. None of these runs enters a mean, interval or test.")
 
 
 def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Report, dict[str, pd.DataFrame]]:
     """The document and the full-precision tables behind it."""
-    aset = aset or analysis_set(data.trials)
-    arms = arm_table(aset.selected)
-    comparisons = paired_comparisons(aset.selected, arms) if len(arms) else []
+    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
+    arms = arm_table(aset)
+    comparisons = paired_comparisons(aset, arms) if len(arms) else []
     comp_frame = comparison_table(comparisons)
-    configs = config_table(aset.runs, aset.selected)
+    configs = config_table(aset)
+    excluded = excluded_frame(aset)
     doc = Report(f"Study report: {data.name}")
     parent = data.parent or {}
     phases = ", ".join(data.phases_done) or "none yet"
@@ -197,26 +237,27 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
           + (f" Corpus: {parent['params']['corpus']}." if parent.get("params", {}).get("corpus") else ""))
 
     doc.h2("Runs")
-    runs_table, sentences = _runs_summary(data)
+    runs_table, sentences = _runs_summary(data, aset)
     doc.blocks.append(runs_table)
     doc.p(" ".join(sentences))
     doc.p(aset.note)
 
     doc.h2("Results per arm")
     if arms.empty:
-        doc.p("No arm has a completed run yet.")
+        doc.p("No arm has a finished run yet.")
     else:
         doc.blocks.append(_arm_rows(arms))
 
-    doc.h2("Nested vs stacked and single: paired by seed")
-    primary = "test_bpc" if any(c.metric == "test_bpc" and c.n for c in comparisons) else "best_valid_bpc"
+    doc.h2("Nested vs stacked and single, within one protocol")
+    primary = "test_bpc" if any(c.metric == "test_bpc" and c.n_nested for c in comparisons) else "best_valid_bpc"
     if not comparisons:
-        doc.p("There is no budget at which a Nested LSTM and a stacked or single-layer LSTM have both completed, so "
-              "nothing can be compared yet.")
+        doc.p("There is no budget at which a Nested LSTM and a stacked or single-layer LSTM have both finished runs, "
+              "so nothing can be compared yet.")
     else:
         doc.blocks.append(_comparison_rows(comp_frame))
-        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC; a winner is named only with at "
-              f"least {MIN_SEEDS} paired seeds and a 95 % interval of the difference that excludes 0):")
+        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC; a winner is named only when both "
+              f"arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the difference "
+              "that excludes 0, and no run of the winner's configuration that did not learn):")
         doc.ul([c.verdict for c in comparisons if c.metric == primary])
 
     doc.h2("Figures")
@@ -227,22 +268,28 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
     if config_rows is not None and len(configs) > len(arms):
         doc.h2("Configurations")
         doc.blocks.append(config_rows)
-    failed = _failed_rows(data)
-    if failed is not None:
-        doc.h2("Failed runs")
-        doc.blocks.append(failed)
+    excluded_table = _excluded_rows(excluded)
+    if excluded_table is not None:
+        doc.h2("Excluded runs")
+        doc.blocks.append(excluded_table)
 
     doc.h2("Methods")
     doc.ul([
         "An arm is a family (nlstm-dD: Nested LSTM of depth D; stacked-dD: D stacked layers; single-d1) at a "
         "parameter budget; the width of each was solved from the budget, and the achieved count is shown.",
-        "Means are over seeds; intervals are two-sided 95 % Student-t intervals, mean +- t(0.975, n-1) s / sqrt(n).",
-        f"Paired differences use the seeds completed in both arms; the test is the {TEST_NAME}.",
-        "Only completed runs enter the statistics; running, pruned and failed runs are counted above.",
+        "Only runs that learned enter the statistics: a run that diverged or failed, was pruned, or finished with a "
+        "valid or test BPC not below chance (the corpus's unigram entropy when recorded, else log2 of the vocabulary "
+        "size) is excluded and counted per arm; running runs are counted above.",
+        "A protocol is one phase's seeds and training budget; an arm (and its representative configuration) lives in "
+        "one protocol, and arms are compared only within the same protocol and budget.",
+        "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval).",
+        f"Differences: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the {WELCH_NAME} "
+        "over all their seeds, with its interval of the difference of means.",
         "Memory timescale: the first lag where a unit's autocorrelation drops below 1/e, averaged over units, and "
         "the mean |c_t - c_(t-1)|, both measured on held-out text after training (nlstm.analysis).",
     ])
-    frames = {"runs": data.state_counts(), "arms": arms, "comparisons": comp_frame, "configs": configs}
+    frames = {"runs": data.state_counts(), "arms": arms, "comparisons": comp_frame, "configs": configs,
+              "excluded": excluded}
     return doc, frames
 
 

@@ -36,7 +36,9 @@ TAG = "nlstm."
 # MLflow's sqlite store trips SQLAlchemy's "noload is deprecated" warning on first use (not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")
 CORPUS_OPTIONS = {"seed": 0, "train_chars": 8_000, "valid_chars": 1_000, "test_chars": 1_000}
-TRAIN = {"epochs": EPOCHS, "batch_size": 8, "bptt": 16, "lr": 2e-2, "patience": None, "max_steps_per_epoch": 4,
+# Enough steps that every run ends its first epoch well below the corpus's unigram entropy (4.47 bits; log2 of the
+# vocabulary is 5.09): runs that did not learn are excluded from the report's statistics.
+TRAIN = {"epochs": EPOCHS, "batch_size": 8, "bptt": 16, "lr": 5e-2, "patience": None, "max_steps_per_epoch": 60,
          "max_eval_tokens": 400}
 STUDY_YAML = f"""
 name: {STUDY}
@@ -49,7 +51,7 @@ budget: {BUDGET}
 search:
   space:
     arch: {{type: categorical, choices: [nlstm, stacked, single], balanced: true}}
-    lr: {{type: float, low: 3.0e-3, high: 3.0e-2, log: true}}
+    lr: {{type: float, low: 3.0e-2, high: 6.0e-2, log: true}}
   sampler: {{type: random, seed: 0}}
   scheduler: {{type: none}}
   num_samples: 3
@@ -157,7 +159,7 @@ def build_layout_store(root: Path) -> str:
         "corpus": "synthetic", "data_fingerprint": corpus.fingerprint, "metric": "valid_bpc", "sampler": "random",
         "scheduler": "none", "num_samples": 3}.items()])
     staging = root / "staging"
-    for arch, lr in (("nlstm", 1e-2), ("stacked", 1.5e-2), ("single", 1.2e-2)):
+    for arch, lr in (("nlstm", 3e-2), ("stacked", 4e-2), ("single", 5e-2)):
         log_trial(client, exp_id, pid, corpus, phase="search", arch=arch, depth=1 if arch == "single" else 2,
                   seed=0, lr=lr, epochs=1, staging=staging)
     client.set_tag(pid, TAG + "phase.search", "done")
@@ -296,17 +298,26 @@ def test_statistics_helpers_agree_with_scipy():
 
 
 def test_verdict_refuses_thin_evidence():
-    from dashboards.stats import Interval, verdict
+    from dashboards.stats import PAIRED, ArmRecord, Comparison, Interval, verdict
 
-    few = verdict("nlstm-d2", "stacked-d2", 1e6, "test BPC", Interval(-0.05, -0.09, -0.01, 2, 0.01), 0.04)
-    assert "too few paired seeds" in few and "no winner" in few
-    overlap = verdict("nlstm-d2", "stacked-d2", 1e6, "test BPC", Interval(-0.01, -0.03, 0.01, 5, 0.02), 0.3)
+    def say(n: int, diff: Interval, p: float, test: str = PAIRED, silent: bool = False, unstable: int = 0) -> str:
+        c = Comparison("ablation", 1e6, "nlstm-d2", "stacked-d2", "test_bpc", test, n, n, diff, math.nan, n - 1, p,
+                       "", "")
+        nested = ArmRecord("nlstm-d2", "ablation", 5, 0 if silent else 5, unstable, "none of 5")
+        return verdict(c, "test BPC", nested, ArmRecord("stacked-d2", "ablation", 5, 5, 0, "none of 5"))
+
+    few = say(2, Interval(-0.05, -0.09, -0.01, 2, 0.01), 0.04)
+    assert "too few seeds" in few and "no winner" in few
+    overlap = say(5, Interval(-0.01, -0.03, 0.01, 5, 0.02), 0.3)
     assert "includes 0" in overlap and "no winner" in overlap
-    none = verdict("nlstm-d2", "stacked-d2", 1e6, "test BPC", Interval(math.nan, math.nan, math.nan, 0, math.nan),
-                   math.nan)
+    none = say(0, Interval(math.nan, math.nan, math.nan, 0, math.nan), math.nan)
     assert "cannot be compared" in none
-    clear = verdict("nlstm-d2", "stacked-d2", 1e6, "test BPC", Interval(-0.05, -0.07, -0.03, 5, 0.01), 0.001)
+    clear = say(5, Interval(-0.05, -0.07, -0.03, 5, 0.01), 0.001)
     assert clear.startswith("nlstm-d2 has a lower test BPC than stacked-d2") and "paired t-test" in clear
+    assert clear.endswith("Runs excluded: nlstm-d2 none of 5; stacked-d2 none of 5.")
+    assert "did not learn in any" in say(0, Interval(math.nan, math.nan, math.nan, 0, math.nan), math.nan,
+                                         silent=True)
+    assert "no winner" in say(5, Interval(-0.05, -0.07, -0.03, 5, 0.01), 0.001, unstable=1)
 
 
 def expected_states(client) -> dict[str, int]:
@@ -346,6 +357,9 @@ def test_arm_table_matches_the_runs(report, client):
     arms = pd.read_csv(report / "tables" / "arms.csv")
     md_rows = md_table((report / "report.md").read_text(), "Per arm: mean and 95 % t-interval over seeds")
     assert len(arms) == len(md_rows) == 4  # nesting and stacking at depths 2 and 3
+    assert set(arms["protocol"]) == {"ablation"} and (arms["n_did_not_learn"] == 0).all()
+    entropy = _corpus().unigram_entropy_bits()  # the stricter bar, should a study record it: still cleared
+    assert (arms["valid_high"] < entropy).all() and (arms["test_high"] < entropy).all(), (entropy, arms)
     for (_, arm), row in zip(arms.iterrows(), md_rows, strict=True):
         runs = [r for r in completed_runs(client, family=arm["family"], config_hash=arm["config_hash"])
                 if r.data.tags["nlstm.phase"] in ("evaluate", "ablation")]
@@ -357,6 +371,8 @@ def test_arm_table_matches_the_runs(report, client):
                 (mean, low, high), abs=1e-9)
             assert row[cell] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"
         assert row["family"] == arm["family"] and row["budget"] == budget_label(arm["budget"])
+        still = "; 1 still running" if arm["family"] == "nlstm-d3" else ""  # the 4th seed: counted, not excluded
+        assert row["excluded runs"] == arm["excluded"] == f"none of {len(SEEDS)}{still}"
         assert row["parameters"] == f"{runs[0].data.metrics['num_params']:,.0f}"
         assert row["tokens/s"] == f"{np.mean([r.data.metrics['tokens_per_s'] for r in runs]):,.0f}"
 
@@ -366,7 +382,8 @@ def test_paired_differences_match_the_runs(report, client):
 
     md = (report / "report.md").read_text()
     arms = pd.read_csv(report / "tables" / "arms.csv")
-    rows = md_table(md, "Paired differences (nested - other; negative: the Nested LSTM is better)")
+    rows = md_table(md, "Differences between arms of one protocol (nested - other; negative: the Nested LSTM is "
+                        "better)")
     tested = [r for r in rows if r["metric"] == "test BPC"]
     assert {r["comparison"] for r in tested} == {"nlstm-d2 - stacked-d2", "nlstm-d3 - stacked-d3"}
     for row in tested:
@@ -378,7 +395,7 @@ def test_paired_differences_match_the_runs(report, client):
         seeds = sorted(set(per_seed[0]) & set(per_seed[1]))
         a, b = (np.array([d[s] for s in seeds]) for d in per_seed)
         mean, low, high = t_ci(a - b)
-        assert int(row["pairs"]) == len(seeds) == len(SEEDS)
+        assert row["seeds"] == f"{len(seeds)} pairs" and len(seeds) == len(SEEDS) and row["protocol"] == "ablation"
         assert row["mean diff"] == f"{mean:+.3f}" and row["95 % CI"] == f"[{low:+.3f}, {high:+.3f}]"
         assert row["p"] == f"{stats.ttest_rel(a, b).pvalue:.3g}" and row["test"] == "paired t-test"
         nested, other = row["comparison"].split(" - ")
@@ -395,6 +412,8 @@ def test_report_counts_unfinished_runs(report, client):
     assert {k: int(v) for k, v in row.items() if k != "phase"} == counts | {"total": sum(counts.values())}
     assert f"{counts['running']} running" in md and "left out of every statistic" in md
     assert "diverged: training loss became nan" in md  # the failed run's reason is listed
+    excluded = md_table(md, "Excluded runs")
+    assert [(r["phase"], r["outcome"]) for r in excluded] == [("search", "did not learn")]
 
 
 # ---------------------------------------------------------------------------- the documents
@@ -472,7 +491,7 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     search_only = dataclasses.replace(data, trials=data.trials[data.trials["phase"] == "search"].reset_index(drop=True))
     files = write_report(search_only, tmp_path / "search-only", log_to_parent=False)
     md = files.markdown.read_text()
-    assert "No evaluate or ablation runs have completed yet" in md
+    assert "No evaluate or ablation runs have finished yet" in md
     assert "Only one budget has completed runs" in md
     assert "No run has memory-timescale metrics yet" in md
     assert "no winner is declared" in md or "cannot be compared yet" in md  # search trials: one seed each
@@ -482,4 +501,4 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     files = write_report(empty, tmp_path / "empty", log_to_parent=False)
     md = files.markdown.read_text()
     assert files.figures == [] and md.count("_Not shown:_") == 6
-    assert "No arm has a completed run yet." in md and "could not be drawn" not in md
+    assert "No arm has a finished run yet." in md and "could not be drawn" not in md

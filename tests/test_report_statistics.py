@@ -1,0 +1,325 @@
+"""The report's statistics defend themselves: runs that did not learn, arms from different protocols, unpaired seeds.
+
+Each test writes a small study store straight into a temporary sqlite file with ``MlflowClient`` in the
+layout of ``docs/mlflow-layout.md`` (no training: the BPC values are chosen to make each case clear),
+then renders the report with ``dashboards.report.write_report`` and reads back ``report.md`` and the CSV
+tables. Expected numbers are recomputed here with scipy from the values logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")
+STUDY = "stats-study"
+VOCAB = 50  # log2(50) = 5.64 bits: uniform guessing
+BUDGET = 20_000
+EMBEDDING = 16
+TAG = "nlstm."
+
+
+@dataclass
+class FakeRun:
+    """One trial run as the study records it; its numbers are given, not trained."""
+
+    phase: str
+    arch: str
+    depth: int
+    seed: int
+    valid: float
+    test: float | None = None
+    lr: float = 2e-3
+    epochs: int = 4
+    state: str = "completed"  # completed | failed | running
+    reason: str = ""
+    extra: dict = field(default_factory=dict)  # more params (e.g. unigram_entropy_bits)
+
+    @property
+    def family(self) -> str:
+        return f"{self.arch}-d{self.depth}"
+
+    @property
+    def config(self) -> dict:
+        return {"arch": self.arch, "depth": self.depth, "budget": BUDGET, "lr": self.lr, "epochs": self.epochs}
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow sqlite file: creating one runs MLflow's migrations (seconds), copying it not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = None, template: Path | None = None) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from nlstm.params import width_for_budget
+
+    if template is not None:
+        shutil.copyfile(template, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(STUDY, artifact_location=(root / "mlruns").as_uri())
+    pid = client.create_run(exp, run_name=STUDY, tags={TAG + "kind": "study", TAG + "study": STUDY}).info.run_id
+    client.log_batch(pid, params=[Param(k, str(v)) for k, v in ({"corpus": "ptb", "metric": "valid_bpc"}
+                                                               | (parent_params or {})).items()])
+    config_runs: dict[tuple[str, str], str] = {}
+    now = int(time.time() * 1000)
+    for run in runs:
+        parent = pid
+        if run.phase != "search":
+            key = (run.phase, run.config_hash)
+            if key not in config_runs:
+                config_runs[key] = client.create_run(exp, run_name=f"{run.phase}-{run.family}", tags={
+                    "mlflow.parentRunId": pid, TAG + "kind": "config", TAG + "phase": run.phase,
+                    TAG + "config_hash": run.config_hash, TAG + "arch": run.arch, TAG + "depth": str(run.depth),
+                    TAG + "family": run.family}).info.run_id
+            parent = config_runs[key]
+        trial_id = f"{run.phase}-{run.config_hash}-s{run.seed}"
+        rid = client.create_run(exp, run_name=trial_id, tags={
+            "mlflow.parentRunId": parent, TAG + "kind": "trial", TAG + "phase": run.phase, TAG + "study": STUDY,
+            TAG + "arch": run.arch, TAG + "depth": str(run.depth), TAG + "family": run.family,
+            TAG + "config_hash": run.config_hash, TAG + "seed": str(run.seed), TAG + "trial_id": trial_id,
+            TAG + "status": "running"}).info.run_id
+        sol = width_for_budget(run.arch, run.depth, BUDGET, VOCAB, EMBEDDING)
+        params = run.config | {"width": sol.width, "embedding_dim": sol.embedding_dim, "num_params": sol.params,
+                               "seed": run.seed} | run.extra
+        curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
+        metrics = [Metric(k, v, now + e, e) for e, bpc in enumerate(curve, start=1) for k, v in (
+            ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", 10.0 * e), ("tokens_seen", 1e4 * e),
+            ("tokens_per_s", 1000.0))]
+        tags = [RunTag(TAG + "status", run.state)]
+        if run.state == "failed":
+            tags.append(RunTag(TAG + "fail_reason", run.reason))
+            metrics = metrics[:5]
+        elif run.state == "completed":
+            final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs}
+            if run.test is not None:
+                final["test_bpc"] = run.test
+            metrics += [Metric(k, float(v), now + 100, 0) for k, v in final.items()]
+        else:
+            tags = []
+        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
+        if run.state != "running":
+            client.set_terminated(rid, {"completed": "FINISHED", "failed": "FAILED"}[run.state])
+    for phase in sorted({r.phase for r in runs}):
+        client.set_tag(pid, f"{TAG}phase.{phase}", "done")
+    client.set_terminated(pid, "FINISHED")
+    return uri
+
+
+def render(root: Path, runs: list[FakeRun], template: Path, parent_params: dict | None = None):
+    """(report.md text, arms.csv, comparisons.csv) of a store holding ``runs``."""
+    from dashboards import load_study
+    from dashboards.report import write_report
+
+    uri = make_store(root, runs, parent_params, template)
+    files = write_report(load_study(STUDY, uri), root / "report", log_to_parent=False)
+    tables = root / "report" / "tables"
+    assert "could not be drawn" not in files.markdown.read_text()  # the figures cope with every case too
+    return files.markdown.read_text(), pd.read_csv(tables / "arms.csv"), pd.read_csv(tables / "comparisons.csv")
+
+
+def verdicts(md: str) -> list[str]:
+    section = md.split("## Nested vs stacked and single", 1)[1].split("\n## ", 1)[0]
+    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+
+
+def noise(seed: int, scale: float = 0.01) -> float:
+    return float(np.random.default_rng(seed).normal(0.0, scale))
+
+
+# ---------------------------------------------------------------------------- did not learn (issue 8, item 7)
+def test_arms_that_did_not_learn_name_no_winner(tmp_path, empty_db):
+    """lr far too high: every run 'completes' at 15-700 BPC (chance: 5.64); nested is consistently 'better'."""
+    level = {"nlstm": 15.0, "stacked": 300.0, "single": 700.0}
+    runs = [FakeRun("evaluate", arch, 1 if arch == "single" else 2, seed, valid=level[arch] + seed,
+                    test=level[arch] + seed + 0.5, lr=50.0)
+            for arch in level for seed in (1, 2, 3, 4, 5)]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    said = verdicts(md)
+    assert said and not any(" has a lower " in v for v in said), said
+    assert all("did not learn" in v and "no winner" in v for v in said), said
+    assert all("5 of 5 (5 did not learn)" in v for v in said), said  # both arms' exclusions, in every verdict
+    assert set(arms["family"]) == {"nlstm-d2", "stacked-d2", "single-d1"}
+    assert (arms["n_did_not_learn"] == 5).all() and (arms["n_seeds"] == 0).all() and arms["valid_mean"].isna().all()
+    assert (comparisons["test"] == "none").all() and comparisons["p"].isna().all()
+    excluded = md.split("**Excluded runs**", 1)[1]
+    assert len(re.findall(r"^\| evaluate-", excluded, flags=re.M)) == 15
+    assert "valid BPC 16.000 is not below chance, 5.644 (log2(vocabulary 50, from the parameter count))" in excluded
+
+
+def test_one_arm_did_not_learn_in_some_seeds(tmp_path, empty_db):
+    """The apparent winner diverged in 2 of 5 seeds: its survivors are a biased sample, so no winner."""
+    runs = [FakeRun("evaluate", "stacked", 2, s, valid=1.60 + noise(s), test=1.62 + noise(s)) for s in range(1, 6)]
+    runs += [FakeRun("evaluate", "nlstm", 2, s, valid=1.40 + noise(s + 10), test=1.42 + noise(s + 10))
+             for s in (1, 2, 3)]
+    runs += [FakeRun("evaluate", "nlstm", 2, 4, valid=9.0, test=9.1),  # worse than uniform guessing
+             FakeRun("evaluate", "nlstm", 2, 5, valid=math.nan, state="failed",
+                     reason="did not learn: valid BPC 5.70 after epoch 1 is not below the unigram entropy 4.40")]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    nested = arms.set_index("family").loc["nlstm-d2"]
+    assert (nested["n_seeds"], nested["n_did_not_learn"], nested["excluded"]) == (3, 2, "2 of 5 (2 did not learn)")
+    said = verdicts(md)
+    assert len(said) == 1 and "no winner" in said[0] and "did not learn in 2 of" in said[0], said
+    assert "nlstm-d2 2 of 5 (2 did not learn)" in said[0] and "stacked-d2 none of 5" in said[0]
+
+
+def test_recorded_entropy_is_the_bar(tmp_path, empty_db):
+    """A run below log2(V) but not below the recorded unigram entropy did not learn."""
+    entropy = {"unigram_entropy_bits": 4.4}
+    runs = [FakeRun("evaluate", arch, 2, s, valid=v + noise(s), test=v + noise(s), extra=entropy)
+            for arch, v in (("nlstm", 4.6), ("stacked", 1.5)) for s in (1, 2, 3)]
+    md, arms, _ = render(tmp_path, runs, empty_db)
+    assert arms.set_index("family").loc["nlstm-d2", "n_did_not_learn"] == 3
+    assert "not below chance, 4.400 (unigram entropy)" in md
+    assert not any(" has a lower " in v for v in verdicts(md))
+
+
+# ---------------------------------------------------------------------------- one protocol (issue 8, item 8)
+def test_arms_are_compared_within_one_protocol(tmp_path, empty_db):
+    """nested's best config is in evaluate (seeds 1-5), stacked's in ablation (seeds 11-13): never paired across."""
+    runs = [FakeRun("evaluate", "nlstm", 2, s, valid=1.40 + noise(s), test=1.41 + noise(s), epochs=6)
+            for s in range(1, 6)]
+    runs += [FakeRun("evaluate", "stacked", 2, s, valid=1.60 + noise(s + 20), test=1.61 + noise(s + 20), epochs=6)
+             for s in range(1, 6)]
+    runs += [FakeRun("ablation", "nlstm", 2, s, valid=1.50 + noise(s + 40), test=1.52 + noise(s + 40), epochs=3)
+             for s in (11, 12, 13)]
+    runs += [FakeRun("ablation", "stacked", 2, s, valid=1.30 + noise(s + 60), test=1.33 + noise(s + 60), epochs=3)
+             for s in (11, 12, 13)]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    assert sorted(zip(arms["protocol"], arms["family"], arms["n_seeds"], strict=True)) == [
+        ("ablation", "nlstm-d2", 3), ("ablation", "stacked-d2", 3), ("evaluate", "nlstm-d2", 5),
+        ("evaluate", "stacked-d2", 5)]
+    test_rows = comparisons[comparisons["metric"] == "test BPC"].set_index("protocol")
+    assert set(test_rows.index) == {"evaluate", "ablation"}
+    assert (test_rows["test"] == "paired t-test").all()
+    assert test_rows.loc["evaluate", "n_pairs"] == 5 and test_rows.loc["ablation", "n_pairs"] == 3
+    for phase, seeds in (("evaluate", range(1, 6)), ("ablation", (11, 12, 13))):
+        a = [next(r.test for r in runs if r.phase == phase and r.arch == "nlstm" and r.seed == s) for s in seeds]
+        b = [next(r.test for r in runs if r.phase == phase and r.arch == "stacked" and r.seed == s) for s in seeds]
+        res = stats.ttest_rel(a, b)
+        low, high = res.confidence_interval(0.95)
+        assert test_rows.loc[phase, "p"] == pytest.approx(res.pvalue, rel=1e-9)
+        assert (test_rows.loc[phase, "diff_low"], test_rows.loc[phase, "diff_high"]) == pytest.approx((low, high))
+    assert "Note: Shows the evaluate protocol only; the runs of the ablation protocol" in md  # figures do not mix
+    said = verdicts(md)
+    assert any(v.startswith('nlstm-d2 has a lower test BPC than stacked-d2 at budget 20k in protocol "evaluate"')
+               for v in said), said
+    assert any(v.startswith('stacked-d2 has a lower test BPC than nlstm-d2 at budget 20k in protocol "ablation"')
+               for v in said), said
+
+
+def test_arms_without_a_common_protocol_are_not_compared(tmp_path, empty_db):
+    runs = [FakeRun("evaluate", "nlstm", 2, s, valid=1.40 + noise(s), test=1.41 + noise(s)) for s in range(1, 6)]
+    runs += [FakeRun("ablation", "stacked", 2, s, valid=1.60 + noise(s), test=1.61 + noise(s))
+             for s in (11, 12, 13)]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    said = verdicts(md)
+    assert said and all("not run under a common protocol" in v and "no winner" in v for v in said), said
+    assert (comparisons["test"] == "none").all()
+
+
+def test_unpaired_seeds_use_welch(tmp_path, empty_db):
+    """Two of stacked's seeds failed: the seed sets differ, so Welch's test over all seeds, not a pairing."""
+    nested = {s: 1.40 + noise(s, 0.03) for s in range(1, 6)}
+    stacked = {s: 1.55 + noise(s + 30, 0.03) for s in (1, 2, 3)}
+    runs = [FakeRun("evaluate", "nlstm", 2, s, valid=v, test=v + 0.01) for s, v in nested.items()]
+    runs += [FakeRun("evaluate", "stacked", 2, s, valid=v, test=v + 0.01) for s, v in stacked.items()]
+    runs += [FakeRun("evaluate", "stacked", 2, s, valid=math.nan, state="failed",
+                     reason="ModuleNotFoundError: No module named 'nlstm'") for s in (4, 5)]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    row = comparisons[comparisons["metric"] == "test BPC"].iloc[0]
+    a, b = [v + 0.01 for v in nested.values()], [v + 0.01 for v in stacked.values()]
+    res = stats.ttest_ind(a, b, equal_var=False)
+    low, high = res.confidence_interval(0.95)
+    assert row["test"] == "Welch's t-test" and (row["n_nested"], row["n_other"]) == (5, 3)
+    assert pd.isna(row["n_pairs"])
+    assert row["p"] == pytest.approx(res.pvalue, rel=1e-9) and row["df"] == pytest.approx(res.df, rel=1e-9)
+    assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
+    assert row["excluded"] == "nlstm-d2: none of 5; stacked-d2: 2 of 5 (2 failed)"
+    md_row = next(r for r in md.splitlines() if r.startswith("| evaluate |") and "| test BPC |" in r)
+    assert "| Welch's t-test |" in md_row and "| 5 and 3 seeds |" in md_row
+    said = verdicts(md)
+    assert said[0].startswith("nlstm-d2 has a lower test BPC than stacked-d2") and "Welch's t-test" in said[0]
+    assert "stacked-d2 2 of 5 (2 failed)" in said[0]
+    assert arms.set_index("family").loc["stacked-d2", "excluded"] == "2 of 5 (2 failed)"
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_vocabulary_is_solved_exactly_from_the_parameter_count():
+    from dashboards.outcome import vocab_from_parameter_count
+    from nlstm.params import width_for_budget
+
+    for arch, depth, vocab, emb in (("nlstm", 3, 50, 16), ("stacked", 2, 27, 8), ("single", 1, 205, None)):
+        sol = width_for_budget(arch, depth, 30_000, vocab, emb)
+        assert vocab_from_parameter_count(arch, depth, sol.width, sol.embedding_dim, sol.params) == vocab
+        assert vocab_from_parameter_count(arch, depth, sol.width, sol.embedding_dim, sol.params + 1) is None
+
+
+def test_outcomes_follow_status_reason_and_bar():
+    from dashboards.outcome import classify_runs
+
+    trials = pd.DataFrame({
+        "state": ["completed", "completed", "failed", "failed", "failed", "pruned", "running", "completed"],
+        "fail_reason": [None, None, "diverged: training loss became nan at epoch 1", "did not learn: 5.9 >= 4.4",
+                        "ModuleNotFoundError: nlstm", None, None, None],
+        "mlflow_status": ["FINISHED"] * 8,
+        "best_valid_bpc": [1.5, 5.0, math.nan, math.nan, math.nan, 2.0, math.nan, 1.2],
+        "test_bpc": [1.6, 4.0, math.nan, math.nan, math.nan, math.nan, math.nan, math.inf],
+        "vocab_size": [32] * 8})  # log2(32) = 5
+    out = classify_runs(trials, {"unigram_entropy_bits": "4.5"})
+    assert list(out["outcome"]) == ["learned", "did not learn", "did not learn", "did not learn", "failed",
+                                    "pruned", "running", "did not learn"]
+    assert (out["chance_bpc"] == 4.5).all() and (out["chance_source"] == "unigram entropy").all()
+    assert "valid BPC 5.000 is not below chance, 4.500" in out.loc[1, "outcome_reason"]
+    assert (classify_runs(trials)["chance_bpc"] == 5.0).all()  # no entropy recorded: log2(vocab_size)
+
+
+def test_a_phase_with_two_training_budgets_is_two_protocols():
+    from dashboards.stats import with_protocol
+
+    runs = pd.DataFrame({"phase": ["evaluate", "evaluate", "ablation", "ablation", "ablation", "ablation"],
+                         "epochs": [50, None, 10, 20, 20, None]})  # None: failed before its params were logged
+    assert list(with_protocol(runs)["protocol"]) == ["evaluate", "evaluate", "ablation, epochs 10",
+                                                     "ablation, epochs 20", "ablation, epochs 20",
+                                                     "ablation, epochs unknown"]
+
+
+def test_representative_configuration_is_one_whose_runs_all_learned(tmp_path, empty_db):
+    """Of two configurations of nlstm-d2, the lower mean valid BPC comes from one that diverged in a seed."""
+    seeds = (1, 2, 3, 4)
+    runs = [FakeRun("evaluate", "nlstm", 2, s, valid=1.40 + noise(s), test=1.41, lr=1e-2) for s in seeds[:3]]
+    runs += [FakeRun("evaluate", "nlstm", 2, 4, valid=math.nan, lr=1e-2, state="failed",
+                     reason="diverged: training loss became inf at epoch 3")]
+    runs += [FakeRun("evaluate", "nlstm", 2, s, valid=1.45 + noise(s + 5), test=1.46, lr=2e-3) for s in seeds]
+    runs += [FakeRun("evaluate", "stacked", 2, s, valid=1.60 + noise(s + 9), test=1.61) for s in seeds]
+    md, arms, comparisons = render(tmp_path, runs, empty_db)
+    nested = arms.set_index("family").loc["nlstm-d2"]
+    stable = next(r.config_hash for r in runs if r.lr == 2e-3)
+    assert nested["config_hash"] == stable and nested["n_configs"] == 2 and nested["n_seeds"] == 4
+    assert nested["excluded"] == "1 of 8 (1 did not learn)"
+    configs = pd.read_csv(tmp_path / "report" / "tables" / "configs.csv").set_index("config_hash")
+    assert configs.loc[stable, "selected"] and configs.loc[stable, "excluded"] == "none of 4"
+    assert comparisons[comparisons["metric"] == "test BPC"]["test"].tolist() == ["paired t-test"]
+    assert "**Every configuration of the analysed phases**" in md
