@@ -139,7 +139,8 @@ def load_study(name: str, tracking_uri: str, histories: bool = True) -> StudyDat
     if parents:
         p = parents[-1]
         parent = {"run_id": p.info.run_id, "status": p.info.status, "tags": dict(p.data.tags),
-                  "params": dict(p.data.params), "start_time": _timestamp(p.info.start_time)}
+                  "params": dict(p.data.params), "start_time": _timestamp(p.info.start_time),
+                  "end_time": _timestamp(p.info.end_time)}
     configs = pd.DataFrame([_config_row(r) for r in kinds["config"]])
     trials, param_names = _trial_frame(kinds["trial"], configs)
     before = len(trials)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dashboards.efficiency import study_efficiency
 from dashboards.figures import FigureResult, all_figures
 from dashboards.load import STATES, StudyData
 from dashboards.outcome import EXCLUDED, FAILED, NOT_LEARNED, PRUNED
@@ -142,6 +143,9 @@ def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]
                          f"({', '.join(h for h in how if h)}): excluded from every statistic and counted per arm.")
     if data.n_duplicates:
         sentences.append(f"{data.n_duplicates} duplicate trial run(s) with the same trial id were ignored.")
+    efficiency = study_efficiency(data.parent, data.trials)
+    if efficiency is not None:
+        sentences.append(efficiency.sentence())
     return table, sentences
 
 

@@ -313,7 +313,8 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
                                          "source": corpus.source, "source_sha256": corpus.checksums,
                                          "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
                                                     "test": len(corpus.test)}}})
-        params = {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "metric": "valid_bpc",
+        params = {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
+                  "metric": "valid_bpc",
                   "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
                   "num_samples": num_samples(spec) if spec.search else 0}
         tracker.open(restart=args.restart, environment=env, data_params=params)
@@ -325,6 +326,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if [p for p in setup.phases if not tracker.phase_done(p)]:
             started_ray = start_ray(args) or started_ray
             concurrency = trial_concurrency(args, cpus, gpus)
+        tracker.client.set_tag(tracker.parent_run_id, "nlstm.trial_slots", str(concurrency))  # for the efficiency
         handle_signals(signal_reasons)  # again: ray.init replaced it
         driver.write()  # after Ray started: its processes are this driver's children
         print(f"study {spec.name}: {' -> '.join(setup.phases)}; {concurrency} trial(s) at a time, "
