@@ -187,6 +187,8 @@ def _state(run: Run) -> str:
     tag = run.data.tags.get(TAG + "status")
     if tag in ("completed", "pruned", "failed"):
         return tag
+    if tag == "interrupted":  # its driver was stopped; a rerun of the study continues it
+        return "running"
     if run.info.status in ("RUNNING", "SCHEDULED"):
         return "running"
     if run.info.status in ("FAILED", "KILLED"):

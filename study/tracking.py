@@ -38,7 +38,8 @@ from study.store import open_client
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
 PACKAGES = ("nlstm", "torch", "numpy", "ray", "optuna", "mlflow", "pandas", "pydantic", "PyYAML")
-MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+# A pruned trial ended as its scheduler meant it to: FINISHED, so MLflow's UI does not show it as a failure.
+MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
 EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
 MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
@@ -249,8 +250,8 @@ class TrialRun:
                 RunTag("nlstm.status", "failed"),
                 RunTag("nlstm.fail_reason", "superseded: the resumed study sampled this trial again differently")])
             client.set_terminated(run.info.run_id, status="FAILED")
-        run = client.create_run(experiment_id, run_name=key, tags=tags | {"nlstm.trial_id": key,
-                                                                          "nlstm.status": "running"})
+        run = client.create_run(experiment_id, run_name=trial_run_name(key, tags),
+                                tags=tags | {"nlstm.trial_id": key, "nlstm.status": "running"})
         client.log_batch(run.info.run_id, params=_params(params))
         return cls(client, client.get_run(run.info.run_id))
 
@@ -325,7 +326,7 @@ class TrackingCallback(tune.Callback):
         self.client.log_batch(run.info.run_id, metrics=[
             Metric(k, float(v), ts, 0) for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)],
             tags=[RunTag("nlstm.status", "pruned")])
-        self.client.set_terminated(run.info.run_id, status="KILLED")
+        self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["pruned"])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._run(trial)
@@ -343,6 +344,19 @@ class TrackingCallback(tune.Callback):
                 "nlstm.study": self.study, "nlstm.trial_id": key})
         self.client.log_batch(run.info.run_id, tags=tags)
         self.client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def trial_run_name(key: str, tags: dict[str, str]) -> str:
+    """A run name that says what the run is, in the UI's narrow column: ``search-0003-nlstm-d2``,
+    ``evaluate-nlstm-d2-s1-3fa2c1`` (the config hash's start tells two configurations of one
+    family apart). The run's identity is its ``nlstm.trial_id`` tag, never its name."""
+    family = tags.get("nlstm.family")
+    if not family:
+        return key
+    if key.startswith("search-"):
+        return f"{key}-{family}"
+    phase, seed, config = tags.get("nlstm.phase", ""), tags.get("nlstm.seed", ""), tags.get("nlstm.config_hash", "")
+    return f"{phase}-{family}-s{seed}-{config[:6]}" if phase and seed else key
 
 
 def trial_key_of(config: dict[str, Any]) -> str | None:

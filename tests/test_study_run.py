@@ -87,6 +87,7 @@ ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.tags["nlstm.status"] == "completed" and r.info.status == "FINISHED"
         assert r.data.tags["nlstm.seed"] == "0" and r.data.tags["nlstm.family"].endswith("-d2")
+        assert r.info.run_name == f"{r.data.tags['nlstm.trial_id']}-{r.data.tags['nlstm.family']}"
         p = r.data.params
         assert {"lr", "arch", "budget", "width", "embedding_dim", "num_params", "epochs", "seed", "bptt"} <= set(p)
         assert p["budget"] == "3000" and abs(int(p["num_params"]) - 3000) / 3000 < 0.05
@@ -99,6 +100,8 @@ ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
     (ev_trial,) = kind(runs, "trial", "evaluate")
     assert ev_trial.data.tags["mlflow.parentRunId"] == ev_config.info.run_id
     assert ev_trial.data.tags["nlstm.seed"] == "1"
+    family, config = ev_trial.data.tags["nlstm.family"], ev_trial.data.tags["nlstm.config_hash"]
+    assert ev_trial.info.run_name == f"evaluate-{family}-s1-{config[:6]}"
     assert ev_trial.data.tags["nlstm.config_hash"] == ev_config.data.tags["nlstm.config_hash"]
     metrics = ev_trial.data.metrics
     assert {"test_bpc", "timescale_l0", "timescale_l1", "step_change_l0", "step_change_l1"} <= set(metrics)
@@ -177,6 +180,8 @@ search:
             assert t.value == pytest.approx(best.data.metrics["best_valid_bpc"])
         else:  # stopped early: PRUNED, with every value it reported, the last one included
             assert t.state == optuna.trial.TrialState.PRUNED, (key, t)
+            run = next(r for r in kind(runs, "trial") if r.data.tags["nlstm.trial_id"] == key)
+            assert run.info.status == "FINISHED"  # not shown as a failure in MLflow's UI
             assert sorted(t.intermediate_values) == logged[key] and len(logged[key]) < 3
             assert t.intermediate_values[logged[key][-1]] > trials["search-0000"].value
 
