@@ -34,6 +34,7 @@ from dashboards.stats import (
     format_budget,
     paired_comparisons,
 )
+from dashboards.tables import trials_table
 
 FIGURE_DPI = 110
 
@@ -292,8 +293,8 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "Memory timescale: the first lag where a unit's autocorrelation drops below 1/e, averaged over units, and "
         "the mean |c_t - c_(t-1)|, both measured on held-out text after training (nlstm.analysis).",
     ])
-    frames = {"runs": data.state_counts(), "arms": arms, "comparisons": comp_frame, "configs": configs,
-              "excluded": excluded}
+    frames = {"trials": trials_table(aset.trials, data.param_names), "runs": data.state_counts(), "arms": arms,
+              "comparisons": comp_frame, "configs": configs, "excluded": excluded}
     return doc, frames
 
 

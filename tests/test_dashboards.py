@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -502,3 +503,21 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     md = files.markdown.read_text()
     assert files.figures == [] and md.count("_Not shown:_") == 6
     assert "No arm has a finished run yet." in md and "could not be drawn" not in md
+
+
+def test_trials_csv_has_one_row_per_trial_run_with_the_documented_columns(report, client):
+    trials = pd.read_csv(report / "tables" / "trials.csv")
+    required = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "status", "valid_bpc",
+                "test_bpc", "train_time_s", "tokens_per_s"]
+    assert set(required) <= set(trials.columns)
+    exp = client.get_experiment_by_name(STUDY)
+    runs = list(client.search_runs([exp.experiment_id], "tags.`nlstm.kind` = 'trial'", max_results=1000))
+    assert len(trials) == len(runs) and set(trials["run_id"]) == {r.info.run_id for r in runs}
+    text = pd.read_csv(report / "tables" / "trials.csv", dtype=str, keep_default_na=False)
+    for column in ("depth", "budget", "num_params", "seed"):  # integers as integers, not 20000.0
+        assert text[column].str.fullmatch(r"\d*").all(), (column, text[column].tolist())
+    for r in runs:
+        row = trials[trials["run_id"] == r.info.run_id].iloc[0]
+        assert row["family"] == r.data.tags["nlstm.family"] and row["status"] == r.data.tags["nlstm.status"]
+        if "best_valid_bpc" in r.data.metrics:
+            assert row["valid_bpc"] == pytest.approx(r.data.metrics["best_valid_bpc"])
