@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
 
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
 from dashboards.outcome import NOT_LEARNED
@@ -277,6 +277,9 @@ def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
             ax.set_xlabel(label)
             ax.set_ylabel("valid BPC")
             ax.grid(True, alpha=0.3)
+    # Token counts in the hundreds of thousands ran into each other as plain integers: 100k, 1.5M.
+    axes[1].xaxis.set_major_locator(MaxNLocator(5))
+    axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
     if axes[-1].get_legend() is not None:
         sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     n_runs = epochs["run_id"].nunique()
@@ -471,19 +474,18 @@ def _example_runs(at: pd.DataFrame) -> list[pd.Series]:
 def _plot_traces(ax, memories: dict, run: pd.Series, steps: int = 160, units: int = 3) -> None:
     levels = levels_of(memories)
     what = "level" if run["arch"] == "nlstm" else "layer"
-    offset = 0.0
     colors = sns.color_palette("viridis", len(levels))
+    offsets = [-2.4 * k for k in range(len(levels))]  # one band per level, top to bottom
     for k, trace in enumerate(levels):
         trace = trace[:steps, :units]
         span = float(np.nanmax(np.abs(trace))) or 1.0
         for u in range(trace.shape[1]):
-            ax.plot(trace[:, u] / span + offset, color=colors[k], lw=0.9, alpha=0.9,
-                    label=f"{what} {k}" if u == 0 else None)
-        offset -= 2.4
-    ax.set_yticks([])
+            ax.plot(trace[:, u] / span + offsets[k], color=colors[k], lw=0.9, alpha=0.9)
+    # Each band is named on the y axis: a legend inside the axes covered the traces.
+    ax.set_yticks(offsets, [f"{what} {k}" for k in range(len(levels))], fontsize=8)
+    ax.tick_params(axis="y", length=0)
     ax.set_xlabel("character position in held-out text")
     ax.set_title(f"{run['family']} seed {int(run['seed'])}: {units} units per {what} (each scaled)", fontsize=9)
-    ax.legend(frameon=False, fontsize=7, loc="upper right")
     text = memories.get("text")
     text = "" if text is None else ("".join(map(str, np.ravel(text))) if np.ndim(text) else str(text))
     if text:

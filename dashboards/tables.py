@@ -23,7 +23,8 @@ INTEGERS = ["depth", "budget", "num_params", "seed", "epochs_run", "dependency_l
 
 def trials_table(judged: pd.DataFrame, hyper_parameters: list[str] | None = None) -> pd.DataFrame:
     """The judged trial runs (``dashboards.outcome.classify_runs``) as the tidy per-run table."""
-    frame = judged.rename(columns={"best_valid_bpc": "valid_bpc"}).copy()
+    # "valid_bpc" here is the run's best, not the last epoch's (the per-epoch metric of the same name).
+    frame = judged.drop(columns=["valid_bpc"], errors="ignore").rename(columns={"best_valid_bpc": "valid_bpc"})
     frame["status"] = frame.get("state")
     varying = [c for c in (hyper_parameters or []) if c in frame and c not in IDENTITY + RESULTS + PROBE
                and frame[c].nunique(dropna=True) > 1]

@@ -509,7 +509,7 @@ def test_trials_csv_has_one_row_per_trial_run_with_the_documented_columns(report
     trials = pd.read_csv(report / "tables" / "trials.csv")
     required = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "status", "valid_bpc",
                 "test_bpc", "train_time_s", "tokens_per_s"]
-    assert set(required) <= set(trials.columns)
+    assert set(required) <= set(trials.columns) and trials.columns.is_unique, list(trials.columns)
     exp = client.get_experiment_by_name(STUDY)
     runs = list(client.search_runs([exp.experiment_id], "tags.`nlstm.kind` = 'trial'", max_results=1000))
     assert len(trials) == len(runs) and set(trials["run_id"]) == {r.info.run_id for r in runs}
