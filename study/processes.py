@@ -19,22 +19,24 @@ from typing import Any
 PROC = Path("/proc")
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (which is in parentheses and may hold spaces)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after its ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def descendants(root: int) -> list[tuple[int, int]]:

@@ -11,18 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_study_spec import ABLATION, BASE, REPO
 
 from nlstm.params import width_for_budget
 from study.plan import check_budgets, minimum_budget
 from study.spec import MAX_YAML_VALUES, SpecError, load_spec
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = """\
-name: t
-data: {corpus: synthetic, options: {train_chars: 3000, valid_chars: 500, test_chars: 500}}
-budget: 5000
-"""
-ABLATION = "ablation: {factors: {arch: [nlstm]}, seeds: [1]}\n"
 SEARCH = ("search: {space: {arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true},"
           " layers: {type: int, low: 2, high: 2, when: {arch: stacked}}}}\n")
 VOCAB = 34  # the synthetic corpus's vocabulary
