@@ -10,7 +10,6 @@ bit-identically on the same machine.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlstm.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    rng_states,
+    save_checkpoint_file,
+    set_rng_states,
+)
 from nlstm.data import StreamBatches
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -128,21 +134,6 @@ def detach_state(state: Any) -> Any:
 
 def _state_to(state: Any, device: torch.device | str) -> Any:
     return _map_state(state, lambda t: t.to(device))
-
-
-def _rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class Trainer:
@@ -309,7 +300,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": _rng_states(),
+            "rng": rng_states(),
             "progress": {
                 "epoch": self.epoch, "batch_index": self.batch_index, "global_step": self.global_step,
                 "best_valid_bpc": self.best_valid_bpc, "best_epoch": self.best_epoch,
@@ -338,19 +329,21 @@ class Trainer:
         self.state = _state_to(ckpt["state"], self.cfg.device)
         self.history = [EpochResult(**r) for r in ckpt["history"]]
         self.best_state_dict = ckpt["best_state_dict"]
-        _set_rng_states(ckpt["rng"])
+        set_rng_states(ckpt["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Atomic write: a run killed while saving never leaves a half-written checkpoint."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_checkpoint_file(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        """Resume from ``path``. Loading runs no code from the file (``weights_only=True``); a file that is
+        not a complete checkpoint of this trainer is a one-line CheckpointError naming it."""
+        ckpt = load_checkpoint_file(path)
+        try:
+            self.load_state_dict(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {path} is incomplete or not a trainer checkpoint "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 @torch.no_grad()
