@@ -23,7 +23,15 @@ from nlstm.checkpoint import CheckpointError
 from nlstm.data import CORPUS_NAMES, CorpusError, load_corpus
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import ARCHITECTURES, width_for_budget
-from nlstm.trainer import DivergenceError, EpochResult, PeriodicCheckpoint, TrainConfig, Trainer, seed_everything
+from nlstm.trainer import (
+    DivergenceError,
+    EpochResult,
+    PeriodicCheckpoint,
+    SettingsMismatchError,
+    TrainConfig,
+    Trainer,
+    seed_everything,
+)
 
 ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
 
@@ -134,13 +142,19 @@ def run(args: argparse.Namespace) -> int:
         checkpoint.unlink(missing_ok=True)  # discarded now: a run killed before its first save cannot resume it
     if checkpoint.exists():
         try:
-            trainer.load_checkpoint(checkpoint)
+            changed = trainer.load_checkpoint(checkpoint)
+        except SettingsMismatchError as exc:
+            raise CheckpointError(f"{exc}; rerun with those settings, or add --fresh to discard it and start "
+                                  "over") from exc
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}; rerun with --fresh to discard it and start over") from exc
-        print(f"resumed from {checkpoint} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+        note = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        print(f"resumed from {checkpoint} at epoch {trainer.epoch + 1}, step {trainer.global_step}"
+              + (f" ({note})" if note else ""))
     (out / "config.json").write_text(json.dumps(
         {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "corpus": corpus.name,
-         "data_fingerprint": corpus.fingerprint, "num_params": model.num_params()}, indent=2))
+         "data_fingerprint": corpus.fingerprint, "num_params": model.num_params(),
+         "setting_changes": trainer.setting_changes}, indent=2))
     start = time.perf_counter()
     try:
         result = trainer.fit()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,10 +33,22 @@ from nlstm.data import StreamBatches
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 LN2 = math.log(2.0)
+#: TrainConfig fields a resumed run may change. They decide only *when* training stops, never what a
+#: step computes, so resuming with new values gives the straight run with those values; each change
+#: is recorded in ``Trainer.setting_changes``. Except ``epochs`` under the cosine schedule, whose
+#: learning-rate curve is laid out over the planned epochs.
+STOPPING_RULES = ("epochs", "patience", "time_budget_s")
+#: Where the run executes, not what it computes: resuming elsewhere is allowed (the results then
+#: agree to float rounding; bit-identity needs the same device).
+NOT_COMPARED = ("device",)
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot continue meaningfully."""
+
+
+class SettingsMismatchError(CheckpointError):
+    """A checkpoint written with other settings than the run resuming it (one line naming the keys)."""
 
 
 @dataclass
@@ -95,6 +107,7 @@ class TrainResult:
     train_time_s: float
     wall_time_s: float
     tokens_seen: int
+    setting_changes: list[dict[str, Any]] = field(default_factory=list)  # see Trainer.setting_changes
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,6 +178,8 @@ class Trainer:
         self._epoch_loss_sum = 0.0  # sum of per-window mean losses (nats) in the current epoch
         self._epoch_windows = 0
         self.best_state_dict: dict[str, Tensor] | None = None
+        # Stopping rules changed on resume: [{"epoch", "global_step", "changes": {key: [old, new]}}].
+        self.setting_changes: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- construction
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -280,6 +295,7 @@ class Trainer:
             history=list(self.history), best_valid_bpc=self.best_valid_bpc, best_epoch=self.best_epoch,
             test_bpc=test_bpc, stopped_early=stop_reason != "epochs", stop_reason=stop_reason,
             train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
+            setting_changes=list(self.setting_changes),
         )
         self._emit("on_train_end", result)
         return result
@@ -313,6 +329,9 @@ class Trainer:
             "history": [asdict(r) for r in self.history],
             "best_state_dict": self.best_state_dict,
             "train_config": asdict(self.cfg),
+            "model_config": _model_config(self.model),
+            "data_fingerprint": getattr(self.data, "fingerprint", None),
+            "setting_changes": self.setting_changes,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -329,21 +348,63 @@ class Trainer:
         self.state = _state_to(ckpt["state"], self.cfg.device)
         self.history = [EpochResult(**r) for r in ckpt["history"]]
         self.best_state_dict = ckpt["best_state_dict"]
+        self.setting_changes = list(ckpt["setting_changes"])
         set_rng_states(ckpt["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Atomic write: a run killed while saving never leaves a half-written checkpoint."""
         return save_checkpoint_file(self.state_dict(), path)
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Resume from ``path``. Loading runs no code from the file (``weights_only=True``); a file that is
-        not a complete checkpoint of this trainer is a one-line CheckpointError naming it."""
+    def load_checkpoint(self, path: str | Path) -> dict[str, list[Any]]:
+        """Resume from ``path``; returns the stopping rules this run changes ({key: [old, new]}, also
+        recorded in ``setting_changes``). Loading runs no code from the file (``weights_only=True``); a
+        file that is not a complete checkpoint of this trainer is a one-line CheckpointError naming it,
+        and one written with other settings a SettingsMismatchError naming every key that differs."""
         ckpt = load_checkpoint_file(path)
         try:
+            changes = self._changed_settings(ckpt, path)
             self.load_state_dict(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {path} is incomplete or not a trainer checkpoint "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if changes:
+            self.setting_changes.append({"epoch": self.epoch, "global_step": self.global_step, "changes": changes})
+        return changes
+
+    def _changed_settings(self, ckpt: dict[str, Any], path: str | Path) -> dict[str, list[Any]]:
+        """The stopping rules this run changes ({key: [old, new]}); SettingsMismatchError naming every
+        other key that differs from the checkpoint's (training, model or data)."""
+        saved, now = ckpt["train_config"], asdict(self.cfg)
+        refused: list[str] = []
+        allowed: dict[str, list[Any]] = {}
+        for key in sorted(set(saved) | set(now)):
+            old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
+            if old == new or key in NOT_COMPARED:
+                continue
+            if key not in STOPPING_RULES:
+                refused.append(f"{key} {old} -> {new}")
+            elif key == "epochs" and self.cfg.lr_schedule == "cosine":
+                refused.append(f"epochs {old} -> {new} (the cosine schedule is laid out over the epochs)")
+            elif key == "epochs" and new < ckpt["progress"]["epoch"]:
+                refused.append(f"epochs {old} -> {new} ({ckpt['progress']['epoch']} already completed)")
+            else:
+                allowed[key] = [old, new]
+        saved_model, now_model = ckpt["model_config"] or {}, _model_config(self.model) or {}
+        for key in sorted(set(saved_model) | set(now_model)):
+            if saved_model.get(key, "<unset>") != now_model.get(key, "<unset>"):
+                refused.append(f"{key} {saved_model.get(key, '<unset>')} -> {now_model.get(key, '<unset>')}")
+        old_data, new_data = ckpt["data_fingerprint"], getattr(self.data, "fingerprint", None)
+        if old_data is not None and new_data is not None and old_data != new_data:
+            refused.append(f"data fingerprint {old_data[:12]} -> {new_data[:12]}")
+        if refused:
+            raise SettingsMismatchError(f"checkpoint {path} was written with other settings: {', '.join(refused)}")
+        return allowed
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's dataclass config (``CharLM.cfg``), to refuse resuming into another architecture."""
+    cfg = getattr(model, "cfg", None)
+    return asdict(cfg) if is_dataclass(cfg) and not isinstance(cfg, type) else None
 
 
 @torch.no_grad()

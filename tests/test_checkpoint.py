@@ -41,7 +41,7 @@ def write_exploit(path: Path, form: str, marker: Path) -> Path:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nlstm.train", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          timeout=300, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 @pytest.mark.parametrize("form", ["raw", "zip"])

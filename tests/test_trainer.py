@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nlstm import CharLM, ModelConfig
 from nlstm.data import SyntheticConfig, synthetic_corpus
-from nlstm.trainer import DivergenceError, PeriodicCheckpoint, TrainConfig, Trainer, bits_per_char, seed_everything
+from nlstm.trainer import (
+    DivergenceError,
+    PeriodicCheckpoint,
+    SettingsMismatchError,
+    TrainConfig,
+    Trainer,
+    bits_per_char,
+    seed_everything,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +30,8 @@ def corpus():
     return synthetic_corpus(SyntheticConfig(seed=0, train_chars=40_000, valid_chars=4_000, test_chars=4_000))
 
 
-def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, **train):
-    seed_everything(seed)
+def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, init_seed=None, **train):
+    seed_everything(seed if init_seed is None else init_seed)
     model = CharLM(ModelConfig(vocab_size=len(corpus.vocab), arch=arch, depth=depth, width=48, embedding_dim=16,
                                dropout=0.1))
     cfg = TrainConfig(**({"epochs": 2, "batch_size": 16, "bptt": 32, "lr": 5e-3, "seed": seed} | train))
@@ -59,7 +69,7 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
                                callbacks=[PeriodicCheckpoint(ckpt, every_steps=4), StopAt(8)])
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=6, seed=123)  # different init: all must come back
+    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=6, init_seed=123)  # other init: all must come back
     resumed.load_checkpoint(ckpt)
     assert (resumed.epoch, resumed.batch_index, resumed.global_step) == (1, 2, 8)
     resumed_result = resumed.fit()
@@ -69,6 +79,51 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
     assert [r.valid_bpc for r in resumed_result.history] == [r.valid_bpc for r in straight_result.history]
     assert [r.train_bpc for r in resumed_result.history] == [r.train_bpc for r in straight_result.history]
     assert resumed_result.test_bpc == straight_result.test_bpc
+
+
+def test_resume_refuses_other_settings_and_records_new_stopping_rules(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    first = make_trainer(corpus, epochs=1, max_steps_per_epoch=2, patience=3)
+    first.fit()
+    first.save_checkpoint(ckpt)
+
+    def resume(corpus=corpus, **changes):
+        trainer = make_trainer(corpus, **({"epochs": 1, "max_steps_per_epoch": 2, "patience": 3} | changes))
+        return trainer, trainer.load_checkpoint(ckpt)
+
+    for changes, message in [
+        ({"lr": 0.01}, "lr 0.005 -> 0.01"),
+        ({"bptt": 16, "seed": 4}, "bptt 32 -> 16, seed 0 -> 4"),
+        ({"max_steps_per_epoch": 3}, "max_steps_per_epoch 2 -> 3"),
+        ({"lr_schedule": "cosine", "epochs": 2}, "epochs 1 -> 2 \\(the cosine .*\\), lr_schedule constant -> cosine"),
+    ]:
+        with pytest.raises(SettingsMismatchError, match=f"ckpt.pt was written with other settings: {message}"):
+            resume(**changes)
+    with pytest.raises(SettingsMismatchError, match="arch nlstm -> stacked"):
+        make_trainer(corpus, arch="stacked", epochs=1, max_steps_per_epoch=2, patience=3).load_checkpoint(ckpt)
+    other_data = synthetic_corpus(SyntheticConfig(seed=1, train_chars=40_000, valid_chars=4_000, test_chars=4_000))
+    with pytest.raises(SettingsMismatchError, match="data fingerprint"):
+        resume(corpus=other_data)
+
+    trainer, changes = resume(epochs=3, patience=5, time_budget_s=100.0, device="cpu")
+    assert changes == {"epochs": [1, 3], "patience": [3, 5], "time_budget_s": [None, 100.0]}
+    assert trainer.setting_changes == [{"epoch": 1, "global_step": 2, "changes": changes}]
+    result = trainer.fit()
+    assert len(result.history) == 3 and result.setting_changes == trainer.setting_changes
+
+
+def test_epochs_cannot_change_under_cosine_nor_drop_below_the_completed_ones(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    cosine = make_trainer(corpus, epochs=2, max_steps_per_epoch=2, lr_schedule="cosine")
+    cosine.fit()
+    cosine.save_checkpoint(ckpt)
+    with pytest.raises(SettingsMismatchError, match="epochs 2 -> 3 \\(the cosine schedule"):
+        make_trainer(corpus, epochs=3, max_steps_per_epoch=2, lr_schedule="cosine").load_checkpoint(ckpt)
+    plain = make_trainer(corpus, epochs=2, max_steps_per_epoch=2)
+    plain.fit()
+    plain.save_checkpoint(ckpt)
+    with pytest.raises(SettingsMismatchError, match="epochs 2 -> 1 \\(2 already completed\\)"):
+        make_trainer(corpus, epochs=1, max_steps_per_epoch=2).load_checkpoint(ckpt)
 
 
 def test_divergence_raises_a_specific_error(corpus):
@@ -106,8 +161,9 @@ def test_evaluation_counts_every_symbol(corpus):
 
 
 def run_cli(*args, cwd):
+    """The CLI of this checkout (not whatever copy of nlstm the interpreter has installed)."""
     return subprocess.run([sys.executable, "-m", "nlstm.train", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+                          timeout=300, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 def test_cli_trains_writes_outputs_and_resumes(tmp_path):
@@ -121,6 +177,16 @@ def test_cli_trains_writes_outputs_and_resumes(tmp_path):
     again = run_cli(*args[:3], "2", *args[4:], cwd=tmp_path)  # two epochs now: resumes after the first
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "epoch   2" in again.stdout and "epoch   1" not in again.stdout
+    assert "(epochs 1 -> 2)" in again.stdout
+    recorded = [{"epoch": 1, "global_step": 3, "changes": {"epochs": [1, 2]}}]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["setting_changes"] == recorded
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["setting_changes"] == recorded
+
+    other_lr = run_cli(*args[:3], "3", *args[4:], "--lr", "0.01", "--dropout", "0.1", cwd=tmp_path)
+    assert other_lr.returncode == 2, other_lr.stdout + other_lr.stderr
+    assert other_lr.stderr.strip().count("\n") == 0, other_lr.stderr
+    assert "lr 0.002 -> 0.01" in other_lr.stderr and "dropout 0.0 -> 0.1" in other_lr.stderr
+    assert "epochs" not in other_lr.stderr and "--fresh" in other_lr.stderr
 
 
 @pytest.mark.parametrize("args,message", [
