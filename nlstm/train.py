@@ -33,7 +33,16 @@ from nlstm.trainer import (
     seed_everything,
 )
 
-ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.lower() in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "bool": boolean}
 
 
 def positive_float(text: str) -> float:
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     torch.save({"model_config": model_cfg.to_dict(), "state_dict": model.state_dict(),
                 "vocab": corpus.vocab.to_json()}, out / "model.pt")
     if args.sample:
-        prefix = corpus.valid[:20]
+        prefix = corpus.valid[:20].long()
         sample = model.generate(prefix, args.sample, temperature=0.8, generator=torch.Generator().manual_seed(0))
         print("sample:", " ".join(corpus.vocab.decode(sample)) if corpus.name.startswith("ptb")
               else "".join(corpus.vocab.decode(sample)))

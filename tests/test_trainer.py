@@ -14,13 +14,16 @@ import torch
 
 from nlstm import CharLM, ModelConfig
 from nlstm.data import SyntheticConfig, synthetic_corpus
+from nlstm.train import main as train_main
 from nlstm.trainer import (
     DivergenceError,
+    NotLearningError,
     PeriodicCheckpoint,
     SettingsMismatchError,
     TrainConfig,
     Trainer,
     bits_per_char,
+    learning_failure,
     seed_everything,
 )
 
@@ -40,7 +43,8 @@ def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, init_see
 
 @pytest.mark.parametrize("arch,depth", [("nlstm", 2), ("stacked", 2)])
 def test_learns_well_below_unigram_entropy(corpus, arch, depth):
-    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40).fit()
+    # learn_after_steps=1: the unigram bar of the "did not learn" rule applies from the first epoch on
+    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40, learn_after_steps=1).fit()
     unigram = corpus.unigram_entropy_bits()
     assert result.best_valid_bpc < 0.7 * unigram, (result.best_valid_bpc, unigram)
     assert result.test_bpc is not None and result.test_bpc < 0.7 * unigram
@@ -132,6 +136,54 @@ def test_divergence_raises_a_specific_error(corpus):
         trainer.model.decoder.bias.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="loss became nan at epoch 1, step 1"):
         trainer.fit()
+
+
+def test_a_run_that_does_not_learn_fails(corpus, tmp_path):
+    """lr 50 "trains" to hundreds of BPC without a NaN (issue 8, item 7): a failure, not a result."""
+    unigram = corpus.unigram_entropy_bits()
+    saver = PeriodicCheckpoint(tmp_path / "c")
+    trainer = make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=50, callbacks=[saver])
+    with pytest.raises(NotLearningError, match=rf"did not learn: valid BPC \d+\.\d+ after epoch 1 \(10 steps\), "
+                                               rf"unigram entropy {unigram:.3f} bits; worse than uniform guessing"):
+        trainer.fit()
+    assert not (tmp_path / "c").exists()  # raised before the epoch was recorded
+    assert issubclass(NotLearningError, DivergenceError)  # callers that record divergence record this too
+
+    # A run that stays at its initial ~uniform BPC is caught by the unigram bar once it applies ...
+    with pytest.raises(NotLearningError, match="must be 0.1 bits below it after 10 steps"):
+        make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=1e-6, learn_after_steps=10).fit()
+    # ... but not before (tiny smoke runs), nor when the rule is off.
+    assert len(make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=1e-6).fit().history) == 2
+    assert len(make_trainer(corpus, epochs=1, max_steps_per_epoch=10, lr=50, learn_check=False).fit().history) == 1
+
+
+def test_learning_failure_boundaries():
+    cfg = TrainConfig(learn_margin_bits=0.25, learn_after_steps=100)
+    unigram, vocab = 3.0, 16  # uniform guessing: 4 bits
+    def fails(bpc, step, c=cfg):
+        return learning_failure(bpc, 2, step, unigram, vocab, c)
+
+    # before learn_after_steps: only worse than uniform + 1 bit fails
+    assert fails(5.0, 99) is None and fails(4.5, 0) is None
+    assert "worse than uniform guessing (4.000 bits) by over 1 bit" in fails(5.0 + 1e-9, 99)
+    assert fails(float("nan"), 99) is not None and fails(float("inf"), 0) is not None
+    # from learn_after_steps on: strictly below unigram - margin, at every epoch (a later blow-up fails)
+    assert fails(2.75 - 1e-9, 100) is None
+    assert fails(2.75, 100) == ("did not learn: valid BPC 2.750 after epoch 2 (100 steps), unigram entropy 3.000 "
+                                "bits (must be 0.25 bits below it after 100 steps)")
+    assert fails(4.5, 5000) is not None and fails(float("nan"), 100) is not None
+    assert fails(100.0, 5000, TrainConfig(learn_check=False)) is None
+    with pytest.raises(ValueError, match="learn_margin_bits"):
+        TrainConfig(learn_margin_bits=-0.1)
+
+
+def test_cli_exit_code_3_when_not_learning(tmp_path, capsys):
+    args = ["--corpus", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "5", "--width", "16", "--embedding-dim",
+            "8", "--batch-size", "8", "--bptt", "16", "--quiet", "--sample", "0", "--lr", "50"]
+    assert train_main([*args, "--out", str(tmp_path / "a")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: did not learn: valid BPC") and err.count("\n") == 1, err
+    assert train_main([*args, "--out", str(tmp_path / "b"), "--learn-check", "false"]) == 0
 
 
 def test_early_stopping_and_time_budget(corpus):

@@ -61,6 +61,7 @@ __all__ = [
     "CorpusSpec",
     "RemoteFile",
     "load_corpus",
+    "unigram_entropy_bits",
 ]
 
 EOS = "<eos>"
@@ -74,6 +75,16 @@ MAHONEY_SPLIT = (90_000_000, 95_000_000)
 # ------------------------------------------------------------------------------------------
 # Corpus
 # ------------------------------------------------------------------------------------------
+
+
+def unigram_entropy_bits(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy in bits of the symbol frequencies of ``tokens`` (ids in [0, vocab_size)); 0 if empty."""
+    counts = np.bincount(tokens.numpy(), minlength=vocab_size)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,9 +143,7 @@ class Corpus:
     def unigram_entropy_bits(self) -> float:
         """Entropy (bits/symbol) of the train unigram distribution: the BPC of a model that
         ignores context, i.e. the bar any sequence model must clear."""
-        counts = torch.bincount(self.train, minlength=len(self.vocab)).double()
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * torch.log2(p)).sum())
+        return unigram_entropy_bits(self.train, len(self.vocab))
 
     def __repr__(self) -> str:
         return (
