@@ -37,7 +37,7 @@ LN2 = math.log(2.0)
 #: step computes, so resuming with new values gives the straight run with those values; each change
 #: is recorded in ``Trainer.setting_changes``. Except ``epochs`` under the cosine schedule, whose
 #: learning-rate curve is laid out over the planned epochs.
-STOPPING_RULES = ("epochs", "patience", "time_budget_s")
+STOPPING_RULES = ("epochs", "patience", "time_budget_s", "learn_check", "learn_margin_bits", "learn_after_steps")
 #: Where the run executes, not what it computes: resuming elsewhere is allowed (the results then
 #: agree to float rounding; bit-identity needs the same device).
 NOT_COMPARED = ("device",)

@@ -109,8 +109,9 @@ def test_resume_refuses_other_settings_and_records_new_stopping_rules(corpus, tm
     with pytest.raises(SettingsMismatchError, match="data fingerprint"):
         resume(corpus=other_data)
 
-    trainer, changes = resume(epochs=3, patience=5, time_budget_s=100.0, device="cpu")
-    assert changes == {"epochs": [1, 3], "patience": [3, 5], "time_budget_s": [None, 100.0]}
+    trainer, changes = resume(epochs=3, patience=5, time_budget_s=100.0, device="cpu", learn_margin_bits=0.2)
+    assert changes == {"epochs": [1, 3], "patience": [3, 5], "time_budget_s": [None, 100.0],
+                       "learn_margin_bits": [0.1, 0.2]}
     assert trainer.setting_changes == [{"epoch": 1, "global_step": 2, "changes": changes}]
     result = trainer.fit()
     assert len(result.history) == 3 and result.setting_changes == trainer.setting_changes

@@ -81,12 +81,18 @@ MAHONEY_SPLIT = (90_000_000, 95_000_000)
 _CHUNK = 1 << 22  # symbols converted to int64 at a time (fingerprint, counts): bounds the copy to 32 MB
 
 
+def _counts(ids: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount`` of ids in [0, minlength), in chunks: it copies its input to int64, which
+    would be 800 MB for 100M uint8 symbols."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, ids.size, _CHUNK):
+        counts += np.bincount(ids[start : start + _CHUNK], minlength=minlength)
+    return counts
+
+
 def unigram_entropy_bits(tokens: torch.Tensor, vocab_size: int) -> float:
     """Entropy in bits of the symbol frequencies of ``tokens`` (ids in [0, vocab_size)); 0 if empty."""
-    flat = tokens.contiguous().numpy()
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for start in range(0, flat.size, _CHUNK):  # bincount copies its input to int64: bound it
-        counts += np.bincount(flat[start : start + _CHUNK], minlength=vocab_size)
+    counts = _counts(tokens.contiguous().numpy(), vocab_size)
     total = counts.sum()
     if total == 0:
         return 0.0
@@ -288,7 +294,7 @@ def _chars_corpus(text: str | bytes, cut: tuple[int, int]) -> Streams:
     """Character (or byte) streams cut at ``cut``; vocabulary = every distinct symbol."""
     if isinstance(text, bytes) or text.isascii():  # bincount: O(n), no 100M-element sort
         raw = text if isinstance(text, bytes) else text.encode("ascii")
-        codes = np.flatnonzero(np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256))
+        codes = np.flatnonzero(_counts(np.frombuffer(raw, dtype=np.uint8), 256))
     else:
         codes = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
     vocab = Vocabulary.from_symbols(chr(int(c)) for c in codes)
