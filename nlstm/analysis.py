@@ -20,7 +20,7 @@ def memory_traces(model: nn.Module, tokens: Tensor) -> list[np.ndarray]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    _, _, memories = model(tokens.to(device).unsqueeze(0), return_memories=True)
+    _, _, memories = model(tokens.to(device, torch.long).unsqueeze(0), return_memories=True)
     model.train(was_training)
     return [m[0].float().cpu().numpy() for m in memories]
 

@@ -3,8 +3,9 @@
     python -m nlstm.train --corpus ptb --arch nlstm --depth 2 --budget 1e6 --epochs 3
 
 Prints BPC per epoch with a progress bar, writes ``config.json``, ``result.json`` and a
-resumable ``checkpoint.pt`` to ``--out``; re-running the same command resumes from it.
-Bad arguments or data are one line on stderr and exit code 2; a diverging run exits 3.
+resumable ``checkpoint.pt`` to ``--out``; re-running the same command resumes from it
+(``--fresh`` discards it). Bad arguments, data or checkpoints are one line on stderr and exit
+code 2; a diverging run exits 3.
 """
 
 from __future__ import annotations
@@ -18,12 +19,30 @@ from pathlib import Path
 
 import torch
 
+from nlstm.checkpoint import CheckpointError
 from nlstm.data import CORPUS_NAMES, CorpusError, load_corpus
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import ARCHITECTURES, width_for_budget
-from nlstm.trainer import DivergenceError, EpochResult, PeriodicCheckpoint, TrainConfig, Trainer, seed_everything
+from nlstm.trainer import (
+    DivergenceError,
+    EpochResult,
+    PeriodicCheckpoint,
+    SettingsMismatchError,
+    TrainConfig,
+    Trainer,
+    seed_everything,
+)
 
-ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.lower() in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+ARG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "bool": boolean}
 
 
 def positive_float(text: str) -> float:
@@ -67,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, help="output folder (default runs/train-ARCH-dDEPTH-seedSEED)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard an existing checkpoint in --out and start over (a damaged one, or other settings)")
     p.add_argument("--sample", type=int, default=200, help="characters to generate after training (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -127,12 +147,23 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = out / "checkpoint.pt"
     progress = ProgressPrinter(args.quiet)
     trainer = Trainer(model, corpus, train_cfg, [progress, PeriodicCheckpoint(checkpoint, args.checkpoint_every)])
-    if checkpoint.exists() and not args.fresh:
-        trainer.load_checkpoint(checkpoint)
-        print(f"resumed from {checkpoint} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+    if args.fresh:
+        checkpoint.unlink(missing_ok=True)  # discarded now: a run killed before its first save cannot resume it
+    if checkpoint.exists():
+        try:
+            changed = trainer.load_checkpoint(checkpoint)
+        except SettingsMismatchError as exc:
+            raise CheckpointError(f"{exc}; rerun with those settings, or add --fresh to discard it and start "
+                                  "over") from exc
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; rerun with --fresh to discard it and start over") from exc
+        note = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        print(f"resumed from {checkpoint} at epoch {trainer.epoch + 1}, step {trainer.global_step}"
+              + (f" ({note})" if note else ""))
     (out / "config.json").write_text(json.dumps(
         {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "corpus": corpus.name,
-         "data_fingerprint": corpus.fingerprint, "num_params": model.num_params()}, indent=2))
+         "data_fingerprint": corpus.fingerprint, "num_params": model.num_params(),
+         "setting_changes": trainer.setting_changes}, indent=2))
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -146,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     torch.save({"model_config": model_cfg.to_dict(), "state_dict": model.state_dict(),
                 "vocab": corpus.vocab.to_json()}, out / "model.pt")
     if args.sample:
-        prefix = corpus.valid[:20]
+        prefix = corpus.valid[:20].long()
         sample = model.generate(prefix, args.sample, temperature=0.8, generator=torch.Generator().manual_seed(0))
         print("sample:", " ".join(corpus.vocab.decode(sample)) if corpus.name.startswith("ptb")
               else "".join(corpus.vocab.decode(sample)))
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, CorpusError, OSError) as exc:
+    except (ValueError, CorpusError, CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,10 +10,9 @@ bit-identically on the same machine.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,15 +21,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlstm.data import StreamBatches
+from nlstm.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    rng_states,
+    save_checkpoint_file,
+    set_rng_states,
+)
+from nlstm.data import StreamBatches, unigram_entropy_bits
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 LN2 = math.log(2.0)
+#: TrainConfig fields a resumed run may change. They decide only *when* training stops, never what a
+#: step computes, so resuming with new values gives the straight run with those values; each change
+#: is recorded in ``Trainer.setting_changes``. Except ``epochs`` under the cosine schedule, whose
+#: learning-rate curve is laid out over the planned epochs.
+STOPPING_RULES = ("epochs", "patience", "time_budget_s", "learn_check", "learn_margin_bits", "learn_after_steps")
+#: Where the run executes, not what it computes: resuming elsewhere is allowed (the results then
+#: agree to float rounding; bit-identity needs the same device).
+NOT_COMPARED = ("device",)
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite; the run cannot continue meaningfully."""
+
+
+class NotLearningError(DivergenceError):
+    """The run finished epochs without learning (see ``learning_failure``): its numbers are not a
+    result. A DivergenceError, so every caller that records divergence records this too."""
+
+
+class SettingsMismatchError(CheckpointError):
+    """A checkpoint written with other settings than the run resuming it (one line naming the keys)."""
 
 
 @dataclass
@@ -53,6 +76,15 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop after this much training time (time-matched comparisons)
     seed: int = 0
     device: str = "cpu"
+    # "Did not learn" is a failure (NotLearningError), decided at each epoch's end by ``learning_failure``:
+    # from the first epoch end after ``learn_after_steps`` optimizer steps the valid BPC must be at least
+    # ``learn_margin_bits`` below the unigram entropy of the training split; before that only a blow-up
+    # (more than 1 bit worse than uniform guessing) fails. Why steps, not epochs: a model first learns the
+    # unigram distribution, which takes ~150-400 Adam steps at lr 3e-4 (PTB, measured), whatever the
+    # batch; smoke and test runs of 10-75 steps are legitimately still above it.
+    learn_check: bool = True
+    learn_margin_bits: float = 0.1
+    learn_after_steps: int = 1000
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -64,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.learn_margin_bits < 0 or self.learn_after_steps < 0:
+            raise ValueError("learn_margin_bits and learn_after_steps must be >= 0")
 
 
 @dataclass
@@ -89,6 +123,7 @@ class TrainResult:
     train_time_s: float
     wall_time_s: float
     tokens_seen: int
+    setting_changes: list[dict[str, Any]] = field(default_factory=list)  # see Trainer.setting_changes
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,6 +147,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Before ``learn_after_steps``, a run fails only if its valid BPC exceeds uniform guessing by this much:
+#: a fresh model sits within ~0.3 bits of log2(vocabulary) (measured 5.06-5.11 for 34 symbols, uniform
+#: 5.09), while learning rates of 10-100 give 30-440 BPC after 10-25 steps.
+UNIFORM_SLACK_BITS = 1.0
+
+
+def learning_failure(valid_bpc: float, epoch: int, global_step: int, unigram_bits: float, vocab_size: int,
+                     cfg: TrainConfig) -> str | None:
+    """Why a run with this valid BPC after ``epoch`` (``global_step`` steps so far) did not learn, or None.
+
+    The bars, in bits per symbol: a model that ignores context scores the unigram entropy ``unigram_bits``
+    of the training split, and one that guesses uniformly log2(``vocab_size``). Any run must end up
+    clearly below the first (by ``cfg.learn_margin_bits``) once it has taken ``cfg.learn_after_steps``
+    steps, and stay there (checked at every later epoch, so a later blow-up fails too); before that it
+    fails only when it is worse than uniform guessing by more than ``UNIFORM_SLACK_BITS``.
+    """
+    if not cfg.learn_check:
+        return None
+    where = (f"valid BPC {valid_bpc:.3f} after epoch {epoch} ({global_step} steps), "
+             f"unigram entropy {unigram_bits:.3f} bits")
+    if global_step >= cfg.learn_after_steps:
+        if not valid_bpc < unigram_bits - cfg.learn_margin_bits:  # NaN fails too
+            return f"did not learn: {where} (must be {cfg.learn_margin_bits:g} bits below it after " \
+                   f"{cfg.learn_after_steps} steps)"
+        return None
+    uniform = math.log2(vocab_size)
+    if not valid_bpc <= uniform + UNIFORM_SLACK_BITS:
+        return f"did not learn: {where}; worse than uniform guessing ({uniform:.3f} bits) by over " \
+               f"{UNIFORM_SLACK_BITS:g} bit"
+    return None
+
+
 def _map_state(state: Any, fn) -> Any:
     """Apply ``fn`` to every tensor of a core's state, whatever its nesting of tuples and lists."""
     if isinstance(state, Tensor):
@@ -130,21 +197,6 @@ def _state_to(state: Any, device: torch.device | str) -> Any:
     return _map_state(state, lambda t: t.to(device))
 
 
-def _rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 class Trainer:
     """Train ``model`` on ``data.train``, select on ``data.valid``, report ``data.test`` at the end."""
 
@@ -159,6 +211,8 @@ class Trainer:
         self.steps_per_epoch = min(len(self.train_batches), cfg.max_steps_per_epoch or len(self.train_batches))
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
+        self.vocab_size = len(data.vocab)
+        self.unigram_bits = unigram_entropy_bits(data.train, self.vocab_size)  # the bar of learning_failure
         # Progress: everything a checkpoint must restore to continue identically.
         self.epoch = 0  # completed epochs
         self.batch_index = 0  # next batch within the current epoch
@@ -174,6 +228,8 @@ class Trainer:
         self._epoch_loss_sum = 0.0  # sum of per-window mean losses (nats) in the current epoch
         self._epoch_windows = 0
         self.best_state_dict: dict[str, Tensor] | None = None
+        # Stopping rules changed on resume: [{"epoch", "global_step", "changes": {key: [old, new]}}].
+        self.setting_changes: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- construction
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -255,6 +311,10 @@ class Trainer:
     def _end_epoch(self) -> EpochResult:
         start = time.perf_counter()
         valid_bpc = self.evaluate("valid")
+        failure = learning_failure(valid_bpc, self.epoch + 1, self.global_step, self.unigram_bits, self.vocab_size,
+                                   self.cfg)
+        if failure is not None:  # raised before anything is recorded: no checkpoint of a failed run
+            raise NotLearningError(f"{failure} (lr {self.lr:g})")
         self.epoch += 1
         train_bpc = self._epoch_loss_sum / max(self._epoch_windows, 1) / LN2
         if valid_bpc < self.best_valid_bpc - self.cfg.min_delta:
@@ -289,6 +349,7 @@ class Trainer:
             history=list(self.history), best_valid_bpc=self.best_valid_bpc, best_epoch=self.best_epoch,
             test_bpc=test_bpc, stopped_early=stop_reason != "epochs", stop_reason=stop_reason,
             train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
+            setting_changes=list(self.setting_changes),
         )
         self._emit("on_train_end", result)
         return result
@@ -309,7 +370,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": _rng_states(),
+            "rng": rng_states(),
             "progress": {
                 "epoch": self.epoch, "batch_index": self.batch_index, "global_step": self.global_step,
                 "best_valid_bpc": self.best_valid_bpc, "best_epoch": self.best_epoch,
@@ -322,6 +383,9 @@ class Trainer:
             "history": [asdict(r) for r in self.history],
             "best_state_dict": self.best_state_dict,
             "train_config": asdict(self.cfg),
+            "model_config": _model_config(self.model),
+            "data_fingerprint": getattr(self.data, "fingerprint", None),
+            "setting_changes": self.setting_changes,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -338,19 +402,63 @@ class Trainer:
         self.state = _state_to(ckpt["state"], self.cfg.device)
         self.history = [EpochResult(**r) for r in ckpt["history"]]
         self.best_state_dict = ckpt["best_state_dict"]
-        _set_rng_states(ckpt["rng"])
+        self.setting_changes = list(ckpt["setting_changes"])
+        set_rng_states(ckpt["rng"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Atomic write: a run killed while saving never leaves a half-written checkpoint."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_checkpoint_file(self.state_dict(), path)
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    def load_checkpoint(self, path: str | Path) -> dict[str, list[Any]]:
+        """Resume from ``path``; returns the stopping rules this run changes ({key: [old, new]}, also
+        recorded in ``setting_changes``). Loading runs no code from the file (``weights_only=True``); a
+        file that is not a complete checkpoint of this trainer is a one-line CheckpointError naming it,
+        and one written with other settings a SettingsMismatchError naming every key that differs."""
+        ckpt = load_checkpoint_file(path)
+        try:
+            changes = self._changed_settings(ckpt, path)
+            self.load_state_dict(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {path} is incomplete or not a trainer checkpoint "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if changes:
+            self.setting_changes.append({"epoch": self.epoch, "global_step": self.global_step, "changes": changes})
+        return changes
+
+    def _changed_settings(self, ckpt: dict[str, Any], path: str | Path) -> dict[str, list[Any]]:
+        """The stopping rules this run changes ({key: [old, new]}); SettingsMismatchError naming every
+        other key that differs from the checkpoint's (training, model or data)."""
+        saved, now = ckpt["train_config"], asdict(self.cfg)
+        refused: list[str] = []
+        allowed: dict[str, list[Any]] = {}
+        for key in sorted(set(saved) | set(now)):
+            old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
+            if old == new or key in NOT_COMPARED:
+                continue
+            if key not in STOPPING_RULES:
+                refused.append(f"{key} {old} -> {new}")
+            elif key == "epochs" and self.cfg.lr_schedule == "cosine":
+                refused.append(f"epochs {old} -> {new} (the cosine schedule is laid out over the epochs)")
+            elif key == "epochs" and new < ckpt["progress"]["epoch"]:
+                refused.append(f"epochs {old} -> {new} ({ckpt['progress']['epoch']} already completed)")
+            else:
+                allowed[key] = [old, new]
+        saved_model, now_model = ckpt["model_config"] or {}, _model_config(self.model) or {}
+        for key in sorted(set(saved_model) | set(now_model)):
+            if saved_model.get(key, "<unset>") != now_model.get(key, "<unset>"):
+                refused.append(f"{key} {saved_model.get(key, '<unset>')} -> {now_model.get(key, '<unset>')}")
+        old_data, new_data = ckpt["data_fingerprint"], getattr(self.data, "fingerprint", None)
+        if old_data is not None and new_data is not None and old_data != new_data:
+            refused.append(f"data fingerprint {old_data[:12]} -> {new_data[:12]}")
+        if refused:
+            raise SettingsMismatchError(f"checkpoint {path} was written with other settings: {', '.join(refused)}")
+        return allowed
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's dataclass config (``CharLM.cfg``), to refuse resuming into another architecture."""
+    cfg = getattr(model, "cfg", None)
+    return asdict(cfg) if is_dataclass(cfg) and not isinstance(cfg, type) else None
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ import torch
 from ray import tune
 
 from nlstm.analysis import memory_timescales, memory_traces
+from nlstm.checkpoint import load_checkpoint_file
 from nlstm.data import Corpus, Vocabulary, load_corpus
 from nlstm.model import CharLM, ModelConfig
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
@@ -116,12 +117,15 @@ def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, 
 
 
 def model_file_from_checkpoint(checkpoint_dir: Path, out: Path) -> Path | None:
-    """``model.pt`` with the best weights of a trial's Tune checkpoint (None if it has none)."""
+    """``model.pt`` with the best weights of a trial's Tune checkpoint (None if it has none).
+
+    The checkpoint is read with ``weights_only=True`` (it runs no code); a damaged one is a one-line
+    ``nlstm.checkpoint.CheckpointError`` naming the file."""
     meta_path, state_path = checkpoint_dir / "trial.json", checkpoint_dir / "trainer.pt"
     if not (meta_path.is_file() and state_path.is_file()):
         return None
     meta = json.loads(meta_path.read_text())
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(state_path)
     weights = {k: v.cpu() for k, v in (state["best_state_dict"] or state["model"]).items()}
     torch.save({"state_dict": weights, "model_config": meta["model_config"], "vocab": meta["vocab"],
                 "trial_id": meta["key"]}, out)

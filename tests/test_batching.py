@@ -128,6 +128,28 @@ def test_padded_eval_loss_is_independent_of_batch_size() -> None:
     assert totals[0] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_small_dtype_streams_give_the_same_int64_windows(pad: bool, dtype: torch.dtype) -> None:
+    """Corpora hold uint8/int16/int32 streams; windows are int64, equal to those of an int64 stream,
+    and the padded layout equals batchify_padded's."""
+    data = torch.randint(0, 200, (1003,), generator=torch.Generator().manual_seed(0))
+    stream = data.to(dtype)
+    small = StreamBatches(stream, batch_size=5, bptt=17, pad=pad)
+    wide = StreamBatches(data, batch_size=5, bptt=17, pad=pad)
+    assert len(small) == len(wide) and small.num_tokens == wide.num_tokens
+    for (xs, ys), (xw, yw) in zip(small, wide, strict=True):
+        assert xs.dtype == ys.dtype == torch.long and torch.equal(xs, xw) and torch.equal(ys, yw)
+        assert xs.is_contiguous() and ys.is_contiguous()
+    if pad:
+        rows = batchify_padded(data, 5)
+        columns = torch.cat([y for _, y in small], dim=1)
+        assert torch.equal(columns, rows[:, 1:])
+        assert torch.equal(torch.cat([x for x, _ in small], dim=1), rows[:, :-1].clamp(min=0))
+    else:
+        assert small.rows.data_ptr() == stream.data_ptr()  # training rows are a view of the stream: no copy
+
+
 def test_stream_batches_validation() -> None:
     with pytest.raises(ValueError):
         StreamBatches(torch.arange(100), batch_size=4, bptt=0)

@@ -41,6 +41,7 @@ from nlstm.data import (
     default_data_dir,
     load_corpus,
     synthetic_corpus,
+    unigram_entropy_bits,
 )
 from nlstm.data.corpora import FILES, RemoteFile
 from nlstm.data.synthetic import bracket_spans, synthetic_texts
@@ -167,6 +168,20 @@ def test_corpus_fingerprint_entropy_truncation() -> None:
     assert (t.train.numel(), t.valid.numel(), t.test.numel()) == (7, 1, 1)
     assert torch.equal(t.train, c.train[:7]) and t.fingerprint != c.fingerprint
     assert c.train.numel() == 20  # the original is untouched
+
+
+def test_unigram_entropy_against_a_hand_count() -> None:
+    text = "abracadabra"  # a:5 b:2 r:2 c:1 d:1 of 11
+    by_hand = -sum(n / 11 * math.log2(n / 11) for n in (5, 2, 2, 1, 1))
+    corpus = load_corpus_from_text(text)
+    assert corpus.unigram_entropy_bits() == pytest.approx(by_hand, abs=1e-12)
+    assert unigram_entropy_bits(torch.tensor([2, 2, 0, 1], dtype=torch.uint8), 5) == pytest.approx(1.5)
+    assert unigram_entropy_bits(torch.zeros(0, dtype=torch.int16), 3) == 0.0
+
+
+def load_corpus_from_text(train_text: str) -> Corpus:
+    vocab = Vocabulary.from_symbols(train_text)
+    return Corpus("hand", vocab, vocab.encode(train_text), vocab.encode("ab"), vocab.encode("ra"))
 
 
 def test_corpus_rejects_bad_streams() -> None:

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nlstm import CharLM, ModelConfig
 from nlstm.data import SyntheticConfig, synthetic_corpus
-from nlstm.trainer import DivergenceError, PeriodicCheckpoint, TrainConfig, Trainer, bits_per_char, seed_everything
+from nlstm.train import main as train_main
+from nlstm.trainer import (
+    DivergenceError,
+    NotLearningError,
+    PeriodicCheckpoint,
+    SettingsMismatchError,
+    TrainConfig,
+    Trainer,
+    bits_per_char,
+    learning_failure,
+    seed_everything,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +33,8 @@ def corpus():
     return synthetic_corpus(SyntheticConfig(seed=0, train_chars=40_000, valid_chars=4_000, test_chars=4_000))
 
 
-def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, **train):
-    seed_everything(seed)
+def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, init_seed=None, **train):
+    seed_everything(seed if init_seed is None else init_seed)
     model = CharLM(ModelConfig(vocab_size=len(corpus.vocab), arch=arch, depth=depth, width=48, embedding_dim=16,
                                dropout=0.1))
     cfg = TrainConfig(**({"epochs": 2, "batch_size": 16, "bptt": 32, "lr": 5e-3, "seed": seed} | train))
@@ -30,7 +43,8 @@ def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, **train)
 
 @pytest.mark.parametrize("arch,depth", [("nlstm", 2), ("stacked", 2)])
 def test_learns_well_below_unigram_entropy(corpus, arch, depth):
-    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40).fit()
+    # learn_after_steps=1: the unigram bar of the "did not learn" rule applies from the first epoch on
+    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40, learn_after_steps=1).fit()
     unigram = corpus.unigram_entropy_bits()
     assert result.best_valid_bpc < 0.7 * unigram, (result.best_valid_bpc, unigram)
     assert result.test_bpc is not None and result.test_bpc < 0.7 * unigram
@@ -59,7 +73,7 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
                                callbacks=[PeriodicCheckpoint(ckpt, every_steps=4), StopAt(8)])
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=6, seed=123)  # different init: all must come back
+    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=6, init_seed=123)  # other init: all must come back
     resumed.load_checkpoint(ckpt)
     assert (resumed.epoch, resumed.batch_index, resumed.global_step) == (1, 2, 8)
     resumed_result = resumed.fit()
@@ -71,12 +85,106 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
     assert resumed_result.test_bpc == straight_result.test_bpc
 
 
+def test_resume_refuses_other_settings_and_records_new_stopping_rules(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    first = make_trainer(corpus, epochs=1, max_steps_per_epoch=2, patience=3)
+    first.fit()
+    first.save_checkpoint(ckpt)
+
+    def resume(corpus=corpus, **changes):
+        trainer = make_trainer(corpus, **({"epochs": 1, "max_steps_per_epoch": 2, "patience": 3} | changes))
+        return trainer, trainer.load_checkpoint(ckpt)
+
+    for changes, message in [
+        ({"lr": 0.01}, "lr 0.005 -> 0.01"),
+        ({"bptt": 16, "seed": 4}, "bptt 32 -> 16, seed 0 -> 4"),
+        ({"max_steps_per_epoch": 3}, "max_steps_per_epoch 2 -> 3"),
+        ({"lr_schedule": "cosine", "epochs": 2}, "epochs 1 -> 2 \\(the cosine .*\\), lr_schedule constant -> cosine"),
+    ]:
+        with pytest.raises(SettingsMismatchError, match=f"ckpt.pt was written with other settings: {message}"):
+            resume(**changes)
+    with pytest.raises(SettingsMismatchError, match="arch nlstm -> stacked"):
+        make_trainer(corpus, arch="stacked", epochs=1, max_steps_per_epoch=2, patience=3).load_checkpoint(ckpt)
+    other_data = synthetic_corpus(SyntheticConfig(seed=1, train_chars=40_000, valid_chars=4_000, test_chars=4_000))
+    with pytest.raises(SettingsMismatchError, match="data fingerprint"):
+        resume(corpus=other_data)
+
+    trainer, changes = resume(epochs=3, patience=5, time_budget_s=100.0, device="cpu", learn_margin_bits=0.2)
+    assert changes == {"epochs": [1, 3], "patience": [3, 5], "time_budget_s": [None, 100.0],
+                       "learn_margin_bits": [0.1, 0.2]}
+    assert trainer.setting_changes == [{"epoch": 1, "global_step": 2, "changes": changes}]
+    result = trainer.fit()
+    assert len(result.history) == 3 and result.setting_changes == trainer.setting_changes
+
+
+def test_epochs_cannot_change_under_cosine_nor_drop_below_the_completed_ones(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    cosine = make_trainer(corpus, epochs=2, max_steps_per_epoch=2, lr_schedule="cosine")
+    cosine.fit()
+    cosine.save_checkpoint(ckpt)
+    with pytest.raises(SettingsMismatchError, match="epochs 2 -> 3 \\(the cosine schedule"):
+        make_trainer(corpus, epochs=3, max_steps_per_epoch=2, lr_schedule="cosine").load_checkpoint(ckpt)
+    plain = make_trainer(corpus, epochs=2, max_steps_per_epoch=2)
+    plain.fit()
+    plain.save_checkpoint(ckpt)
+    with pytest.raises(SettingsMismatchError, match="epochs 2 -> 1 \\(2 already completed\\)"):
+        make_trainer(corpus, epochs=1, max_steps_per_epoch=2).load_checkpoint(ckpt)
+
+
 def test_divergence_raises_a_specific_error(corpus):
     trainer = make_trainer(corpus)
     with torch.no_grad():
         trainer.model.decoder.bias.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="loss became nan at epoch 1, step 1"):
         trainer.fit()
+
+
+def test_a_run_that_does_not_learn_fails(corpus, tmp_path):
+    """lr 50 "trains" to hundreds of BPC without a NaN (issue 8, item 7): a failure, not a result."""
+    unigram = corpus.unigram_entropy_bits()
+    saver = PeriodicCheckpoint(tmp_path / "c")
+    trainer = make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=50, callbacks=[saver])
+    with pytest.raises(NotLearningError, match=rf"did not learn: valid BPC \d+\.\d+ after epoch 1 \(10 steps\), "
+                                               rf"unigram entropy {unigram:.3f} bits; worse than uniform guessing"):
+        trainer.fit()
+    assert not (tmp_path / "c").exists()  # raised before the epoch was recorded
+    assert issubclass(NotLearningError, DivergenceError)  # callers that record divergence record this too
+
+    # A run that stays at its initial ~uniform BPC is caught by the unigram bar once it applies ...
+    with pytest.raises(NotLearningError, match="must be 0.1 bits below it after 10 steps"):
+        make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=1e-6, learn_after_steps=10).fit()
+    # ... but not before (tiny smoke runs), nor when the rule is off.
+    assert len(make_trainer(corpus, epochs=2, max_steps_per_epoch=10, lr=1e-6).fit().history) == 2
+    assert len(make_trainer(corpus, epochs=1, max_steps_per_epoch=10, lr=50, learn_check=False).fit().history) == 1
+
+
+def test_learning_failure_boundaries():
+    cfg = TrainConfig(learn_margin_bits=0.25, learn_after_steps=100)
+    unigram, vocab = 3.0, 16  # uniform guessing: 4 bits
+    def fails(bpc, step, c=cfg):
+        return learning_failure(bpc, 2, step, unigram, vocab, c)
+
+    # before learn_after_steps: only worse than uniform + 1 bit fails
+    assert fails(5.0, 99) is None and fails(4.5, 0) is None
+    assert "worse than uniform guessing (4.000 bits) by over 1 bit" in fails(5.0 + 1e-9, 99)
+    assert fails(float("nan"), 99) is not None and fails(float("inf"), 0) is not None
+    # from learn_after_steps on: strictly below unigram - margin, at every epoch (a later blow-up fails)
+    assert fails(2.75 - 1e-9, 100) is None
+    assert fails(2.75, 100) == ("did not learn: valid BPC 2.750 after epoch 2 (100 steps), unigram entropy 3.000 "
+                                "bits (must be 0.25 bits below it after 100 steps)")
+    assert fails(4.5, 5000) is not None and fails(float("nan"), 100) is not None
+    assert fails(100.0, 5000, TrainConfig(learn_check=False)) is None
+    with pytest.raises(ValueError, match="learn_margin_bits"):
+        TrainConfig(learn_margin_bits=-0.1)
+
+
+def test_cli_exit_code_3_when_not_learning(tmp_path, capsys):
+    args = ["--corpus", "synthetic", "--epochs", "1", "--max-steps-per-epoch", "5", "--width", "16", "--embedding-dim",
+            "8", "--batch-size", "8", "--bptt", "16", "--quiet", "--sample", "0", "--lr", "50"]
+    assert train_main([*args, "--out", str(tmp_path / "a")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: did not learn: valid BPC") and err.count("\n") == 1, err
+    assert train_main([*args, "--out", str(tmp_path / "b"), "--learn-check", "false"]) == 0
 
 
 def test_early_stopping_and_time_budget(corpus):
@@ -106,8 +214,9 @@ def test_evaluation_counts_every_symbol(corpus):
 
 
 def run_cli(*args, cwd):
+    """The CLI of this checkout (not whatever copy of nlstm the interpreter has installed)."""
     return subprocess.run([sys.executable, "-m", "nlstm.train", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+                          timeout=300, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 def test_cli_trains_writes_outputs_and_resumes(tmp_path):
@@ -121,6 +230,16 @@ def test_cli_trains_writes_outputs_and_resumes(tmp_path):
     again = run_cli(*args[:3], "2", *args[4:], cwd=tmp_path)  # two epochs now: resumes after the first
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "epoch   2" in again.stdout and "epoch   1" not in again.stdout
+    assert "(epochs 1 -> 2)" in again.stdout
+    recorded = [{"epoch": 1, "global_step": 3, "changes": {"epochs": [1, 2]}}]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["setting_changes"] == recorded
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["setting_changes"] == recorded
+
+    other_lr = run_cli(*args[:3], "3", *args[4:], "--lr", "0.01", "--dropout", "0.1", cwd=tmp_path)
+    assert other_lr.returncode == 2, other_lr.stdout + other_lr.stderr
+    assert other_lr.stderr.strip().count("\n") == 0, other_lr.stderr
+    assert "lr 0.002 -> 0.01" in other_lr.stderr and "dropout 0.0 -> 0.1" in other_lr.stderr
+    assert "epochs" not in other_lr.stderr and "--fresh" in other_lr.stderr
 
 
 @pytest.mark.parametrize("args,message", [

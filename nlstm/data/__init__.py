@@ -5,7 +5,7 @@ Pure PyTorch/NumPy plus the standard library (tqdm optional, for download progre
 """
 
 from nlstm.data.batching import StreamBatches, batchify, batchify_padded
-from nlstm.data.corpora import CORPUS_NAMES, Corpus, load_corpus
+from nlstm.data.corpora import CORPUS_NAMES, Corpus, load_corpus, unigram_entropy_bits
 from nlstm.data.download import (
     ChecksumError,
     CorpusError,
@@ -31,4 +31,5 @@ __all__ = [
     "default_data_dir",
     "load_corpus",
     "synthetic_corpus",
+    "unigram_entropy_bits",
 ]

@@ -18,6 +18,10 @@ B: ``num_tokens == len(data) - 1``. The last row(s) are padded at the end with `
 (-100, ``cross_entropy``'s default ``ignore_index``); in ``x`` padding is replaced by id 0 so
 an embedding lookup stays valid, while ``y`` keeps -100 so the loss ignores those positions.
 (The cost: each row starts from a fresh state, as the other B-1 rows do in training.)
+
+Memory: a corpus holds its streams in a small dtype (uint8 for characters), possibly
+memory-mapped. ``StreamBatches`` keeps its rows in that dtype (training rows are a view of the
+stream, not a copy) and converts to int64 one window at a time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def batchify_padded(data: torch.Tensor, batch_size: int, pad_value: int = -100) -> torch.Tensor:
-    """(B, L + 1) with row b = ``data[b*L : b*L + L + 1]`` (rows overlap by one symbol),
+    """(B, L + 1) int64 with row b = ``data[b*L : b*L + L + 1]`` (rows overlap by one symbol),
     L = ceil((len(data) - 1) / B), padded at the end with ``pad_value``; keeps every symbol.
 
     Column 0 holds inputs only; columns 1..L of all rows together are ``data[1:]`` exactly once
@@ -59,7 +63,7 @@ def batchify_padded(data: torch.Tensor, batch_size: int, pad_value: int = -100) 
     if n < 2:
         raise ValueError("need at least 2 tokens (one input, one target)")
     length = -(-(n - 1) // batch_size)
-    padded = torch.full((batch_size * length + 1,), pad_value, dtype=data.dtype)
+    padded = torch.full((batch_size * length + 1,), pad_value, dtype=torch.long)
     padded[:n] = data
     starts = torch.arange(batch_size) * length
     cols = torch.arange(length + 1)
@@ -71,7 +75,9 @@ class StreamBatches:
 
     ``batches[i]`` is window i: ``x = rows[:, i*bptt : i*bptt + T]``, ``y`` the same columns
     shifted by one, T = ``bptt`` except for a shorter last window. Windows are independent
-    tensors (contiguous copies), so a trainer may modify them.
+    int64 tensors (contiguous copies), so a trainer may modify them. With ``pad=True`` the
+    rows are those of ``batchify_padded``; they are stored in the stream's dtype with 0 in the
+    padding, and ``y`` gets ``pad_value`` there per window.
     """
 
     def __init__(
@@ -84,12 +90,21 @@ class StreamBatches:
         self.pad = pad
         self.pad_value = pad_value
         if pad:
-            self.rows = batchify_padded(data, batch_size, pad_value)
-            self._inputs = self.rows.masked_fill(self.rows == pad_value, 0)
-            self.num_tokens = int((self.rows[:, 1:] != pad_value).sum())
+            _check_stream(data, batch_size)
+            if pad_value >= 0:
+                raise ValueError("pad_value must be negative so it can never be a real token id")
+            n = data.numel()
+            if n < 2:
+                raise ValueError("need at least 2 tokens (one input, one target)")
+            length = -(-(n - 1) // batch_size)
+            stream = torch.zeros(batch_size * length + 1, dtype=data.dtype)
+            stream[:n] = data
+            # row b = stream[b*L : b*L + L + 1]: overlapping rows, a strided view of one padded copy
+            self.rows = stream.as_strided((batch_size, length + 1), (length, 1))
+            self._length, self._n = length, n
+            self.num_tokens = n - 1
         else:
             self.rows = batchify(data, batch_size)
-            self._inputs = self.rows
             self.num_tokens = self.rows[:, 1:].numel()
         self._targets_per_row = self.rows.shape[1] - 1
 
@@ -106,8 +121,11 @@ class StreamBatches:
         if not -n <= i < n:
             raise IndexError(f"batch index {i} out of range for {n} batches")
         start, t = self.window(i % n)
-        x = self._inputs[:, start : start + t].contiguous()
-        y = self.rows[:, start + 1 : start + 1 + t].contiguous()
+        x = self.rows[:, start : start + t].to(torch.long, memory_format=torch.contiguous_format, copy=True)
+        y = self.rows[:, start + 1 : start + 1 + t].to(torch.long, memory_format=torch.contiguous_format, copy=True)
+        if self.pad:  # a symbol's place in the stream: b*L + column; past the end is padding
+            where = torch.arange(self.batch_size)[:, None] * self._length + torch.arange(start + 1, start + 1 + t)
+            y.masked_fill_(where >= self._n, self.pad_value)
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

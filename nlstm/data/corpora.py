@@ -47,6 +47,7 @@ from nlstm.data.download import (
     sha256_file,
     verify_file,
 )
+from nlstm.data.token_cache import cache_key, cached_streams, smallest_dtype
 from nlstm.data.vocab import Vocabulary
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "CorpusSpec",
     "RemoteFile",
     "load_corpus",
+    "unigram_entropy_bits",
 ]
 
 EOS = "<eos>"
@@ -76,10 +78,52 @@ MAHONEY_SPLIT = (90_000_000, 95_000_000)
 # ------------------------------------------------------------------------------------------
 
 
+_CHUNK = 1 << 22  # symbols converted to int64 at a time (fingerprint, counts): bounds the copy to 32 MB
+
+
+def _counts(ids: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount`` of ids in [0, minlength), in chunks: it copies its input to int64, which
+    would be 800 MB for 100M uint8 symbols."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, ids.size, _CHUNK):
+        counts += np.bincount(ids[start : start + _CHUNK], minlength=minlength)
+    return counts
+
+
+def unigram_entropy_bits(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy in bits of the symbol frequencies of ``tokens`` (ids in [0, vocab_size)); 0 if empty."""
+    counts = _counts(tokens.contiguous().numpy(), vocab_size)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+_ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def streams_fingerprint(vocab: Vocabulary, train: torch.Tensor, valid: torch.Tensor, test: torch.Tensor) -> str:
+    """sha256 hex over the vocabulary and the three streams as little-endian int64, whatever
+    their storage dtype (so the value is the same as when streams were held as int64)."""
+    h = hashlib.sha256(b"nlstm-corpus-v1\n")
+    h.update(vocab.to_json().encode("utf-8"))
+    for split, t in zip(SPLIT_NAMES, (train, valid, test), strict=True):
+        flat = t.contiguous().numpy()
+        h.update(f"\n{split}:{flat.size}\n".encode())
+        for start in range(0, flat.size, _CHUNK):
+            h.update(np.ascontiguousarray(flat[start : start + _CHUNK].astype("<i8")).data)
+    return h.hexdigest()
+
+
 @dataclass(frozen=True, eq=False)
 class Corpus:
-    """A tokenised corpus: one vocabulary and three 1-D int64 token streams.
+    """A tokenised corpus: one vocabulary and three 1-D token streams.
 
+    The streams are stored in the smallest integer dtype that holds the vocabulary
+    (``token_cache.smallest_dtype``: uint8 for every character corpus here; tensors given in
+    another integer dtype are converted once). text8 as int64 would be 800 MB per process;
+    consumers convert to int64 per batch (``StreamBatches``) or call ``.long()`` on a slice.
     The streams are treated as immutable (``fingerprint`` is computed once and cached).
     ``source``: the folder (or generator description) the data came from; ``checksums``: the
     sha256 of each source file used, keyed by its relative path.
@@ -94,28 +138,25 @@ class Corpus:
     checksums: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        dtype = smallest_dtype(len(self.vocab))
         for split in SPLIT_NAMES:
             t = getattr(self, split)
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.dim() != 1:
-                raise TypeError(f"Corpus.{split} must be a 1-D int64 tensor")
+            if not isinstance(t, torch.Tensor) or t.dtype not in _ID_DTYPES or t.dim() != 1:
+                raise TypeError(f"Corpus.{split} must be a 1-D integer tensor ({', '.join(map(str, _ID_DTYPES))})")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(self.vocab)):
                 raise ValueError(f"Corpus.{split} has ids outside [0, {len(self.vocab)})")
+            if t.dtype != dtype:
+                object.__setattr__(self, split, t.to(dtype))
 
     @cached_property
     def fingerprint(self) -> str:
         """sha256 hex over the vocabulary and the three streams: the "data checksum".
 
-        Independent of ``name``/``source``, so the same data found in another folder (or
-        regenerated from the same seed) has the same fingerprint; any change of a token,
-        of the split points or of the vocabulary changes it.
+        Independent of ``name``/``source`` and of the storage dtype, so the same data found in
+        another folder (or regenerated from the same seed) has the same fingerprint; any change
+        of a token, of the split points or of the vocabulary changes it.
         """
-        h = hashlib.sha256(b"nlstm-corpus-v1\n")
-        h.update(self.vocab.to_json().encode("utf-8"))
-        for split in SPLIT_NAMES:
-            t = getattr(self, split).contiguous()
-            h.update(f"\n{split}:{t.numel()}\n".encode())
-            h.update(np.ascontiguousarray(t.numpy().astype("<i8", copy=False)).data)
-        return h.hexdigest()
+        return streams_fingerprint(self.vocab, self.train, self.valid, self.test)
 
     def truncated(self, max_train: int, max_eval: int) -> Corpus:
         """Prefixes of the streams (for smoke runs); the fingerprint changes accordingly."""
@@ -132,9 +173,7 @@ class Corpus:
     def unigram_entropy_bits(self) -> float:
         """Entropy (bits/symbol) of the train unigram distribution: the BPC of a model that
         ignores context, i.e. the bar any sequence model must clear."""
-        counts = torch.bincount(self.train, minlength=len(self.vocab)).double()
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * torch.log2(p)).sum())
+        return unigram_entropy_bits(self.train, len(self.vocab))
 
     def __repr__(self) -> str:
         return (
@@ -255,11 +294,11 @@ def _chars_corpus(text: str | bytes, cut: tuple[int, int]) -> Streams:
     """Character (or byte) streams cut at ``cut``; vocabulary = every distinct symbol."""
     if isinstance(text, bytes) or text.isascii():  # bincount: O(n), no 100M-element sort
         raw = text if isinstance(text, bytes) else text.encode("ascii")
-        codes = np.flatnonzero(np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256))
+        codes = np.flatnonzero(_counts(np.frombuffer(raw, dtype=np.uint8), 256))
     else:
         codes = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
     vocab = Vocabulary.from_symbols(chr(int(c)) for c in codes)
-    ids = vocab.encode(text)
+    ids = vocab.encode(text, dtype=smallest_dtype(len(vocab)))
     a, b = cut
     return vocab, ids[:a], ids[a:b], ids[b:]
 
@@ -426,11 +465,25 @@ def _resolve_files(
     return ordered, {p: checksums[p] for p in ordered}, "; ".join(roots)
 
 
+def _cached_corpus(name: str, checksums: dict[str, str], options: Mapping[str, object], source: str,
+                   cache_root: Path, cache_tokens: bool, build: Callable[[], Streams]) -> Corpus:
+    """Build the streams, or map them from the token cache (see token_cache.py)."""
+    if not cache_tokens:
+        return Corpus(name, *build(), source=source, checksums=checksums)
+    key = cache_key(name, checksums, options)
+    streams, fingerprint = cached_streams(cache_root, name, key, build, lambda s: streams_fingerprint(*s))
+    corpus = Corpus(name, *streams, source=source, checksums=checksums)
+    if fingerprint is not None:
+        corpus.__dict__["fingerprint"] = fingerprint  # computed when the entry was built; the entry is verified
+    return corpus
+
+
 def load_corpus(
     name: str,
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     download: bool = True,
+    cache_tokens: bool = True,
     **options: object,
 ) -> Corpus:
     """Load a corpus by name (see ``CORPUS_NAMES``; also ``text:<path>``).
@@ -439,13 +492,19 @@ def load_corpus(
     ``text:``, ``eval_set="5"|"all"`` for chinese-poetry, ``SyntheticConfig`` fields for
     synthetic. Raises ChecksumError on a file whose sha256 is not the expected one and
     CorpusNotFoundError when the files are absent and cannot be downloaded.
+
+    File corpora are encoded once and kept in the cache folder (``tokens/``, memory-mapped on
+    later loads; ``cache_tokens=False``: encode in memory every time). Nothing is ever written to
+    ``data_dir``, which may be read-only.
     """
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if name.startswith("text:"):
         path = Path(name[len("text:") :]).expanduser()
         if not path.is_file():
             raise CorpusNotFoundError(f"text corpus file {path} does not exist")
-        vocab, train, valid, test = _build_text_file(path, **options)  # type: ignore[arg-type]
-        return Corpus(name, vocab, train, valid, test, source=str(path), checksums={path.name: sha256_file(path)})
+        checksums = {path.name: sha256_file(path)}
+        return _cached_corpus(name, checksums, options, str(path), cache_root, cache_tokens,
+                              lambda: _build_text_file(path, **options))  # type: ignore[arg-type]
     key = CORPUS_ALIASES.get(name.lower(), name.lower())
     if key == "synthetic":
         from nlstm.data.synthetic import SyntheticConfig, synthetic_corpus
@@ -455,8 +514,7 @@ def load_corpus(
         raise CorpusError(f"unknown corpus {name!r}; known: {', '.join(CORPUS_NAMES)}, text:<path>")
     spec = CORPORA[key]
     data_root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     files = spec.required(options)
     paths, checksums, source = _resolve_files(spec, files, data_root, cache_root, download)
-    vocab, train, valid, test = spec.build(paths, **options)
-    return Corpus(spec.name, vocab, train, valid, test, source=source, checksums=checksums)
+    return _cached_corpus(spec.name, checksums, options, source, cache_root, cache_tokens,
+                          lambda: spec.build(paths, **options))

@@ -88,22 +88,25 @@ class Vocabulary:
     def eos_id(self) -> int | None:
         return None if self.eos is None else self._index[self.eos]
 
-    def encode(self, symbols: str | bytes | Sequence[str]) -> torch.Tensor:
-        """Ids (1-D int64 tensor) of ``symbols``.
+    def encode(self, symbols: str | bytes | Sequence[str], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Ids (1-D tensor of ``dtype``, int64 by default) of ``symbols``.
 
         A ``str`` is read as a sequence of characters, ``bytes`` as a sequence of Latin-1
-        characters (one symbol per byte, as for enwik8); both take the vectorised path.
+        characters (one symbol per byte, as for enwik8); both take the vectorised path, which
+        writes ``dtype`` directly (100M characters as uint8 never pass through int64).
         Any other sequence is a list of tokens (multi-character tokens such as ``<eos>``).
         """
+        if len(self) > torch.iinfo(dtype).max + 1:
+            raise ValueError(f"{dtype} cannot hold the ids of {len(self)} symbols")
         if isinstance(symbols, (str, bytes)):
-            return torch.from_numpy(self._encode_chars(symbols))
+            return torch.from_numpy(self._encode_chars(symbols, torch.empty(0, dtype=dtype).numpy().dtype))
         get = self._index.get
         ids = [get(s, -1) for s in symbols]
         if -1 in ids:  # rare: redo with unk mapping (or a KeyError naming the symbol)
             ids = [self.id_of(s) for s in symbols]
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(ids, dtype=dtype)
 
-    def _encode_chars(self, text: str | bytes) -> np.ndarray:
+    def _encode_chars(self, text: str | bytes, dtype: np.dtype) -> np.ndarray:
         if isinstance(text, bytes):
             codes = np.frombuffer(text, dtype=np.uint8)
         elif text.isascii():
@@ -111,19 +114,21 @@ class Vocabulary:
         else:
             codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         if codes.size == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=dtype)
         table_size = int(codes.max()) + 1
-        table = np.full(table_size, -1, dtype=np.int64)
+        table = np.zeros(table_size, dtype=dtype)
+        known = np.zeros(table_size, dtype=bool)
         for s, i in self._index.items():
             if len(s) == 1 and ord(s) < table_size:
-                table[ord(s)] = i
+                table[ord(s)], known[ord(s)] = i, True
         ids = table[codes]
-        missing = ids < 0
-        if missing.any():
-            if self.unk is None:
-                bad = chr(int(codes[np.argmax(missing)]))
-                raise KeyError(f"symbol {bad!r} is not in the vocabulary")
-            ids[missing] = self._index[self.unk]
+        if not known.all():
+            missing = ~known[codes]
+            if missing.any():
+                if self.unk is None:
+                    bad = chr(int(codes[np.argmax(missing)]))
+                    raise KeyError(f"symbol {bad!r} is not in the vocabulary")
+                ids[missing] = self._index[self.unk]
         return ids
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> list[str]:
