@@ -70,6 +70,7 @@ class CharLM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
 
     def embed(self, tokens: Tensor) -> Tensor:
+        tokens = tokens.long()  # corpora hold tokens in the smallest dtype that fits (uint8 for characters)
         if self.embedding is None:
             return F.one_hot(tokens, self.cfg.vocab_size).to(self.decoder.weight.dtype)
         return self.embedding(tokens)

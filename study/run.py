@@ -314,7 +314,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
                                          "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
                                                     "test": len(corpus.test)}}})
         params = {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
-                  "metric": "valid_bpc",
+                  "unigram_entropy_bits": round(corpus.unigram_entropy_bits(), 6), "metric": "valid_bpc",
                   "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
                   "num_samples": num_samples(spec) if spec.search else 0}
         tracker.open(restart=args.restart, environment=env, data_params=params)

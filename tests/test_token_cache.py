@@ -170,3 +170,17 @@ def test_a_real_corpus_is_cached_outside_its_read_only_data_dir(tmp_path, monkey
         assert torch.equal(got, getattr(fresh, split)) and got.dtype == torch.uint8
     assert cached.fingerprint == built.fingerprint == fresh.fingerprint == int64_fingerprint(fresh)
     assert len(entries(cache)) == 1 and sorted(p.name for p in data_dir.rglob("*")) == before
+
+
+def test_the_model_reads_small_dtype_tokens_as_it_reads_int64():
+    """Corpora hand out uint8 streams: the model (forward, generate) must take them as they are."""
+    from nlstm import CharLM, ModelConfig
+
+    for embedding_dim in (None, 4):
+        torch.manual_seed(0)
+        model = CharLM(ModelConfig(vocab_size=10, width=8, embedding_dim=embedding_dim))
+        tokens = torch.tensor([[1, 2, 3, 9]])
+        assert torch.equal(model(tokens.to(torch.uint8))[0], model(tokens)[0])
+        g = torch.Generator().manual_seed(1)
+        sample = model.generate(tokens[0].to(torch.uint8), 5, generator=g)
+        assert torch.equal(sample, model.generate(tokens[0], 5, generator=torch.Generator().manual_seed(1)))
