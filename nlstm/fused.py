@@ -30,9 +30,11 @@ a loop, ``NestedLSTM(impl="reference")``); ``tests/test_fused.py`` binds the two
   made once (a view costs about 1 us), so the loops only launch kernels, all with ``out=``.
 
 Inference (grad mode off, or nothing requires grad) runs the same forward without the helpers
-the backward needs. With a :class:`FusedWorkspace` (``NestedLSTM`` owns one) the prepared weights
-and, for single steps, all buffers are reused across calls: one-step generation allocates only
-its outputs (the step's output and the new memories).
+the backward needs; a single step (T = 1, generation) skips the weight preparation and works on
+the parameters as they are, in pooled scratch: it allocates only its outputs. Nothing is cached
+between calls but scratch memory, each call's leased to it alone: no call can see stale weights
+(whatever wrote them: fused/foreach optimizers, ``p.data``, ``load_state_dict``) or another
+thread's buffers.
 
 The code is device-agnostic: the same Function runs on CUDA tensors (the generic GEMM path).
 CUDA-only extras (CUDA-graph replay of both time loops) live in :mod:`nlstm.fused_cuda`,
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["FusedNestedLSTMFunction", "FusedWorkspace", "empty_cache", "fused_nested_lstm", "gemm_backend"]
+__all__ = ["FusedNestedLSTMFunction", "empty_cache", "fused_nested_lstm", "gemm_backend"]
 
 GEMM_BACKENDS = ("auto", "mkldnn", "generic")
 
@@ -634,83 +636,96 @@ def _check(x, h0, c0, w_ih, w_hh, b) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Inference and the workspace
+# Inference
 # --------------------------------------------------------------------------------------------
+#
+# Nothing here is cached across calls except pooled scratch memory: every call reads the weights
+# as they are now (an optimizer step of any kind, a write through ``p.data``, ``load_state_dict``
+# or ``set_`` is always seen), and every call works in buffers leased to it alone, so any number
+# of threads may run one model at once. Preparing (reordering, packing) the weights per call costs
+# about as much as checking a cached copy against them would (both read all weights; measured in
+# docs/benchmarks.md): ~1 % of a whole-sequence call, and single steps skip preparation entirely.
 
 
-class FusedWorkspace:
-    """What no-grad calls keep between calls: the prepared (reordered, packed) weights, and for
-    single-step calls (T = 1) every buffer, so that generating one step at a time allocates only
-    its outputs. One entry each, so memory stays bounded.
+@dataclass
+class _StepBuffers:
+    """Scratch of one no-grad single step (pooled): the gate pre-activations of each level in
+    torch's i, f, g, o order, the next level's input and "previous hidden", tanh(c)."""
 
-    Prepared weights are recognised by each parameter's storage, shape and version counter, so
-    every in-place update (optimizer steps, ``load_state_dict``, ``p.copy_()`` under no_grad)
-    invalidates them; only writes through ``p.data``, which bypass the version counter, are not
-    seen (call :meth:`clear` after those). Copies and pickles of a module start empty.
-    """
+    A: list[Tensor]  # level k: (B, 4n)
+    U: list[Tensor]  # (B, n) each, level k >= 1 (index 0 unused)
+    R: list[Tensor]
+    th: Tensor  # (B, n)
+    generation: int = 0
 
-    def __init__(self) -> None:
-        self.clear()
 
-    def clear(self) -> None:
-        self._buffers_key: tuple | None = None
-        self._buffers: _Buffers | None = None
-        self._weights_key: tuple | None = None
-        self._weights: _Weights | None = None
-
-    def buffers(self, T: int, B: int, n: int, depth: int, like: Tensor) -> _Buffers:
-        key = (T, B, n, depth, like.dtype, like.device)
-        if key != self._buffers_key:
-            self._buffers = self._buffers_key = None  # free the old entry first
-            self._buffers = _allocate(T, B, n, depth, like, train=False)
-            self._buffers_key = key
-        return self._buffers  # type: ignore[return-value]
-
-    def weights(self, w_ih, w_hh, b, outer_identity: bool, mkldnn: bool, batch: int) -> _Weights:
-        params = (*w_ih, *w_hh, *b)
-        key = (outer_identity, mkldnn, *((p.data_ptr(), p._version, p.shape, p.dtype, p.device) for p in params))
-        if key != self._weights_key:
-            self._weights = self._weights_key = None
-            self._weights = _prepare_weights(w_ih, w_hh, b, outer_identity, mkldnn, batch)
-            self._weights_key = key
-        return self._weights  # type: ignore[return-value]
-
-    def __deepcopy__(self, memo) -> FusedWorkspace:
-        return FusedWorkspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.clear()
+def _allocate_step(B: int, n: int, depth: int, like: Tensor) -> _StepBuffers:
+    kw = dict(dtype=like.dtype, device=like.device)
+    return _StepBuffers(
+        A=[torch.empty(B, 4 * n, **kw) for _ in range(depth)],
+        U=[torch.empty(B, n, **kw) for _ in range(depth)],
+        R=[torch.empty(B, n, **kw) for _ in range(depth)],
+        th=torch.empty(B, n, **kw),
+    )
 
 
 @torch.no_grad()
-def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories, workspace):
+def _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity):
+    """One step (T = 1, what generation makes after its prompt) straight from the parameters.
+
+    The whole-sequence kernel's layout (reordered rows, scaled tanh rows, concatenated level
+    weights) pays for itself over many steps; for one step, preparing it would cost as much as the
+    step. So this runs :func:`nlstm.cell.nested_lstm_step`'s arithmetic on the weights as they are,
+    in leased scratch buffers: it allocates only its outputs (h and the D new memories)."""
+    _, B, _ = x.shape
+    n, depth = h0.shape[1], len(c0)
+    inner = depth - 1
+    lease = _Lease(("step", B, n, depth, x.dtype, x.device), lambda: _allocate_step(B, n, depth, x))
+    s = lease.item
+    out = x.new_empty(1, B, n)
+    c_new = [x.new_empty(B, n) for _ in range(depth)]
+    u, r = x[0], h0
+    gates = []
+    for k in range(depth):
+        a = s.A[k]
+        torch.addmm(b[k], u, w_ih[k].t(), out=a)
+        a.addmm_(r, w_hh[k].t())
+        i, f, g, o = a.chunk(4, 1)
+        a[:, : 2 * n].sigmoid_()
+        o.sigmoid_()
+        if _g_is_tanh(k, depth, outer_identity):
+            g.tanh_()
+        gates.append((i, f, g, o))
+        if k < inner:  # the next level's input u = i g and "previous hidden" r = f c_prev
+            u, r = torch.mul(i, g, out=s.U[k + 1]), torch.mul(f, c0[k], out=s.R[k + 1])
+    i, f, g, o = gates[inner]
+    torch.mul(i, g, out=s.th)
+    torch.addcmul(s.th, f, c0[inner], out=c_new[inner])  # the innermost memory: f c_prev + i g
+    for k in range(inner, -1, -1):  # h^k = o tanh(c^k); h^k is the memory c^{k-1} (or the output)
+        dest = out[0] if k == 0 else c_new[k - 1]
+        torch.tanh(c_new[k], out=s.th)
+        torch.mul(gates[k][3], s.th, out=dest)
+    lease.release()
+    return out, (out[0], tuple(c_new))
+
+
+@torch.no_grad()
+def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
     _check(x, h0, c0, w_ih, w_hh, b)
     T, B, _ = x.shape
     n, depth = h0.shape[1], len(c0)
-    # One step at a time (generation): the allocation-free addmm(out=) path with reused buffers.
-    # Whole sequences: the fastest GEMMs, fresh buffers.
-    mk = T > 1 and gemm_backend(x) == "mkldnn"
-    if workspace is None:
-        w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
-    else:
-        w = workspace.weights(w_ih, w_hh, b, outer_identity, mk, B)
-    lease = None
-    if workspace is not None and T == 1:
-        buf = workspace.buffers(T, B, n, depth, x)
-        _forward_loop(x, h0, c0, w, buf)
-        out = buf.out.clone()
-    else:
-        lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
-        buf = lease.item
-        _forward_loop(x, h0, c0, w, buf)
-        out = buf.out
+    if T == 1:
+        out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
+        return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
+    mk = gemm_backend(x) == "mkldnn"
+    w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
+    lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
+    buf = lease.item
+    _forward_loop(x, h0, c0, w, buf)
+    out = buf.out
     c_last = tuple(buf.G[k][T, :, 4 * n :].clone() for k in range(depth))
     mems = tuple(buf.G[k][1:, :, 4 * n :].clone() for k in range(depth)) if return_memories else None
-    if lease is not None:
-        lease.release()
+    lease.release()
     return out, (out[T - 1], c_last), mems
 
 
@@ -722,13 +737,12 @@ def fused_nested_lstm(
     biases: Sequence[Tensor],
     outer_candidate: str = "identity",
     return_memories: bool = False,
-    workspace: FusedWorkspace | None = None,
 ) -> tuple[Tensor, tuple[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...] | None]:
     """The Nested LSTM over a time-major sequence ``x_tm`` (T, B, in) from ``state = (h0, (c0^0, ...))``.
 
     Returns ``(out (T, B, n), (h_T, (c^0_T, ...)), memories)``; ``memories`` is a tuple of D
     (T, B, n) traces of c^k with ``return_memories``, else None. Gradients reach x, the state and
-    every weight. ``workspace`` is used only when nothing needs a gradient."""
+    every weight. Calls share no state: any number of threads may run one set of weights at once."""
     depth = len(weights_ih)
     if outer_candidate not in ("identity", "tanh"):
         raise ValueError(f"outer_candidate must be 'identity' or 'tanh', got {outer_candidate!r}")
@@ -745,11 +759,11 @@ def fused_nested_lstm(
         with torch.autocast(device_type, enabled=False):
             return fused_nested_lstm(
                 x_tm.to(dtype), (h0.to(dtype), tuple(c.to(dtype) for c in c0)), weights_ih, weights_hh,
-                biases, outer_candidate, return_memories, workspace,
+                biases, outer_candidate, return_memories,
             )
     outer_identity = outer_candidate == "identity"
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _inference(x_tm, h0, c0, weights_ih, weights_hh, biases, outer_identity, return_memories, workspace)
+        return _inference(x_tm, h0, c0, weights_ih, weights_hh, biases, outer_identity, return_memories)
     if x_tm.device.type == "cuda":
         from nlstm import fused_cuda  # GPU-only extras, imported only here
 
