@@ -47,6 +47,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -179,6 +180,94 @@ def _prepare_weights(
         w.ph0 = pack(wh0, batch)  # the hoisted GEMM takes wx0 as it is (packing it does not pay)
         w.pcat = [None] + [pack(wcat[k], batch) for k in range(1, depth)]
     return w
+
+
+# --------------------------------------------------------------------------------------------
+# Denormals
+# --------------------------------------------------------------------------------------------
+#
+# A trained model's saturated gates produce denormal floats (sigmoid(-2z) of a large z, products
+# of tiny gates). Intel CPUs handle those in slow microcode (issue 11: a trained model's step
+# took 2.2x as long as with flush-to-zero); oneDNN's LSTM does not suffer. So the kernel's loops
+# run with FTZ/DAZ set (denormal results and inputs count as zero: a change below 1.2e-38 in
+# float32, 2.2e-308 in float64), on the calling thread AND on its OpenMP workers, which run the
+# parallel GEMMs and element-wise kernels and have their own MXCSR (torch.set_flush_denormal
+# sets only the calling thread's). The previous floating-point environment is put back
+# afterwards. The workers are reached through libgomp (torch's CPU thread pool): one parallel
+# region that calls the C library's ``fesetenv`` on every thread of the caller's team, no Python
+# and no compiler involved. Where that is not available (no libgomp, not glibc), only the
+# calling thread is flushed: enough with one thread, and the workers keep the slow path.
+
+_FENV: tuple | None | bool = None
+
+
+def _fenv():
+    """(fegetenv, fesetenv, GOMP_parallel or None) through ctypes, or False where unavailable."""
+    global _FENV
+    if _FENV is None:
+        _FENV = False
+        try:
+            import ctypes
+            import ctypes.util
+            import platform
+
+            if platform.machine().lower() not in ("x86_64", "amd64"):
+                return _FENV  # FTZ/DAZ only exist (and only matter) on x86
+            libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            get, put = libm.fegetenv, libm.fesetenv
+            get.argtypes = put.argtypes = [ctypes.c_void_p]
+            gomp = None
+            maps = Path("/proc/self/maps")
+            paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/libgomp" in line} if (
+                maps.exists()) else set()
+            if len(paths) == 1:
+                gomp = ctypes.CDLL(paths.pop()).GOMP_parallel
+                gomp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                gomp.restype = None
+            _FENV = (get, put, ctypes.cast(put, ctypes.c_void_p), gomp, ctypes.create_string_buffer)
+        except (OSError, AttributeError):
+            _FENV = False
+    return _FENV
+
+
+class _FlushDenormals:
+    """Context: FTZ/DAZ on the calling thread and its OpenMP team (CPU only), restored on exit.
+
+    Only the kernel's own work runs inside. On exit every thread of the team gets the calling
+    thread's previous environment (what they all had, unless the caller changed its own alone).
+    Waking the team costs ~30 us; ``workers=False`` flushes the calling thread only (~5 us), for
+    single steps whose work is mostly on that thread. ``NLSTM_FLUSH_DENORMALS=0`` turns it off."""
+
+    __slots__ = ("on", "saved", "workers")
+
+    def __init__(self, x: Tensor, workers: bool = True) -> None:
+        self.on = x.device.type == "cpu" and os.environ.get("NLSTM_FLUSH_DENORMALS", "1") != "0" and bool(_fenv())
+        self.workers = workers
+
+    def _all(self, env) -> None:
+        get, put, put_ptr, gomp, _ = _fenv()  # type: ignore[misc]
+        threads = torch.get_num_threads()
+        if gomp is not None and threads > 1 and self.workers:
+            gomp(put_ptr, env, threads, 0)  # every thread of the team, the caller included
+        else:
+            put(env)
+
+    def __enter__(self):
+        if self.on:
+            get, put, _, _, buffer = _fenv()  # type: ignore[misc]
+            self.saved = buffer(256)  # fenv_t is 28-32 bytes on glibc; room to spare
+            get(self.saved)
+            if not torch.set_flush_denormal(True):  # a CPU without FTZ/DAZ: nothing was changed
+                self.on = False
+                return self
+            ftz = buffer(256)
+            get(ftz)
+            self._all(ftz)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self._all(self.saved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,7 +661,8 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
         lease = _lease_buffers(T, B, n, depth, x, train=True)
         buf = lease.item
-        _forward_loop(x, h0, c0, w, buf)
+        with _FlushDenormals(x):
+            _forward_loop(x, h0, c0, w, buf)
         w.ph0 = None  # the forward's packed weights are not needed any more
         w.pcat = []
         ctx.depth, ctx.return_memories = depth, return_memories
@@ -608,8 +698,10 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
             packed_t["cat"] = [None] + [pack(w.wcat[k].t().contiguous(), B) for k in range(1, depth)]
         da_lease = _Lease(("bwd", T, B, n, depth, out.dtype, out.device), lambda: _allocate_grads(T, B, n, depth, out))
         dA = da_lease.item.dA
-        dc0 = _backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
-        dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA, buf.UR)
+        with _FlushDenormals(x):
+            dc0 = _backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
+            dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA,
+                                                               buf.UR)
         dc0 = [dc0[k].clone() if ctx.needs_input_grad[5 + k] else None for k in range(depth)]
         da_lease.release()
         ctx.lease.release()  # buffers back to the pool; a retained graph's next backward checks generation
@@ -715,13 +807,15 @@ def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
     T, B, _ = x.shape
     n, depth = h0.shape[1], len(c0)
     if T == 1:
-        out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
+        with _FlushDenormals(x, workers=False):
+            out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
         return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
     mk = gemm_backend(x) == "mkldnn"
     w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
     lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
     buf = lease.item
-    _forward_loop(x, h0, c0, w, buf)
+    with _FlushDenormals(x):
+        _forward_loop(x, h0, c0, w, buf)
     out = buf.out
     c_last = tuple(buf.G[k][T, :, 4 * n :].clone() for k in range(depth))
     mems = tuple(buf.G[k][1:, :, 4 * n :].clone() for k in range(depth)) if return_memories else None
