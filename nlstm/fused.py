@@ -55,6 +55,7 @@ from torch import Tensor
 __all__ = ["FusedNestedLSTMFunction", "empty_cache", "fused_nested_lstm", "gemm_backend"]
 
 GEMM_BACKENDS = ("auto", "mkldnn", "generic")
+MIN_PACKED_STEPS = 16  # no-grad calls shorter than this use the generic GEMMs (no packing)
 
 
 def _g_is_tanh(level: int, depth: int, outer_identity: bool) -> bool:
@@ -810,7 +811,9 @@ def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
         with _FlushDenormals(x, workers=False):
             out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
         return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
-    mk = gemm_backend(x) == "mkldnn"
+    # Packing the step weights for oneDNN (~0.5 ms quiet, tens of ms when other processes hold the
+    # cores: the reorder is a parallel region) pays over a long sequence, not over a few steps.
+    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn"
     w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
     lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
     buf = lease.item

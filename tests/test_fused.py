@@ -412,10 +412,16 @@ def test_benchmark_quick_smoke():
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "B=4, T=8, H=16" in text and "torch threads" in text and "torch 2." in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert "ISA: " in text and "Trained vs fresh weights, 1 thread" in text
+    lines = text.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| model", "| target"))]
     names = [line.split("|")[1].strip() for line in rows]
-    assert names == ["nlstm fused", "nlstm reference", "torch LSTM x2", "torch LSTM x1 (matched)"]
+    assert names == ["nlstm fused", "nlstm reference", "torch LSTM x2", "torch LSTM x1 (matched)",
+                     "nlstm fused, trained", "nlstm fused, trained, flush off", "torch LSTM x2, trained",
+                     "nlstm fused, fresh", "torch LSTM x2, fresh", "training on trained weights"]
+    assert rows[6].split("|")[5].strip() == "1.00x" and rows[8].split("|")[5].strip() == "1.00x"
     lstm_row = rows[2].split("|")
     assert lstm_row[5].strip() == "1.00x"  # the baseline's own ratio
-    for row in rows:
+    for row in rows[:-1]:
         assert float(row.split("|")[4].replace(",", "")) > 0  # train tokens/s
+    assert rows[-1].split("|")[5].strip() == ">= 0.8x"  # the targets table

@@ -182,3 +182,13 @@ def test_no_grad_single_step_equals_reference(depth, outer):
         want, (h_ref, cs_ref), mems_ref = ref(x, state, return_memories=True)
     for a, b in zip([got, h, *cs, *mems], [want, h_ref, *cs_ref, *mems_ref], strict=True):
         torch.testing.assert_close(a, b, **TIGHT)
+
+
+@pytest.mark.parametrize("T", [5, 20])  # below and above MIN_PACKED_STEPS: generic and oneDNN GEMMs
+def test_float32_no_grad_sequence_after_fused_adam(T):
+    fus, ref = model_pair(torch.float32, input_size=12, hidden=20)
+    x = torch.randn(4, T, 12)
+    warm(fus, x)
+    opt = torch.optim.Adam(fus.parameters(), lr=0.05, fused=True)
+    train_step(fus, opt, x)
+    assert_matches_reference(fus, ref, x, atol=2e-5, rtol=1e-4)
