@@ -272,6 +272,41 @@ class _FlushDenormals:
 
 
 # --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+# Per-step GEMMs below this many multiply-adds run on the calling thread alone (B=32: widths up to
+# 125, B=64: 88). Each parallel GEMM is an OpenMP fork/join; at small widths the join costs about as much
+# as the work it splits, and when other processes hold the cores (a shared machine, parallel
+# trials) every join waits for a descheduled worker: measured on the 2-core EPYC under load,
+# B=32/T=100/H=64 took 843 ms per training step with 2 threads against 219 ms for nn.LSTM.
+# The few GEMMs outside the loops (input projection, weight gradients) lose little at that size.
+MAX_SERIAL_STEP_MACS = 4_000_000
+
+
+class _threads_for:  # noqa: N801 - used like a function in a ``with``
+    """Context: one torch thread inside when the per-step GEMMs are small (the whole call then
+    runs on the calling thread: its few large GEMMs lose little, and nothing waits for workers)."""
+
+    __slots__ = ("old",)
+
+    def __init__(self, B: int, n: int) -> None:
+        """The largest per-step GEMM, either direction: (B, 2n) x (2n, 4n) at a level k >= 1."""
+        self.old = 0
+        if B * 8 * n * n < MAX_SERIAL_STEP_MACS and os.environ.get("NLSTM_SERIAL_SMALL", "1") != "0":
+            self.old = torch.get_num_threads()
+
+    def __enter__(self):
+        if self.old > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old > 1:
+            torch.set_num_threads(self.old)
+
+
+# --------------------------------------------------------------------------------------------
 # Buffers and the forward loop
 # --------------------------------------------------------------------------------------------
 
@@ -659,10 +694,10 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         T, B, _ = x.shape
         n = h0.shape[1]
         mk = gemm_backend(x) == "mkldnn"
-        w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
-        lease = _lease_buffers(T, B, n, depth, x, train=True)
-        buf = lease.item
-        with _FlushDenormals(x):
+        with _threads_for(B, n), _FlushDenormals(x):
+            w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
+            lease = _lease_buffers(T, B, n, depth, x, train=True)
+            buf = lease.item
             _forward_loop(x, h0, c0, w, buf)
         w.ph0 = None  # the forward's packed weights are not needed any more
         w.pcat = []
@@ -691,15 +726,16 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         T, B, n = out.shape
         if dout is not None and not dout.is_contiguous():
             dout = dout.contiguous()
-        w.unscale()
-        packed_t = None
-        if w.mkldnn:
-            pack = _mkldnn_ops()[2]
-            packed_t = {"h0": pack(w.wh0.t().contiguous(), B)}
-            packed_t["cat"] = [None] + [pack(w.wcat[k].t().contiguous(), B) for k in range(1, depth)]
-        da_lease = _Lease(("bwd", T, B, n, depth, out.dtype, out.device), lambda: _allocate_grads(T, B, n, depth, out))
-        dA = da_lease.item.dA
-        with _FlushDenormals(x):
+        with _threads_for(B, n), _FlushDenormals(x):
+            w.unscale()
+            packed_t = None
+            if w.mkldnn:
+                pack = _mkldnn_ops()[2]
+                packed_t = {"h0": pack(w.wh0.t().contiguous(), B)}
+                packed_t["cat"] = [None] + [pack(w.wcat[k].t().contiguous(), B) for k in range(1, depth)]
+            da_lease = _Lease(("bwd", T, B, n, depth, out.dtype, out.device),
+                              lambda: _allocate_grads(T, B, n, depth, out))
+            dA = da_lease.item.dA
             dc0 = _backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
             dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA,
                                                                buf.UR)
@@ -808,16 +844,16 @@ def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
     T, B, _ = x.shape
     n, depth = h0.shape[1], len(c0)
     if T == 1:
-        with _FlushDenormals(x, workers=False):
+        with _threads_for(B, n), _FlushDenormals(x, workers=False):
             out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
         return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
     # Packing the step weights for oneDNN (~0.5 ms quiet, tens of ms when other processes hold the
     # cores: the reorder is a parallel region) pays over a long sequence, not over a few steps.
     mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn"
-    w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
-    lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
-    buf = lease.item
-    with _FlushDenormals(x):
+    with _threads_for(B, n), _FlushDenormals(x):
+        w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
+        lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
+        buf = lease.item
         _forward_loop(x, h0, c0, w, buf)
     out = buf.out
     c_last = tuple(buf.G[k][T, :, 4 * n :].clone() for k in range(depth))

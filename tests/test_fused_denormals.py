@@ -102,3 +102,28 @@ def test_saturated_float32_model_agrees_with_reference():
     for a, b in zip(outputs_and_grads(fus, x), outputs_and_grads(ref, x), strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("serial", ["1", "0"])
+def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch):
+    """Below MAX_SERIAL_STEP_MACS a call runs at one thread (NLSTM_SERIAL_SMALL=0: at all of them);
+    either way the result equals the reference in float64 and the caller's thread count is kept."""
+    monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
+    seen = []
+    real = fused._forward_loop
+    monkeypatch.setattr(fused, "_forward_loop", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    fus, ref = saturated_pair(torch.float64, 1.0)
+    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = outputs_and_grads(fus, x)
+        with torch.no_grad():
+            fus(x)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert after == 2
+    assert seen == ([1, 1] if serial == "1" else [2, 2])
+    for a, b in zip(got, outputs_and_grads(ref, x), strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
