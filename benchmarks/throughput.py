@@ -47,7 +47,9 @@ from torch import nn  # noqa: E402
 
 from nlstm import NestedLSTM, StackedLSTM, core_parameters  # noqa: E402
 
-CPU_SIZES = [(32, 100, 256), (64, 100, 512)]
+CPU_SIZES = [(32, 100, 64), (32, 100, 256), (64, 100, 512)]
+TRAINED = "64,100,121,150"  # B, T, width, training steps: the CPU studies' size (issue 11)
+TRAINED_THREADS = 1
 GPU_SIZES = [(128, 100, 1000)]
 QUICK_SIZES = [(4, 8, 16)]
 
@@ -64,6 +66,7 @@ class Row:
     infer_ms: float | None = None
     mem_mib: float | None = None
     note: str = ""
+    base: str | None = None  # the row its ratios are against (default: the first torch LSTM xD row)
 
 
 def matched_single_width(depth: int, width: int, input_size: int) -> int:
@@ -108,13 +111,16 @@ def sync(device: str) -> None:
 class Runner:
     """One model with its optimizer and inputs; ``train()`` and ``infer()`` each time one step."""
 
-    def __init__(self, kind: str, depth: int, B: int, T: int, H: int, device: str, seed: int = 0) -> None:
+    def __init__(self, kind: str, depth: int, B: int, T: int, H: int, device: str, seed: int = 0,
+                 model: nn.Module | None = None, x: torch.Tensor | None = None, flush: bool = True) -> None:
         torch.manual_seed(seed)
-        self.model = build(kind, depth, H, H, device)
+        self.model = build(kind, depth, H, H, device) if model is None else model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.x = torch.randn(T, B, H, device=device, requires_grad=True)
+        self.x = torch.randn(T, B, H, device=device) if x is None else x.detach().clone()
+        self.x.requires_grad_(True)
         self.device = device
         self.graphs = kind == "fused-graphs"
+        self.flush = flush
 
     def train(self) -> float:
         with self.env():
@@ -122,7 +128,7 @@ class Runner:
             t0 = time.perf_counter()
             out = self.model(self.x)[0]
             out.sum().backward()
-            self.opt.step()
+            self.opt.step()  # trained runners: the weights move a little per step, as in training
             self.opt.zero_grad(set_to_none=True)
             self.x.grad = None
             sync(self.device)
@@ -139,38 +145,77 @@ class Runner:
 
     @contextlib.contextmanager
     def env(self):
-        """The CUDA-graph row switches nlstm.fused_cuda on for its own calls only."""
-        old = os.environ.get("NLSTM_CUDA_GRAPHS")
-        os.environ["NLSTM_CUDA_GRAPHS"] = "1" if self.graphs else "0"
+        """The CUDA-graph row switches nlstm.fused_cuda on, the no-flush row the kernel's
+        flush-to-zero off, for their own calls only."""
+        settings = {"NLSTM_CUDA_GRAPHS": "1" if self.graphs else "0",
+                    "NLSTM_FLUSH_DENORMALS": "1" if self.flush else "0"}
+        old = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
         try:
             yield
         finally:
-            if old is None:
-                os.environ.pop("NLSTM_CUDA_GRAPHS", None)
-            else:
-                os.environ["NLSTM_CUDA_GRAPHS"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def time_size(rows: list[Row], depth: int, B: int, T: int, H: int, device: str, repeats: int, warmup: int) -> None:
     """Interleave the contenders: in each round every model runs once, so slow drifts of the
     machine hit them all alike. The reference runs fewer rounds (it is slow)."""
-    runners = {r.kind: Runner(r.kind, depth, B, T, H, device) for r in rows}
+    time_rows(rows, {r.name: Runner(r.kind, depth, B, T, H, device) for r in rows}, B * T, repeats, warmup)
+
+
+def time_rows(rows: list[Row], runners: dict[str, Runner], tokens: int, repeats: int, warmup: int) -> None:
+    """Time each row's runner (keyed by row name), interleaved round by round; medians."""
     ref_repeats = max(1, min(repeats, 3))
     for mode in ("train", "infer"):
-        times: dict[str, list[float]] = {r.kind: [] for r in rows}
+        times: dict[str, list[float]] = {r.name: [] for r in rows}
         for i in range(warmup + repeats):
             for r in rows:
                 if r.kind == "reference" and (i < warmup - 1 or i >= warmup + ref_repeats):
                     continue  # one warm-up round and ref_repeats timed rounds only
-                dt = getattr(runners[r.kind], mode)()
+                dt = getattr(runners[r.name], mode)()
                 if i >= warmup:
-                    times[r.kind].append(dt)
+                    times[r.name].append(dt)
         for r in rows:
-            med = statistics.median(times[r.kind])
+            med = statistics.median(times[r.name])
             setattr(r, f"{mode}_ms", med * 1e3)
-            setattr(r, f"{mode}_tps", B * T / med)
+            setattr(r, f"{mode}_tps", tokens / med)
             if r.kind == "reference":
-                r.note = f"median of {len(times[r.kind])}"
+                r.note = f"median of {len(times[r.name])}"
+
+
+def time_trained(depth: int, width: int, B: int, T: int, steps: int, repeats: int, warmup: int,
+                 threads: int) -> tuple[list[Row], str]:
+    """Fused NLSTM against nn.LSTM on trained weights (and on fresh ones, same inputs' source),
+    ``threads`` torch threads; also the fused kernel with its flush-to-zero off."""
+    from trained import trained_cores
+
+    trained = trained_cores(depth, width, B, T, steps)
+    fresh = trained_cores(depth, width, B, T, 0)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = core_parameters("nlstm", depth, width, trained.inputs["nlstm"].shape[2])
+        rows, runners = [], {}
+        for setup, label in ((trained, "trained"), (fresh, "fresh")):
+            lstm = f"torch LSTM x{depth}, {label}"
+            specs = [(f"nlstm fused, {label}", "nlstm", True), (lstm, "stacked", True)]
+            if label == "trained":
+                specs.insert(1, ("nlstm fused, trained, flush off", "nlstm", False))
+            for name, arch, flush in specs:
+                rows.append(Row(name, "fused" if arch == "nlstm" else "stacked", width, params, base=lstm))
+                runners[name] = Runner(rows[-1].kind, depth, B, T, width, "cpu", model=setup.cores[arch],
+                                       x=setup.inputs[arch], flush=flush)
+        time_rows(rows, runners, B * T, repeats, warmup)
+    finally:
+        torch.set_num_threads(old_threads)
+    how = (f"trained: {steps} Adam steps (lr {3e-3}) of B={B} x T={T} on {trained.corpus} characters, "
+           f"final training BPC nested {trained.bpc['nlstm']:.2f}, stacked {trained.bpc['stacked']:.2f}"
+           + (f", trained in this run ({trained.seconds:.0f} s)" if trained.seconds else ", loaded from the cache"))
+    return rows, how
 
 
 def measure_memory(kind: str, depth: int, B: int, T: int, H: int, device: str, threads: int) -> float | None:
@@ -250,6 +295,7 @@ def machine(device: str, threads: int) -> str:
         f"torch {torch.__version__}",
         f"python {platform.python_version()}",
         f"CPU: {cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}",
+        f"ISA: {isa_flags() or 'unknown'}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"oneDNN {torch.backends.mkldnn.is_available()}, MKL {torch.backends.mkl.is_available()}",
     ]
     if device == "cuda":
@@ -265,13 +311,53 @@ def machine(device: str, threads: int) -> str:
     return "; ".join(parts)
 
 
+def isa_flags() -> str:
+    """The vector ISA extensions that decide which kernels oneDNN, MKL and ATen pick."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in wanted if f in have) + (" (no AMX)" if "amx_tile" not in have else "")
+    except OSError:
+        pass
+    return ""
+
+
+TARGETS = [  # (what, size, mode, threads, minimum ratio): issue 11's targets, depth 2
+    ("training on trained weights", "trained", "train", TRAINED_THREADS, 0.8),
+    ("training", (32, 100, 256), "train", None, 0.9),
+    ("training", (64, 100, 512), "train", None, 0.9),
+    ("training", (32, 100, 64), "train", None, 0.7),
+    ("no-grad inference, whole sequence", (32, 100, 256), "infer", None, 0.8),
+]
+
+
+def targets_table(results: dict, labels: dict, threads: int) -> str:
+    """Where each target stands in this run (only the sizes that were run)."""
+    lines = ["Targets (fused NLSTM vs torch.nn.LSTM(num_layers=2), same width, same run)", "",
+             "| target | size | threads | measured | target | met? |", "|---|---|---:|---:|---:|---|"]
+    for what, size, mode, t, minimum in TARGETS:
+        if size not in results:
+            continue
+        rows = results[size]
+        by_name = {r.name: r for r in rows}
+        fused = next(r for r in rows if r.kind == "fused")
+        base = by_name[fused.base] if fused.base else next(r for r in rows if r.kind == "stacked")
+        ratio = getattr(fused, f"{mode}_tps") / getattr(base, f"{mode}_tps")
+        lines.append(f"| {what} | {labels[size]} | {t or threads} | {ratio:.2f}x | >= {minimum}x | "
+                     f"{'yes' if ratio >= minimum else 'no'} |")
+    return "\n".join(lines)
+
+
 def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
 def table(size: tuple[int, int, int], rows: list[Row]) -> str:
     B, T, H = size
-    base = next(r for r in rows if r.kind == "stacked")
+    by_name = {r.name: r for r in rows}
+    first_lstm = next(r for r in rows if r.kind == "stacked")
     lines = [
         f"B={B}, T={T}, H={H}",
         "",
@@ -280,6 +366,7 @@ def table(size: tuple[int, int, int], rows: list[Row]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        base = by_name[r.base] if r.base else first_lstm
         tr = r.train_tps / base.train_tps if r.train_tps and base.train_tps else None
         inf = r.infer_tps / base.infer_tps if r.infer_tps and base.infer_tps else None
         lines.append(
@@ -314,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no memory: finishes in seconds")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables (fused vs LSTM)")
+    p.add_argument("--trained", default=TRAINED, metavar="B,T,W,STEPS",
+                   help=f"trained-weights comparison at {TRAINED_THREADS} thread (default {TRAINED}); 'none' skips it")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory:
@@ -324,8 +413,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         sizes, args.repeats, args.warmup, args.no_memory = QUICK_SIZES, 2, 1, True
+        args.trained = "4,8,16,3" if args.trained == TRAINED else args.trained
     else:
         sizes = parse_sizes(args.sizes or (["gpu"] if device == "cuda" else ["cpu"]), device)
+    trained = None
+    if args.trained != "none" and device == "cpu":
+        try:
+            trained = tuple(int(v) for v in args.trained.split(","))
+            if len(trained) != 4 or min(trained) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--trained must be B,T,W,STEPS (four positive integers) or 'none', got {args.trained!r}")
     print(f"# NLSTM throughput, depth {args.depth}, device {device}")
     print(machine(device, args.threads))
     print(f"command: python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -333,7 +431,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(reference: 1 warm-up, <= 3 rounds); memory: "
           + ("skipped" if args.no_memory else "peak RSS growth (VmHWM) over 2 training steps in a fresh process"
              if device == "cpu" else "torch.cuda.max_memory_allocated over 2 training steps"))
+    print("the machine may be shared: rounds are interleaved (every model once per round) and medians taken")
     print()
+    results: dict = {}
+    labels: dict = {}
     for size in sizes:
         B, T, H = size
         rows = contenders(args.depth, H, H, device)
@@ -343,8 +444,19 @@ def main(argv: list[str] | None = None) -> None:
                 r.mem_mib = measure_memory(r.kind, args.depth, B, T, H, device, args.threads)
         print(table(size, rows))
         print(flush=True)
+        results[size], labels[size] = rows, "B={},T={},H={}".format(*size)
         if args.profile:
             print(profile_rows(rows, args.depth, B, T, H, device), flush=True)
+    if trained is not None:
+        B, T, W, steps = trained
+        rows, how = time_trained(args.depth, W, B, T, steps, args.repeats, args.warmup, TRAINED_THREADS)
+        print(f"Trained vs fresh weights, {TRAINED_THREADS} thread; {how}; ratios against the torch LSTM "
+              "row with the same kind of weights")
+        print()
+        print(table((B, T, W), rows))
+        print(flush=True)
+        results["trained"], labels["trained"] = rows, f"B={B},T={T},W={W}"
+    print(targets_table(results, labels, args.threads))
 
 
 if __name__ == "__main__":

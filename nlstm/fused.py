@@ -30,9 +30,11 @@ a loop, ``NestedLSTM(impl="reference")``); ``tests/test_fused.py`` binds the two
   made once (a view costs about 1 us), so the loops only launch kernels, all with ``out=``.
 
 Inference (grad mode off, or nothing requires grad) runs the same forward without the helpers
-the backward needs. With a :class:`FusedWorkspace` (``NestedLSTM`` owns one) the prepared weights
-and, for single steps, all buffers are reused across calls: one-step generation allocates only
-its outputs (the step's output and the new memories).
+the backward needs; a single step (T = 1, generation) skips the weight preparation and works on
+the parameters as they are, in pooled scratch: it allocates only its outputs. Nothing is cached
+between calls but scratch memory, each call's leased to it alone: no call can see stale weights
+(whatever wrote them: fused/foreach optimizers, ``p.data``, ``load_state_dict``) or another
+thread's buffers.
 
 The code is device-agnostic: the same Function runs on CUDA tensors (the generic GEMM path).
 CUDA-only extras (CUDA-graph replay of both time loops) live in :mod:`nlstm.fused_cuda`,
@@ -45,13 +47,15 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["FusedNestedLSTMFunction", "FusedWorkspace", "empty_cache", "fused_nested_lstm", "gemm_backend"]
+__all__ = ["FusedNestedLSTMFunction", "empty_cache", "fused_nested_lstm", "gemm_backend"]
 
 GEMM_BACKENDS = ("auto", "mkldnn", "generic")
+MIN_PACKED_STEPS = 16  # no-grad calls shorter than this use the generic GEMMs (no packing)
 
 
 def _g_is_tanh(level: int, depth: int, outer_identity: bool) -> bool:
@@ -177,6 +181,129 @@ def _prepare_weights(
         w.ph0 = pack(wh0, batch)  # the hoisted GEMM takes wx0 as it is (packing it does not pay)
         w.pcat = [None] + [pack(wcat[k], batch) for k in range(1, depth)]
     return w
+
+
+# --------------------------------------------------------------------------------------------
+# Denormals
+# --------------------------------------------------------------------------------------------
+#
+# A trained model's saturated gates produce denormal floats (sigmoid(-2z) of a large z, products
+# of tiny gates). Intel CPUs handle those in slow microcode (issue 11: a trained model's step
+# took 2.2x as long as with flush-to-zero); oneDNN's LSTM does not suffer. So the kernel's loops
+# run with FTZ/DAZ set (denormal results and inputs count as zero: a change below 1.2e-38 in
+# float32, 2.2e-308 in float64), on the calling thread AND on its OpenMP workers, which run the
+# parallel GEMMs and element-wise kernels and have their own MXCSR (torch.set_flush_denormal
+# sets only the calling thread's). The previous floating-point environment is put back
+# afterwards. The workers are reached through libgomp (torch's CPU thread pool): one parallel
+# region that calls the C library's ``fesetenv`` on every thread of the caller's team, no Python
+# and no compiler involved. Where that is not available (no libgomp, not glibc), only the
+# calling thread is flushed: enough with one thread, and the workers keep the slow path.
+
+_FENV: tuple | None | bool = None
+
+
+def _fenv():
+    """(fegetenv, fesetenv, GOMP_parallel or None) through ctypes, or False where unavailable."""
+    global _FENV
+    if _FENV is None:
+        _FENV = False
+        try:
+            import ctypes
+            import ctypes.util
+            import platform
+
+            if platform.machine().lower() not in ("x86_64", "amd64"):
+                return _FENV  # FTZ/DAZ only exist (and only matter) on x86
+            libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            get, put = libm.fegetenv, libm.fesetenv
+            get.argtypes = put.argtypes = [ctypes.c_void_p]
+            gomp = None
+            maps = Path("/proc/self/maps")
+            paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/libgomp" in line} if (
+                maps.exists()) else set()
+            if len(paths) == 1:
+                gomp = ctypes.CDLL(paths.pop()).GOMP_parallel
+                gomp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                gomp.restype = None
+            _FENV = (get, put, ctypes.cast(put, ctypes.c_void_p), gomp, ctypes.create_string_buffer)
+        except (OSError, AttributeError):
+            _FENV = False
+    return _FENV
+
+
+class _FlushDenormals:
+    """Context: FTZ/DAZ on the calling thread and its OpenMP team (CPU only), restored on exit.
+
+    Only the kernel's own work runs inside. On exit every thread of the team gets the calling
+    thread's previous environment (what they all had, unless the caller changed its own alone).
+    Waking the team costs ~30 us; ``workers=False`` flushes the calling thread only (~5 us), for
+    single steps whose work is mostly on that thread. ``NLSTM_FLUSH_DENORMALS=0`` turns it off."""
+
+    __slots__ = ("on", "saved", "workers")
+
+    def __init__(self, x: Tensor, workers: bool = True) -> None:
+        self.on = x.device.type == "cpu" and os.environ.get("NLSTM_FLUSH_DENORMALS", "1") != "0" and bool(_fenv())
+        self.workers = workers
+
+    def _all(self, env) -> None:
+        get, put, put_ptr, gomp, _ = _fenv()  # type: ignore[misc]
+        threads = torch.get_num_threads()
+        if gomp is not None and threads > 1 and self.workers:
+            gomp(put_ptr, env, threads, 0)  # every thread of the team, the caller included
+        else:
+            put(env)
+
+    def __enter__(self):
+        if self.on:
+            get, put, _, _, buffer = _fenv()  # type: ignore[misc]
+            self.saved = buffer(256)  # fenv_t is 28-32 bytes on glibc; room to spare
+            get(self.saved)
+            if not torch.set_flush_denormal(True):  # a CPU without FTZ/DAZ: nothing was changed
+                self.on = False
+                return self
+            ftz = buffer(256)
+            get(ftz)
+            self._all(ftz)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self._all(self.saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+# Per-step GEMMs below this many multiply-adds run on the calling thread alone (B=32: widths up to
+# 125, B=64: 88). Each parallel GEMM is an OpenMP fork/join; at small widths the join costs about as much
+# as the work it splits, and when other processes hold the cores (a shared machine, parallel
+# trials) every join waits for a descheduled worker: measured on the 2-core EPYC under load,
+# B=32/T=100/H=64 took 843 ms per training step with 2 threads against 219 ms for nn.LSTM.
+# The few GEMMs outside the loops (input projection, weight gradients) lose little at that size.
+MAX_SERIAL_STEP_MACS = 4_000_000
+
+
+class _threads_for:  # noqa: N801 - used like a function in a ``with``
+    """Context: one torch thread inside when the per-step GEMMs are small (the whole call then
+    runs on the calling thread: its few large GEMMs lose little, and nothing waits for workers)."""
+
+    __slots__ = ("old",)
+
+    def __init__(self, B: int, n: int) -> None:
+        """The largest per-step GEMM, either direction: (B, 2n) x (2n, 4n) at a level k >= 1."""
+        self.old = 0
+        if B * 8 * n * n < MAX_SERIAL_STEP_MACS and os.environ.get("NLSTM_SERIAL_SMALL", "1") != "0":
+            self.old = torch.get_num_threads()
+
+    def __enter__(self):
+        if self.old > 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old > 1:
+            torch.set_num_threads(self.old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,10 +694,11 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         T, B, _ = x.shape
         n = h0.shape[1]
         mk = gemm_backend(x) == "mkldnn"
-        w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
-        lease = _lease_buffers(T, B, n, depth, x, train=True)
-        buf = lease.item
-        _forward_loop(x, h0, c0, w, buf)
+        with _threads_for(B, n), _FlushDenormals(x):
+            w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
+            lease = _lease_buffers(T, B, n, depth, x, train=True)
+            buf = lease.item
+            _forward_loop(x, h0, c0, w, buf)
         w.ph0 = None  # the forward's packed weights are not needed any more
         w.pcat = []
         ctx.depth, ctx.return_memories = depth, return_memories
@@ -598,16 +726,19 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         T, B, n = out.shape
         if dout is not None and not dout.is_contiguous():
             dout = dout.contiguous()
-        w.unscale()
-        packed_t = None
-        if w.mkldnn:
-            pack = _mkldnn_ops()[2]
-            packed_t = {"h0": pack(w.wh0.t().contiguous(), B)}
-            packed_t["cat"] = [None] + [pack(w.wcat[k].t().contiguous(), B) for k in range(1, depth)]
-        da_lease = _Lease(("bwd", T, B, n, depth, out.dtype, out.device), lambda: _allocate_grads(T, B, n, depth, out))
-        dA = da_lease.item.dA
-        dc0 = _backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
-        dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA, buf.UR)
+        with _threads_for(B, n), _FlushDenormals(x):
+            w.unscale()
+            packed_t = None
+            if w.mkldnn:
+                pack = _mkldnn_ops()[2]
+                packed_t = {"h0": pack(w.wh0.t().contiguous(), B)}
+                packed_t["cat"] = [None] + [pack(w.wcat[k].t().contiguous(), B) for k in range(1, depth)]
+            da_lease = _Lease(("bwd", T, B, n, depth, out.dtype, out.device),
+                              lambda: _allocate_grads(T, B, n, depth, out))
+            dA = da_lease.item.dA
+            dc0 = _backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
+            dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA,
+                                                               buf.UR)
         dc0 = [dc0[k].clone() if ctx.needs_input_grad[5 + k] else None for k in range(depth)]
         da_lease.release()
         ctx.lease.release()  # buffers back to the pool; a retained graph's next backward checks generation
@@ -634,83 +765,100 @@ def _check(x, h0, c0, w_ih, w_hh, b) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Inference and the workspace
+# Inference
 # --------------------------------------------------------------------------------------------
+#
+# Nothing here is cached across calls except pooled scratch memory: every call reads the weights
+# as they are now (an optimizer step of any kind, a write through ``p.data``, ``load_state_dict``
+# or ``set_`` is always seen), and every call works in buffers leased to it alone, so any number
+# of threads may run one model at once. Preparing (reordering, packing) the weights per call costs
+# about as much as checking a cached copy against them would (both read all weights; measured in
+# docs/benchmarks.md): ~1 % of a whole-sequence call, and single steps skip preparation entirely.
 
 
-class FusedWorkspace:
-    """What no-grad calls keep between calls: the prepared (reordered, packed) weights, and for
-    single-step calls (T = 1) every buffer, so that generating one step at a time allocates only
-    its outputs. One entry each, so memory stays bounded.
+@dataclass
+class _StepBuffers:
+    """Scratch of one no-grad single step (pooled): the gate pre-activations of each level in
+    torch's i, f, g, o order, the next level's input and "previous hidden", tanh(c)."""
 
-    Prepared weights are recognised by each parameter's storage, shape and version counter, so
-    every in-place update (optimizer steps, ``load_state_dict``, ``p.copy_()`` under no_grad)
-    invalidates them; only writes through ``p.data``, which bypass the version counter, are not
-    seen (call :meth:`clear` after those). Copies and pickles of a module start empty.
-    """
+    A: list[Tensor]  # level k: (B, 4n)
+    U: list[Tensor]  # (B, n) each, level k >= 1 (index 0 unused)
+    R: list[Tensor]
+    th: Tensor  # (B, n)
+    generation: int = 0
 
-    def __init__(self) -> None:
-        self.clear()
 
-    def clear(self) -> None:
-        self._buffers_key: tuple | None = None
-        self._buffers: _Buffers | None = None
-        self._weights_key: tuple | None = None
-        self._weights: _Weights | None = None
-
-    def buffers(self, T: int, B: int, n: int, depth: int, like: Tensor) -> _Buffers:
-        key = (T, B, n, depth, like.dtype, like.device)
-        if key != self._buffers_key:
-            self._buffers = self._buffers_key = None  # free the old entry first
-            self._buffers = _allocate(T, B, n, depth, like, train=False)
-            self._buffers_key = key
-        return self._buffers  # type: ignore[return-value]
-
-    def weights(self, w_ih, w_hh, b, outer_identity: bool, mkldnn: bool, batch: int) -> _Weights:
-        params = (*w_ih, *w_hh, *b)
-        key = (outer_identity, mkldnn, *((p.data_ptr(), p._version, p.shape, p.dtype, p.device) for p in params))
-        if key != self._weights_key:
-            self._weights = self._weights_key = None
-            self._weights = _prepare_weights(w_ih, w_hh, b, outer_identity, mkldnn, batch)
-            self._weights_key = key
-        return self._weights  # type: ignore[return-value]
-
-    def __deepcopy__(self, memo) -> FusedWorkspace:
-        return FusedWorkspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.clear()
+def _allocate_step(B: int, n: int, depth: int, like: Tensor) -> _StepBuffers:
+    kw = dict(dtype=like.dtype, device=like.device)
+    return _StepBuffers(
+        A=[torch.empty(B, 4 * n, **kw) for _ in range(depth)],
+        U=[torch.empty(B, n, **kw) for _ in range(depth)],
+        R=[torch.empty(B, n, **kw) for _ in range(depth)],
+        th=torch.empty(B, n, **kw),
+    )
 
 
 @torch.no_grad()
-def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories, workspace):
+def _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity):
+    """One step (T = 1, what generation makes after its prompt) straight from the parameters.
+
+    The whole-sequence kernel's layout (reordered rows, scaled tanh rows, concatenated level
+    weights) pays for itself over many steps; for one step, preparing it would cost as much as the
+    step. So this runs :func:`nlstm.cell.nested_lstm_step`'s arithmetic on the weights as they are,
+    in leased scratch buffers: it allocates only its outputs (h and the D new memories)."""
+    _, B, _ = x.shape
+    n, depth = h0.shape[1], len(c0)
+    inner = depth - 1
+    lease = _Lease(("step", B, n, depth, x.dtype, x.device), lambda: _allocate_step(B, n, depth, x))
+    s = lease.item
+    out = x.new_empty(1, B, n)
+    c_new = [x.new_empty(B, n) for _ in range(depth)]
+    u, r = x[0], h0
+    gates = []
+    for k in range(depth):
+        a = s.A[k]
+        torch.addmm(b[k], u, w_ih[k].t(), out=a)
+        a.addmm_(r, w_hh[k].t())
+        i, f, g, o = a.chunk(4, 1)
+        a[:, : 2 * n].sigmoid_()
+        o.sigmoid_()
+        if _g_is_tanh(k, depth, outer_identity):
+            g.tanh_()
+        gates.append((i, f, g, o))
+        if k < inner:  # the next level's input u = i g and "previous hidden" r = f c_prev
+            u, r = torch.mul(i, g, out=s.U[k + 1]), torch.mul(f, c0[k], out=s.R[k + 1])
+    i, f, g, o = gates[inner]
+    torch.mul(i, g, out=s.th)
+    torch.addcmul(s.th, f, c0[inner], out=c_new[inner])  # the innermost memory: f c_prev + i g
+    for k in range(inner, -1, -1):  # h^k = o tanh(c^k); h^k is the memory c^{k-1} (or the output)
+        dest = out[0] if k == 0 else c_new[k - 1]
+        torch.tanh(c_new[k], out=s.th)
+        torch.mul(gates[k][3], s.th, out=dest)
+    lease.release()
+    return out, (out[0], tuple(c_new))
+
+
+@torch.no_grad()
+def _inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
     _check(x, h0, c0, w_ih, w_hh, b)
     T, B, _ = x.shape
     n, depth = h0.shape[1], len(c0)
-    # One step at a time (generation): the allocation-free addmm(out=) path with reused buffers.
-    # Whole sequences: the fastest GEMMs, fresh buffers.
-    mk = T > 1 and gemm_backend(x) == "mkldnn"
-    if workspace is None:
+    if T == 1:
+        with _threads_for(B, n), _FlushDenormals(x, workers=False):
+            out, state = _inference_step(x, h0, c0, w_ih, w_hh, b, outer_identity)
+        return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
+    # Packing the step weights for oneDNN (~0.5 ms quiet, tens of ms when other processes hold the
+    # cores: the reorder is a parallel region) pays over a long sequence, not over a few steps.
+    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn"
+    with _threads_for(B, n), _FlushDenormals(x):
         w = _prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
-    else:
-        w = workspace.weights(w_ih, w_hh, b, outer_identity, mk, B)
-    lease = None
-    if workspace is not None and T == 1:
-        buf = workspace.buffers(T, B, n, depth, x)
-        _forward_loop(x, h0, c0, w, buf)
-        out = buf.out.clone()
-    else:
         lease = _lease_buffers(T, B, n, depth, x, train=False)  # its out is a fresh tensor
         buf = lease.item
         _forward_loop(x, h0, c0, w, buf)
-        out = buf.out
+    out = buf.out
     c_last = tuple(buf.G[k][T, :, 4 * n :].clone() for k in range(depth))
     mems = tuple(buf.G[k][1:, :, 4 * n :].clone() for k in range(depth)) if return_memories else None
-    if lease is not None:
-        lease.release()
+    lease.release()
     return out, (out[T - 1], c_last), mems
 
 
@@ -722,13 +870,12 @@ def fused_nested_lstm(
     biases: Sequence[Tensor],
     outer_candidate: str = "identity",
     return_memories: bool = False,
-    workspace: FusedWorkspace | None = None,
 ) -> tuple[Tensor, tuple[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...] | None]:
     """The Nested LSTM over a time-major sequence ``x_tm`` (T, B, in) from ``state = (h0, (c0^0, ...))``.
 
     Returns ``(out (T, B, n), (h_T, (c^0_T, ...)), memories)``; ``memories`` is a tuple of D
     (T, B, n) traces of c^k with ``return_memories``, else None. Gradients reach x, the state and
-    every weight. ``workspace`` is used only when nothing needs a gradient."""
+    every weight. Calls share no state: any number of threads may run one set of weights at once."""
     depth = len(weights_ih)
     if outer_candidate not in ("identity", "tanh"):
         raise ValueError(f"outer_candidate must be 'identity' or 'tanh', got {outer_candidate!r}")
@@ -745,11 +892,11 @@ def fused_nested_lstm(
         with torch.autocast(device_type, enabled=False):
             return fused_nested_lstm(
                 x_tm.to(dtype), (h0.to(dtype), tuple(c.to(dtype) for c in c0)), weights_ih, weights_hh,
-                biases, outer_candidate, return_memories, workspace,
+                biases, outer_candidate, return_memories,
             )
     outer_identity = outer_candidate == "identity"
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _inference(x_tm, h0, c0, weights_ih, weights_hh, biases, outer_identity, return_memories, workspace)
+        return _inference(x_tm, h0, c0, weights_ih, weights_hh, biases, outer_identity, return_memories)
     if x_tm.device.type == "cuda":
         from nlstm import fused_cuda  # GPU-only extras, imported only here
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from nlstm.cell import NestedLSTMCell, NestedState, nested_lstm_step
-from nlstm.fused import FusedWorkspace, fused_nested_lstm
+from nlstm.fused import fused_nested_lstm
 
 IMPLEMENTATIONS = ("fused", "reference")
 
@@ -58,7 +58,7 @@ class NestedLSTM(NestedLSTMCell):
         if self.impl == "fused":
             out, state, memories = fused_nested_lstm(
                 x_tm, state, self.weights_ih, self.weights_hh, self.biases,
-                self.candidate_activation, return_memories, workspace=self._fused_workspace(),
+                self.candidate_activation, return_memories,
             )
         else:
             out, state, memories = self._reference(x_tm, state, return_memories)
@@ -66,14 +66,6 @@ class NestedLSTM(NestedLSTMCell):
             out = out.transpose(0, 1)
             memories = tuple(m.transpose(0, 1) for m in memories) if memories is not None else None
         return (out, state, memories) if return_memories else (out, state)
-
-    def _fused_workspace(self):
-        """Buffers and prepared weights that no-grad calls reuse (so one-step generation does not
-        allocate per step); created lazily, not part of the state dict, empty in copies."""
-        ws = self.__dict__.get("_workspace")
-        if ws is None:
-            ws = self.__dict__["_workspace"] = FusedWorkspace()
-        return ws
 
     def _reference(
         self, x_tm: Tensor, state: NestedState, return_memories: bool
