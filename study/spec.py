@@ -137,6 +137,9 @@ class TrainDefaults(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_eval_tokens: int | None = Field(None, ge=2)
     time_budget_s: float | None = Field(None, gt=0.0)
+    learn_check: bool = True  # fail a run that does not learn (nlstm.trainer.learning_failure)
+    learn_margin_bits: float = Field(0.1, ge=0.0)
+    learn_after_steps: int = Field(1000, ge=0)
 
 
 TRAIN_PARAMS = tuple(TrainDefaults.model_fields)
