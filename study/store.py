@@ -77,6 +77,9 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if db.exists() and not os.access(db, os.W_OK):
             raise StoreError(f"tracking store {db} is not writable")
         return
+    if scheme_of(uri) in DATABASE_SCHEMES:
+        _check_database(uri, timeout_s)
+        return
     if scheme_of(uri) in ("http", "https"):
         health = uri.rstrip("/") + "/health"
         try:
@@ -89,6 +92,25 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             reason = getattr(e, "reason", e)
             raise StoreError(f"tracking server {uri} cannot be reached ({reason}); start it "
                              "(`mlflow server --host 127.0.0.1 --port PORT ...`) or fix --tracking-uri") from None
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    """A database store (PostgreSQL, MySQL, SQL Server) must have its driver installed and answer."""
+    import sqlalchemy
+
+    shown = uri.split("@")[-1]  # never print a password
+    connect_args = {"connect_timeout": int(timeout_s)} if scheme_of(uri) in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:
+        raise StoreError(f"tracking store ...@{shown}: its database driver is not installed ({e}); "
+                         f"pip install {e.name}") from None
+    except Exception as e:  # sqlalchemy wraps every driver's connection errors differently
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise StoreError(f"tracking store ...@{shown} cannot be reached ({reason})") from None
 
 
 def _check_writable_folder(folder: Path, what: str) -> None:

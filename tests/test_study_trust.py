@@ -184,6 +184,7 @@ def _one_line_error(capsys) -> str:
     (["--tracking-uri", "ftp://x/y"], "unknown scheme 'ftp'"),
     (["--tracking-uri", "http://127.0.0.1:1"], "tracking server http://127.0.0.1:1 cannot be reached"),
     (["--tracking-uri", "/nonexistent-folder/mlflow.db"], "folder /nonexistent-folder does not exist"),
+    (["--tracking-uri", "postgresql://user:secret@127.0.0.1:1/db"], "tracking store ...@127.0.0.1:1/db"),
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
     (["--address", "nonsense"], "expected auto or HOST:PORT"),
 ])
@@ -193,7 +194,8 @@ def test_bad_stores_and_addresses_fail_in_one_line_before_anything_is_written(tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["--space", str(spec), *args]) == 2
-    assert message in _one_line_error(capsys)
+    line = _one_line_error(capsys)
+    assert message in line and "secret" not in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no notaurl, no mlflow.db, no studies/
 
 
