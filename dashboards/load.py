@@ -50,8 +50,8 @@ class StudyNotFoundError(LookupError):
 
 
 def default_tracking_uri(cwd: str | Path | None = None) -> str:
-    """The store ``study/run.py`` writes by default: ``sqlite:///<cwd>/mlflow.db``."""
-    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+    """The store ``study/run.py`` writes by default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
 
 
 def open_store(tracking_uri: str) -> MlflowClient:

@@ -19,13 +19,11 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python study/x.py`: import the package, not the folder's modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from study.cli import invoked_as
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python study/report.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=invoked_as("nlstm-report"), description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="the study's name (its MLflow experiment)")
     p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", type=Path, help="output folder (default: studies/STUDY/report)")

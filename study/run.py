@@ -1,5 +1,6 @@
 """Run a study: one YAML file -> Ray Tune trials sampled by Optuna -> MLflow.
 
+    nlstm-study --space smoke                                        # a built-in study, from any folder
     python study/run.py --space search_spaces/smoke.yaml             # run (or resume) it
     python study/run.py --space search_spaces/ptb-cpu.yaml --dry-run # the plan, nothing written
     python study/run.py --space search_spaces/ptb.yaml --smoke       # the same study, shrunk
@@ -26,12 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # `python study/run.py`: import the package, not the folder's modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(REPO_ROOT))
+from study.cli import invoked_as
+from study.spec import PHASES, SpecError, StudySpec, load_spec, shrink_for_smoke
 
-from study.spec import PHASES, SpecError, StudySpec, load_spec, shrink_for_smoke  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ADDRESS_TIMEOUT_S = 10.0
 
@@ -53,11 +52,12 @@ def _number(kind: type, low: float, inclusive: bool) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=invoked_as("nlstm-study"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="The study file format: docs/study.md")
     add = p.add_argument
-    add("--space", required=True, type=Path, metavar="FILE", help="the study file (YAML), e.g. search_spaces/ptb.yaml")
+    add("--space", required=True, type=Path, metavar="FILE", help="the study file (YAML), or the name of a built-in "
+        "study (smoke, ptb-cpu, ptb, text8, enwik8, ablation-depth)")
     add("--dry-run", action="store_true", help="validate and print the trial plan (configurations, widths, "
         "parameter counts, estimated duration); train and write nothing")
     add("--smoke", action="store_true", help="the same study shrunk as its `smoke` section says (tiny data, 1-2 "
@@ -134,11 +134,13 @@ def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
 def prepare(args: argparse.Namespace) -> Setup:
     """Validate the study file, arguments, data, budgets, store and cluster address."""
     from nlstm.data import CorpusError
+    from study.catalog import find_study_file
     from study.plan import check_budgets
     from study.store import StoreError, check_store, resolve_tracking_uri
     from study.trial import load_study_corpus
 
     try:
+        args.space = find_study_file(args.space)
         spec = load_spec(args.space)
         if args.smoke:
             spec = shrink_for_smoke(spec)
@@ -353,7 +355,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
             tracker.close("KILLED")
         why = signal_reasons[-1] if signal_reasons else "Ctrl+C"
         print(f"\ninterrupted ({why}): the runs so far are recorded; rerun the same command to resume\n"
-              f"  python study/run.py {' '.join(sys.argv[1:])}", file=sys.stderr)
+              f"  {invoked_as('nlstm-study')} {' '.join(sys.argv[1:])}", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
     except Exception as e:
         if tracker is not None:

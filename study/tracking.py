@@ -389,6 +389,10 @@ def error_line(text: str) -> str:
 
 # ------------------------------------------------------------------ environment.json
 def _git(*args: str) -> str | None:
+    """Git facts of this checkout; None for an installed package (the repository that happens to
+    enclose a virtual environment is not the code that ran)."""
+    if not ((REPO_ROOT / ".git").exists() and (REPO_ROOT / "pyproject.toml").is_file()):
+        return None
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):

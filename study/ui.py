@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python study/x.py`: import the package, not the folder's modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from study.cli import invoked_as
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python study/ui.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=invoked_as("nlstm-ui"), description=__doc__.split("\n\n")[0])
     p.add_argument("--study", help="print the address of this study's experiment page")
     p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

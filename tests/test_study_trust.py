@@ -211,8 +211,11 @@ def test_numeric_arguments_are_range_checked_before_anything_is_written(tmp_path
 
 
 def test_mlflow_tracking_uri_is_the_default_store(tmp_path, monkeypatch):
+    from dashboards.load import default_tracking_uri  # the report's and the UI's default
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5055")
     assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5055"
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5055"
     assert resolve_tracking_uri("x.db", tmp_path) == f"sqlite:///{tmp_path / 'x.db'}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"

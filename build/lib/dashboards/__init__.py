@@ -1,0 +1,13 @@
+"""dashboards: a study's MLflow runs -> pandas frames -> statistics, figures and a report.
+
+Data flows one way: MLflow (written by ``study/``, layout in ``docs/mlflow-layout.md``) ->
+:mod:`dashboards.load` (tidy frames) -> :mod:`dashboards.outcome` (did each run learn?) ->
+:mod:`dashboards.stats` (protocols, intervals, paired/Welch tests, verdicts) -> :mod:`dashboards.figures`
+-> :mod:`dashboards.report` (``report.html`` + ``report.md``).
+Nothing here trains; torch is imported only through :mod:`nlstm.params`, to judge runs of a store that
+records neither the corpus's entropy nor its vocabulary. ``study/report.py`` is the command-line entry point.
+"""
+
+from dashboards.load import StoreError, StudyData, StudyNotFoundError, default_tracking_uri, load_study
+
+__all__ = ["StoreError", "StudyData", "StudyNotFoundError", "default_tracking_uri", "load_study"]

@@ -1,0 +1,567 @@
+"""The report's six figures (seaborn on matplotlib ``Figure`` objects: no pyplot state, any backend).
+
+Each ``figure_*`` function returns a :class:`FigureResult`: a figure and a one-line caption saying
+what it shows and how many runs/seeds it rests on, or, when its data is absent (no search phase,
+no memory metrics, nested and stacked never at the same budget, ...), no figure and a sentence
+saying so. Intervals are the same Student-t intervals as the tables (:func:`dashboards.stats.t_errorbar`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
+
+from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
+from dashboards.outcome import NOT_LEARNED
+from dashboards.stats import (
+    AnalysisSet,
+    analysis_set,
+    family_key,
+    format_budget,
+    protocol_key,
+    sorted_families,
+    t_errorbar,
+)
+from dashboards.timescales import levels_of, load_memories, timescale_frame
+
+METRIC_LABEL = {"best_valid_bpc": "valid BPC", "test_bpc": "test BPC", "valid_bpc": "valid BPC"}
+MIN_SEARCH_TRIALS = 3
+
+
+@dataclass
+class FigureResult:
+    number: int
+    slug: str
+    title: str
+    caption: str = ""  # one line: what it shows, how many runs/seeds
+    figure: Figure | None = None
+    missing: str | None = None  # why there is no figure, in one sentence
+    notes: list[str] = field(default_factory=list)  # caveats that do not prevent the figure
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Known, harmless warnings of seaborn 0.13 on matplotlib 3.11 / pandas 3 (see stack.md §10)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*vert: bool was deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*vert: bool was deprecated")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"seaborn\..*")
+        warnings.filterwarnings("ignore", message=r".*future\.infer_string.*")
+        warnings.filterwarnings("ignore", message=r".*(All-NaN|Mean of empty|Degrees of freedom).*",
+                                category=RuntimeWarning)
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig
+
+
+def family_palette(families) -> dict[str, tuple]:
+    """Stable colours: NLSTM depths in blues, stacked depths in oranges, single in green."""
+    fams = sorted_families(families)
+    out: dict[str, tuple] = {}
+    for arch, cmap in (("nlstm", "Blues"), ("stacked", "Oranges"), ("single", "Greens")):
+        group = [f for f in fams if f.split("-d")[0] == arch]
+        colors = sns.color_palette(cmap, len(group) + 2)[2:] if len(group) > 1 else [sns.color_palette(cmap, 4)[2]]
+        out.update(zip(group, colors, strict=False))
+    others = [f for f in fams if f not in out]
+    out.update(zip(others, sns.color_palette("Greys", len(others) + 2)[2:], strict=False))
+    return out
+
+
+def _runs_seeds(frame: pd.DataFrame) -> str:
+    seeds = frame.groupby(["family", "budget"], dropna=False)["seed"].nunique()
+    return f"{len(frame)} runs, {_span(seeds)} seed{'s' if seeds.max() > 1 else ''} per arm"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _span(counts: pd.Series) -> str:
+    return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+
+
+def _primary_metric(frame: pd.DataFrame) -> str:
+    return "test_bpc" if len(frame) and np.isfinite(frame["test_bpc"].astype(float)).all() else "best_valid_bpc"
+
+
+def one_protocol(sel: pd.DataFrame, score) -> tuple[pd.DataFrame, str | None]:
+    """The runs of the one protocol with the highest ``score(runs)`` (a figure never mixes seeds or epochs of
+    different phases), and a note naming the protocols it leaves out (None when there are none)."""
+    if sel.empty or "protocol" not in sel or sel["protocol"].nunique() < 2:
+        return sel, None
+    groups = {p: g for p, g in sel.groupby("protocol", sort=False)}
+    best = max(sorted(groups, key=protocol_key), key=lambda p: score(groups[p]))
+    others = ", ".join(sorted((p for p in groups if p != best), key=protocol_key))
+    return groups[best], (f"Shows the {best} protocol only; the runs of the {others} protocol (other seeds or "
+                          "training budget) are in the tables.")
+
+
+def _breadth(runs: pd.DataFrame) -> tuple[int, int]:
+    return (runs["family"].nunique(), len(runs))
+
+
+def _plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nullable ints to floats, so seaborn/matplotlib see plain numbers."""
+    out = frame.copy()
+    for col in ("depth", "seed"):
+        if col in out:
+            out[col] = out[col].astype(float)
+    return out
+
+
+# ---------------------------------------------------------------------------- 1. parameter-matched
+def _budget_axis(ax, runs: pd.DataFrame) -> None:
+    """Log x axis with a tick at each budget (the achieved counts sit within about 1 % of them)."""
+    ax.set_xscale("log")
+    budgets = sorted(b for b in runs["budget"].dropna().unique() if b > 0)
+    counts = runs["num_params"].dropna()
+    if not budgets or len(budgets) > 12:
+        return
+    ax.set_xticks(budgets, [format_budget(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    low, high = min(budgets[0], counts.min()), max(budgets[-1], counts.max())
+    ax.set_xlim(low / 1.25, high * 1.25)
+
+
+def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(1, "parameter-matched", "Parameter-matched comparison")
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (r["budget"].nunique(), *_breadth(r)))
+    if sel.empty:
+        res.missing = "No run has completed yet, so there is nothing to compare at matched parameter counts."
+        return res
+    metrics = [m for m in ("best_valid_bpc", "test_bpc") if np.isfinite(sel[m].astype(float)).any()]
+    families = sorted_families(sel["family"])
+    palette = family_palette(families)
+    fig = new_figure(5.2 * len(metrics), 4.0)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    with quiet():
+        for ax, metric in zip(axes, metrics, strict=True):
+            data = sel[np.isfinite(sel[metric].astype(float))]
+            sns.lineplot(data=data, x="num_params", y=metric, hue="family", hue_order=families, palette=palette,
+                         marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax,
+                         legend=ax is axes[-1])
+            _budget_axis(ax, sel)
+            ax.set_xlabel("parameters (achieved; ticks at the budgets, log scale)")
+            ax.set_ylabel(METRIC_LABEL[metric])
+            ax.set_title(METRIC_LABEL[metric])
+            ax.grid(True, which="both", alpha=0.3)
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="family")
+    n_budgets = sel["budget"].nunique()
+    res.figure = fig
+    res.caption = _capital(f"{' and '.join(METRIC_LABEL[m] for m in metrics)} against achieved parameter count for "
+                   f"{len(families)} families at {n_budgets} budget{'s' if n_budgets > 1 else ''}: mean over seeds "
+                   f"with 95 % t-interval bars ({_runs_seeds(sel)}).")
+    if n_budgets < 2:
+        res.notes.append("Only one budget has completed runs, so the figure shows no trend over model size.")
+    if note:
+        res.notes.append(note)
+    if "test_bpc" not in metrics:
+        res.notes.append("No run has a test BPC yet (search trials skip it), so only validation BPC is shown.")
+    return res
+
+
+# ---------------------------------------------------------------------------- 2. nesting vs stacking
+def _depth_budget(sel: pd.DataFrame) -> tuple[float, list[int]] | None:
+    """The budget with the most depths at which both nesting and stacking have runs."""
+    best = None
+    for budget, group in sel.groupby("budget", dropna=False):
+        nested = set(group.loc[group["arch"] == "nlstm", "depth"].dropna().astype(int))
+        stacked = set(group.loc[group["arch"] == "stacked", "depth"].dropna().astype(int))
+        common = sorted(nested & stacked)
+        score = (len(common), len(group))
+        if common and (best is None or score > best[0]):
+            best = (score, budget, common)
+    return None if best is None else (best[1], best[2])
+
+
+def figure_depth(aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(2, "nesting-vs-stacking", "Depth by nesting vs depth by stacking")
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (
+        len((_depth_budget(r) or (None, []))[1]), *_breadth(r)))
+    chosen = _depth_budget(sel) if not sel.empty else None
+    if chosen is None:
+        res.missing = ("No budget has completed nested and stacked runs at the same depth, so depth by nesting "
+                       "cannot be compared with depth by stacking yet.")
+        return res
+    budget, depths = chosen
+    at = sel[(sel["budget"] == budget) if pd.notna(budget) else sel["budget"].isna()]
+    metric = _primary_metric(at)
+    arch_runs = at[at["arch"].isin(["nlstm", "stacked"])]
+    pairs = []
+    for depth in depths:
+        a = arch_runs[(arch_runs["arch"] == "nlstm") & (arch_runs["depth"] == depth)].groupby("seed")[metric].mean()
+        b = arch_runs[(arch_runs["arch"] == "stacked") & (arch_runs["depth"] == depth)].groupby("seed")[metric].mean()
+        common = a.index.intersection(b.index)
+        pairs += [{"depth": depth, "seed": s, "diff": a[s] - b[s]} for s in common]
+    diffs = pd.DataFrame(pairs, columns=["depth", "seed", "diff"])
+    fig = new_figure(10.5, 4.0)
+    ax_l, ax_r = fig.subplots(1, 2)
+    colors = {arch: family_palette([f"{arch}-d2"])[f"{arch}-d2"] for arch in ("nlstm", "stacked")}
+    with quiet():
+        sns.lineplot(data=arch_runs, x="depth", y=metric, hue="arch", hue_order=["nlstm", "stacked"], palette=colors,
+                     marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax_l)
+        single = at[at["arch"] == "single"][metric].dropna()
+        if len(single):
+            lo, hi = t_errorbar(single)
+            ax_l.errorbar([1], [single.mean()], yerr=[[single.mean() - lo], [hi - single.mean()]], fmt="s",
+                          color=family_palette(["single-d1"])["single-d1"], capsize=3, label="single (depth 1)")
+            ax_l.legend(frameon=False)
+        ax_l.set_xticks(sorted(set(arch_runs["depth"].dropna().astype(int)) | ({1} if len(single) else set())))
+        ax_l.set_xlabel("depth (nesting levels / stacked layers)")
+        ax_l.set_ylabel(METRIC_LABEL[metric])
+        ax_l.set_title(f"{METRIC_LABEL[metric]} at budget {format_budget(budget)}")
+        ax_r.axhline(0.0, color="0.4", lw=1, ls="--")
+        if not diffs.empty:
+            sns.stripplot(data=diffs, x="depth", y="diff", native_scale=True, color="0.45", size=5, jitter=0.08,
+                          ax=ax_r)
+            for depth, group in diffs.groupby("depth"):
+                lo, hi = t_errorbar(group["diff"])
+                mean = group["diff"].mean()
+                ax_r.errorbar([depth + 0.18], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color="k", capsize=4)
+            ax_r.set_xticks(sorted(diffs["depth"].unique()))
+        ax_r.set_xlabel("depth")
+        ax_r.set_ylabel(f"nested - stacked ({METRIC_LABEL[metric]})")
+        ax_r.set_title("paired by seed (< 0: nesting better)")
+    n_pairs = len(diffs)
+    res.figure = fig
+    res.caption = _capital(f"{METRIC_LABEL[metric]} against depth at budget {format_budget(budget)} for nesting vs "
+                           f"stacking "
+                   f"(left, mean and 95 % t-interval; {len(at)} runs) and the per-seed paired difference nested - "
+                   f"stacked (right: dots, with mean and 95 % t-interval; {n_pairs} seed pairs over {len(depths)} "
+                   f"depth{'s' if len(depths) > 1 else ''}).")
+    if len(depths) < 2:
+        res.notes.append(f"Nesting and stacking share only depth {depths[0]} at this budget, so there is no trend "
+                         "over depth.")
+    if n_pairs == 0:
+        res.notes.append("No seed completed in both arms, so the right panel has no pairs.")
+    if note:
+        res.notes.append(note)
+    return res
+
+
+# ---------------------------------------------------------------------------- 3. time-matched
+def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(3, "time-matched", "Time-matched view")
+    sel, note = one_protocol(aset.selected, _breadth)
+    epochs = epoch_frame(data, sel["run_id"]) if not sel.empty else pd.DataFrame()
+    need = {"valid_bpc", "train_time_s", "tokens_seen"}
+    if epochs.empty or not need <= set(epochs.columns):
+        res.missing = "No per-epoch metrics (valid BPC, training time, tokens seen) have been recorded yet."
+        return res
+    epochs = _plain(epochs.dropna(subset=list(need)))
+    epochs["budget "] = epochs["budget"].map(format_budget)
+    families = sorted_families(epochs["family"])
+    palette = family_palette(families)
+    multi_budget = epochs["budget"].nunique() > 1
+    fig = new_figure(10.5, 4.0)
+    axes = fig.subplots(1, 2, sharey=True)
+    with quiet():
+        for ax, x, label in ((axes[0], "train_time_s", "training time (s, evaluation excluded)"),
+                             (axes[1], "tokens_seen", "training tokens seen")):
+            sns.lineplot(data=epochs, x=x, y="valid_bpc", hue="family", hue_order=families, palette=palette,
+                         style="budget " if multi_budget else None, units="run_id", estimator=None, marker="o",
+                         markersize=3, lw=1, alpha=0.7, ax=ax, legend=ax is axes[-1])
+            ax.set_xlabel(label)
+            ax.set_ylabel("valid BPC")
+            ax.grid(True, alpha=0.3)
+    # Token counts in the hundreds of thousands ran into each other as plain integers: 100k, 1.5M.
+    axes[1].xaxis.set_major_locator(MaxNLocator(5))
+    axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    n_runs = epochs["run_id"].nunique()
+    res.figure = fig
+    res.caption = (f"Validation BPC after each epoch against cumulative training time (left) and tokens seen (right), "
+                   f"one line per run ({n_runs} runs, {len(families)} families): at equal time the faster core "
+                   "gets more updates.")
+    if note:
+        res.notes.append(note)
+    return res
+
+
+# ---------------------------------------------------------------------------- 4. learning curves
+def figure_learning_curves(data: StudyData, aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(4, "learning-curves", "Learning curves per family")
+    sel, note = one_protocol(aset.selected, _breadth)
+    epochs = epoch_frame(data, sel["run_id"]) if not sel.empty else pd.DataFrame()
+    if epochs.empty or "valid_bpc" not in epochs:
+        res.missing = "No per-epoch validation BPC has been recorded yet, so there are no learning curves."
+        return res
+    epochs = _plain(epochs)
+    budgets = sorted(epochs["budget"].dropna().unique()) or [math.nan]
+    families = sorted_families(epochs["family"])
+    palette = family_palette(families)
+    fig = new_figure(min(4.6 * len(budgets), 14) + 1.5, 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(budgets), sharey=True, squeeze=False)[0])
+    with quiet():
+        for ax, budget in zip(axes, budgets, strict=True):
+            part = epochs[epochs["budget"] == budget] if pd.notna(budget) else epochs
+            sns.lineplot(data=part, x="epoch", y="valid_bpc", hue="family", hue_order=families, palette=palette,
+                         estimator="median", errorbar=("pi", 50), marker="o", ax=ax, legend=ax is axes[-1])
+            if "train_bpc" in part and part["train_bpc"].notna().any():
+                sns.lineplot(data=part, x="epoch", y="train_bpc", hue="family", hue_order=families, palette=palette,
+                             estimator="median", errorbar=None, ls="--", lw=1, ax=ax, legend=False)
+            ax.set_title(f"budget {format_budget(budget)}")
+            ax.set_ylabel("BPC (solid: valid, dashed: train)")
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="family")
+    n_runs = epochs["run_id"].nunique()
+    res.figure = fig
+    res.caption = (f"Median validation BPC per epoch (band: interquartile range over seeds) and median training BPC "
+                   f"(dashed) per family, one panel per budget ({n_runs} runs).")
+    if epochs["epoch"].nunique() < 2:
+        res.notes.append("Every run has a single epoch so far, so the curves are single points.")
+    if note:
+        res.notes.append(note)
+    return res
+
+
+# ---------------------------------------------------------------------------- 5. search diagnostics
+def _rebuild_optuna_study(trials: pd.DataFrame, params: list[str]):
+    """An in-memory Optuna study with one COMPLETE trial per search run (value = best valid BPC)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    distributions = {}
+    for name in params:
+        values = trials[name].dropna()
+        numeric = pd.to_numeric(values, errors="coerce")
+        if len(values) and numeric.notna().all() and not values.map(lambda v: isinstance(v, bool)).any():
+            lo, hi = float(numeric.min()), float(numeric.max())
+            distributions[name] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 20)
+        else:
+            distributions[name] = CategoricalDistribution(sorted({str(v) for v in values}))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize")
+    for _, row in trials.iterrows():
+        present = {k: d for k, d in distributions.items() if pd.notna(row.get(k))}
+        values = {k: (float(row[k]) if isinstance(d, FloatDistribution) else str(row[k])) for k, d in present.items()}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=present,
+                                                  value=float(row["best_valid_bpc"])))
+    return study, distributions
+
+
+def hyperparameter_importance(trials: pd.DataFrame, params: list[str]) -> tuple[pd.Series, str]:
+    """fANOVA importances (Optuna's ``FanovaImportanceEvaluator`` on a study rebuilt from the runs) of the
+    parameters present in every trial; falls back to |Spearman rho| with BPC when fANOVA is unavailable."""
+    try:
+        import optuna
+
+        study, _ = _rebuild_optuna_study(trials, params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        if imp:
+            return pd.Series(imp, dtype=float).sort_values(ascending=False), "fANOVA (Optuna)"
+    except Exception:  # optuna or scikit-learn missing, or too few trials for the forest
+        pass
+    rho = {}
+    for name in params:
+        x = pd.to_numeric(trials[name], errors="coerce")
+        ok = x.notna()
+        if ok.sum() >= 3 and x[ok].nunique() > 1:
+            rho[name] = abs(float(pd.Series(x[ok]).rank().corr(trials.loc[ok, "best_valid_bpc"].rank())))
+    return pd.Series(rho, dtype=float).sort_values(ascending=False), "|Spearman rho| with BPC"
+
+
+def figure_search(data: StudyData, aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(5, "search", "Search diagnostics")
+    search = _plain(aset.trials[aset.trials["phase"] == "search"])
+    if search.empty:
+        res.missing = "No search-phase trial has been recorded, so there are no search diagnostics."
+        return res
+    done = search[(search["state"] == "completed") & np.isfinite(search["best_valid_bpc"].astype(float))]
+    n_not_learned = int((done["outcome"] == NOT_LEARNED).sum()) if "outcome" in done else 0
+    if n_not_learned:  # 15-700 BPC next to 1.5 would flatten every panel; they are listed under "Excluded runs"
+        done = done[done["outcome"] != NOT_LEARNED]
+    if len(done) < MIN_SEARCH_TRIALS:
+        res.missing = (f"Only {len(done)} search trial{'s have' if len(done) != 1 else ' has'} completed"
+                       f"{' and learned' if n_not_learned else ''} (of "
+                       f"{len(search)} recorded); the search diagnostics need at least {MIN_SEARCH_TRIALS}.")
+        return res
+    done = done.sort_values("start_time", kind="stable").reset_index(drop=True)
+    done["trial"] = np.arange(1, len(done) + 1)
+    candidates = [p for p in data.param_names if p not in DERIVED_PARAMS and p not in ("arch", "depth")
+                  and p in done and done[p].dropna().astype(str).nunique() > 1]
+    if done["family"].nunique() > 1:
+        candidates.append("family")
+    importance, method = hyperparameter_importance(done, candidates) if candidates else (pd.Series(dtype=float), "")
+    families = sorted_families(search["family"])
+    palette = family_palette(families)
+    fig = new_figure(11.0, 7.2)
+    grid = fig.subplots(2, 2)
+    ax_hist, ax_imp, ax_p1, ax_p2 = grid.ravel()
+    with quiet():
+        sns.scatterplot(data=done, x="trial", y="best_valid_bpc", hue="family", hue_order=families, palette=palette,
+                        ax=ax_hist)
+        ax_hist.step(done["trial"], done["best_valid_bpc"].cummin(), where="post", color="k", lw=1.2,
+                     label="best so far")
+        ax_hist.legend(frameon=False, fontsize=8)
+        ax_hist.set_xlabel("completed search trial (in start order)")
+        ax_hist.xaxis.get_major_locator().set_params(integer=True)
+        ax_hist.set_ylabel("best valid BPC")
+        ax_hist.set_title("optimisation history")
+        if importance.empty:
+            ax_imp.text(0.5, 0.5, "no hyper-parameter varies\nacross the search trials", ha="center", va="center",
+                        transform=ax_imp.transAxes)
+            ax_imp.set_axis_off()
+        else:
+            sns.barplot(x=importance.to_numpy(), y=importance.index.astype(str), color="0.55", ax=ax_imp)
+            ax_imp.set_xlabel(f"importance: {method}")
+            ax_imp.set_ylabel("")
+            ax_imp.set_title("hyper-parameter importance")
+        top = [p for p in importance.index if p != "family"][:2] or candidates[:2]
+        for ax, name in zip((ax_p1, ax_p2), (top + [None, None])[:2], strict=True):
+            if name is None:
+                ax.set_axis_off()
+                continue
+            x = pd.to_numeric(done[name], errors="coerce")
+            plot = done.assign(**{name: x if x.notna().all() else done[name].astype(str)})
+            sns.scatterplot(data=plot, x=name, y="best_valid_bpc", hue="family", hue_order=families,
+                            palette=palette, ax=ax, legend=False)
+            if x.notna().all() and x.min() > 0 and x.max() / x.min() >= 20:
+                ax.set_xscale("log")
+            ax.set_ylabel("best valid BPC")
+            ax.set_title(f"{name} vs BPC")
+    n_pruned, n_failed = int((search["state"] == "pruned").sum()), int((search["state"] == "failed").sum())
+    res.figure = fig
+    res.caption = (f"Search phase: best validation BPC per completed trial with the running best, hyper-parameter "
+                   f"importance ({method or 'n/a'}) and the top hyper-parameters against BPC ({len(done)} completed "
+                   f"trials; {n_pruned} pruned, {n_failed} failed"
+                   + (f" and {n_not_learned} that completed without learning" if n_not_learned else "")
+                   + " not shown).")
+    if len(done) < 10:
+        res.notes.append(f"With {len(done)} completed trials the importances are indicative only.")
+    if search["budget"].nunique() > 1:
+        res.notes.append("The search spans several budgets, so part of the spread in BPC is model size.")
+    return res
+
+
+# ---------------------------------------------------------------------------- 6. memory timescales
+def _timescale_budget(ts: pd.DataFrame) -> float:
+    counts = ts.groupby("budget", dropna=False).agg(families=("family", "nunique"), runs=("run_id", "nunique"))
+    counts = counts.reset_index().sort_values(["families", "runs", "budget"], ascending=False, kind="stable")
+    return counts["budget"].iloc[0]
+
+
+def _example_runs(at: pd.DataFrame) -> list[pd.Series]:
+    """One NLSTM and one stacked run at the same depth and seed when possible (deepest shared depth)."""
+    nested, stacked = at[at["arch"] == "nlstm"], at[at["arch"] == "stacked"]
+    for depth in sorted(set(nested["depth"].dropna()) & set(stacked["depth"].dropna()), reverse=True):
+        n, s = nested[nested["depth"] == depth], stacked[stacked["depth"] == depth]
+        seeds = sorted(set(n["seed"].dropna()) & set(s["seed"].dropna()))
+        if seeds:
+            return [n[n["seed"] == seeds[0]].iloc[0], s[s["seed"] == seeds[0]].iloc[0]]
+    return [frame.iloc[0] for frame in (nested, stacked) if not frame.empty]
+
+
+def _plot_traces(ax, memories: dict, run: pd.Series, steps: int = 160, units: int = 3) -> None:
+    levels = levels_of(memories)
+    what = "level" if run["arch"] == "nlstm" else "layer"
+    colors = sns.color_palette("viridis", len(levels))
+    offsets = [-2.4 * k for k in range(len(levels))]  # one band per level, top to bottom
+    for k, trace in enumerate(levels):
+        trace = trace[:steps, :units]
+        span = float(np.nanmax(np.abs(trace))) or 1.0
+        for u in range(trace.shape[1]):
+            ax.plot(trace[:, u] / span + offsets[k], color=colors[k], lw=0.9, alpha=0.9)
+    # Each band is named on the y axis: a legend inside the axes covered the traces.
+    ax.set_yticks(offsets, [f"{what} {k}" for k in range(len(levels))], fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel("character position in held-out text")
+    ax.set_title(f"{run['family']} seed {int(run['seed'])}: {units} units per {what} (each scaled)", fontsize=9)
+    text = memories.get("text")
+    text = "" if text is None else ("".join(map(str, np.ravel(text))) if np.ndim(text) else str(text))
+    if text:
+        shown = text[:70].replace("\n", " ")
+        ax.text(0.0, -0.32, f"text: {shown!r}", transform=ax.transAxes, fontsize=7, family="monospace")
+
+
+def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
+    res = FigureResult(6, "memory-timescales", "Memory timescales")
+    sel, note = one_protocol(_plain(aset.selected), lambda r: (timescale_frame(r)["run_id"].nunique(), *_breadth(r)))
+    ts = timescale_frame(sel)
+    if ts.empty:
+        res.missing = ("No run has memory-timescale metrics yet (timescale_l{k}/step_change_l{k} are recorded for "
+                       "evaluate and ablation trials after training).")
+        return res
+    budget = _timescale_budget(ts)
+    ts_at = ts[(ts["budget"] == budget) if pd.notna(budget) else ts["budget"].isna()]
+    families = sorted_families(ts_at["family"])
+    palette = family_palette(families)
+    at_runs = sel[sel["run_id"].isin(ts_at["run_id"])]
+    examples = _example_runs(at_runs) if data.client is not None else []
+    traces = [(run, load_memories(data.client, run["run_id"])) for run in examples]
+    traces = [(run, mem) for run, mem in traces if mem is not None and levels_of(mem)]
+    fig = new_figure(11.0, 7.4 if traces else 3.9)
+    if traces:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+        ax_ts, ax_sc = top.subplots(1, 2)
+        trace_axes = np.atleast_1d(bottom.subplots(1, len(traces)))
+    else:
+        ax_ts, ax_sc = fig.subplots(1, 2)
+        trace_axes = []
+    with quiet():
+        for ax, col, label in ((ax_ts, "timescale", "autocorrelation timescale (steps)"),
+                               (ax_sc, "step_change", "mean |c_t - c_(t-1)| per unit")):
+            sns.pointplot(data=ts_at, x="level", y=col, hue="family", hue_order=families, palette=palette,
+                          errorbar=t_errorbar, dodge=0.3, capsize=0.08, markersize=5, linewidth=1.2, ax=ax,
+                          legend=ax is ax_sc)
+            ax.set_xlabel("level k (NLSTM: 0 = outer memory) / layer k (stacked: 0 = bottom)")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+        if ax_sc.get_legend() is not None:
+            sns.move_legend(ax_sc, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="family")
+        for ax, (run, memories) in zip(trace_axes, traces, strict=True):
+            _plot_traces(ax, memories, run)
+    n_runs = ts_at["run_id"].nunique()
+    seeds = ts_at.groupby("family")["seed"].nunique()
+    res.figure = fig
+    res.caption = (f"Memory timescales at budget {format_budget(budget)}: autocorrelation timescale and mean step "
+                   f"change per level (NLSTM) / layer (stacked), mean and 95 % t-interval over seeds ({n_runs} runs, "
+                   f"{_span(seeds)} seeds per family)"
+                   + ("; below, example memory traces on held-out text." if traces else "."))
+    if not traces:
+        res.notes.append("No memories.npz artifact could be read, so no example traces are shown.")
+    if ts["budget"].nunique() > 1:
+        res.notes.append(f"Timescales are shown for one budget ({format_budget(budget)}) of "
+                         f"{ts['budget'].nunique()}; the tables hold all budgets' numbers.")
+    if note:
+        res.notes.append(note)
+    return res
+
+
+def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[FigureResult]:
+    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
+    builders = (lambda: figure_parameter_matched(aset), lambda: figure_depth(aset),
+                lambda: figure_time_matched(data, aset), lambda: figure_learning_curves(data, aset),
+                lambda: figure_search(data, aset), lambda: figure_timescales(data, aset))
+    out = []
+    for number, build in enumerate(builders, start=1):
+        try:
+            out.append(build())
+        except Exception as exc:  # one broken figure must not cost the whole report
+            out.append(FigureResult(number, f"figure-{number}", f"Figure {number}",
+                                    missing=f"This figure could not be drawn: {type(exc).__name__}: {exc}"))
+    return out
+
+
+__all__ = ["FigureResult", "all_figures", "family_key", "family_palette", "figure_depth", "figure_learning_curves",
+           "figure_parameter_matched", "figure_search", "figure_time_matched", "figure_timescales",
+           "hyperparameter_importance", "one_protocol", "quiet"]

@@ -1,0 +1,475 @@
+"""Statistics over seeds: per-arm means with 95 % t-intervals, differences between arms, and verdicts.
+
+Methods (the report states them too):
+- Only runs that *learned* enter a statistic (:mod:`dashboards.outcome`): a run that diverged, failed,
+  was pruned, or finished with a validation/test BPC not below chance (the corpus's unigram entropy,
+  else log2 of the vocabulary) is excluded, and counted per arm in every table and verdict.
+- A *protocol* is one phase's way of training: its seeds and its training budget (epochs, steps per
+  epoch). ``ptb.yaml``'s evaluate phase trains seeds 1-5, its ablation seeds 11-13, so their runs are
+  never pooled, paired or compared with each other.
+- An *arm* is a family (``nlstm-d2``, ``stacked-d2``, ``single-d1``, ...) at a parameter budget within
+  one protocol. When it has several configurations (top-k evaluation, other ablation factors), the arm
+  is represented by one of them: a configuration in which every finished run learned if there is one,
+  then the lowest mean validation BPC; selection uses validation only, so its test BPC stays honest.
+- Interval of an arm: the two-sided Student-t interval of the mean over seeds (``scipy.stats.t.interval``).
+- Difference ``nested - other`` within a protocol and budget. When both arms have learned on exactly
+  the same seeds, the runs are paired by seed: paired t-test (``scipy.stats.ttest_rel``) and the
+  t-interval of the per-seed differences. Otherwise (a seed excluded in one arm only, different
+  seeds) the seeds are not truly paired: Welch's t-test over all seeds of both arms
+  (``scipy.stats.ttest_ind(equal_var=False)``) and its interval of the difference of means.
+  Negative means the Nested LSTM has the lower (better) BPC. No correction for multiple comparisons.
+- Verdict: a winner is named only when both arms learned, with at least :data:`MIN_SEEDS` seeds
+  (pairs) per arm, a 95 % interval of the difference that excludes 0, and no run of the winner's
+  configuration that did not learn (its surviving seeds would be a biased sample); otherwise the
+  sentence says why no winner is declared. Every verdict lists each arm's excluded runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from dashboards.outcome import EXCLUDED, LEARNED, NOT_LEARNED, OUTCOMES, RUNNING, classify_runs, exclusion_text
+
+CONFIDENCE = 0.95
+MIN_SEEDS = 3
+FINAL_PHASES = ("evaluate", "ablation")
+PHASE_ORDER = {"evaluate": 0, "ablation": 1, "search": 2}
+METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC"}
+PAIRED, WELCH, NO_TEST = "paired t-test", "Welch's t-test", "none"
+TEST_NAME = "paired t-test (two-sided, scipy.stats.ttest_rel)"
+WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=False)"
+ARCH_ORDER = {"nlstm": 0, "stacked": 1, "single": 2}
+TRAINING_BUDGET = ("epochs", "max_steps_per_epoch", "max_train_tokens")  # params that set how long a run trains
+ARM = ["protocol", "budget", "family"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+    sd: float
+
+    def covers(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def _finite(values) -> np.ndarray:
+    x = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    return x[np.isfinite(x)]
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> Interval:
+    """Mean and two-sided Student-t interval of the finite ``values`` (NaN bounds when n < 2)."""
+    x = _finite(values)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, 1, math.nan)
+    sd = float(x.std(ddof=1))
+    if sd == 0:  # scipy needs a positive scale; identical values have a zero-width interval
+        return Interval(mean, mean, mean, n, 0.0)
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(x))
+    return Interval(mean, float(low), float(high), n, sd)
+
+
+def t_errorbar(values) -> tuple[float, float]:
+    """The t-interval as seaborn's ``errorbar=`` callable wants it (so figures and tables agree)."""
+    ci = t_interval(values)
+    return (ci.low, ci.high) if ci.n >= 2 else (ci.mean, ci.mean)
+
+
+def family_key(family: str) -> tuple[int, int, str]:
+    arch, _, depth = str(family).partition("-d")
+    return (ARCH_ORDER.get(arch, 9), int(depth) if depth.isdigit() else 0, str(family))
+
+
+def sorted_families(families) -> list[str]:
+    return sorted({str(f) for f in families if pd.notna(f)}, key=family_key)
+
+
+def protocol_key(protocol: str) -> tuple[int, str]:
+    return (PHASE_ORDER.get(str(protocol).split(",")[0], 9), str(protocol))
+
+
+def format_budget(budget: float) -> str:
+    if budget is None or not np.isfinite(budget):
+        return "n/a"
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if budget >= scale:
+            return f"{budget / scale:.4g}{suffix}"
+    return f"{budget:.4g}"
+
+
+def _same(column: pd.Series, value: Any) -> pd.Series:
+    return column.isna() if pd.isna(value) else column == value
+
+
+# ---------------------------------------------------------------------------- which runs count
+def with_protocol(trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with a ``protocol`` column: the phase, plus the training budget when runs of one phase differ
+    in it (an ablation factor over epochs, say), e.g. ``"ablation, epochs 20"``."""
+    label = trials["phase"].fillna("?").astype(str)
+    keys = [k for k in TRAINING_BUDGET if k in trials]
+    for _, group in trials.groupby(label, sort=False):
+        # A run that failed before logging its params has no budget: it belongs to its phase's only one, if single.
+        for key in (k for k in keys if group[k].dropna().map(_budget_value).nunique() > 1):
+            label[group.index] += f", {key} " + group[key].map(_budget_value)
+    return trials.assign(protocol=label)
+
+
+def _budget_value(value: Any) -> str:
+    if pd.isna(value):
+        return "unknown"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+@dataclass
+class AnalysisSet:
+    """The runs the statistics look at, each with its outcome, and a sentence saying which and why."""
+
+    trials: pd.DataFrame  # every trial run, with outcome, outcome_reason, chance_bpc, chance_source, protocol
+    runs: pd.DataFrame  # the runs of the phases analysed, every outcome
+    selected: pd.DataFrame  # learned runs of each arm's representative configuration (one protocol per arm)
+    phases: list[str]
+    note: str
+
+    @property
+    def learned(self) -> pd.DataFrame:
+        return self.runs[self.runs["outcome"] == LEARNED]
+
+
+def analysis_set(trials: pd.DataFrame, parent_params: dict[str, Any] | None = None) -> AnalysisSet:
+    """The evaluate/ablation phases once any of their runs has finished; the search phase until then."""
+    judged = with_protocol(classify_runs(trials, parent_params)) if not trials.empty else trials.assign(
+        outcome=pd.Series(dtype=object), outcome_reason=pd.Series(dtype=object), protocol=pd.Series(dtype=object),
+        chance_bpc=pd.Series(dtype=float), chance_source=pd.Series(dtype=object))
+    if judged.empty:
+        return AnalysisSet(judged, judged, judged, [], "No trial runs have been recorded yet.")
+    finished = judged[judged["outcome"] != RUNNING]
+    final = finished[finished["phase"].isin(FINAL_PHASES)]
+    if not final.empty:
+        phases = [p for p in FINAL_PHASES if p in set(final["phase"])]
+        runs = judged[judged["phase"].isin(phases)]
+        n_learned = int((runs["outcome"] == LEARNED).sum())
+        note = (f"Statistics use the {n_learned} runs that learned of the {' and '.join(phases)} phase"
+                f"{'s' if len(phases) > 1 else ''} (fresh seeds per configuration), each phase on its own: runs "
+                "of different phases (seeds, epochs) are never pooled or compared.")
+    else:
+        runs = judged[judged["phase"] == "search"] if (judged["phase"] == "search").any() else judged
+        phases = sorted(set(runs["phase"].dropna()))
+        n_learned = int((runs["outcome"] == LEARNED).sum())
+        note = ("No evaluate or ablation runs have finished yet, so the statistics use the "
+                f"{n_learned} search trials that learned: each arm is its best-on-validation configuration, "
+                "usually a single run, so intervals and verdicts are mostly unavailable.") if n_learned else (
+                "No trial run has learned yet.")
+    runs = runs.reset_index(drop=True)
+    return AnalysisSet(judged, runs, select_arm_configs(runs), phases, note + _bar_sentence(runs))
+
+
+def _bar_sentence(runs: pd.DataFrame) -> str:
+    finished = runs[runs["outcome"].isin([LEARNED, NOT_LEARNED])]
+    if finished.empty:
+        return ""
+    sources = finished.groupby("chance_source")["chance_bpc"].agg(["min", "max"])
+    known = [f"{lo:.3f}" + (f"-{hi:.3f}" if hi > lo else "") + f" bits ({src})"
+             for src, (lo, hi) in sources.iterrows() if src != "unknown"]
+    text = f" A run learned if its valid and test BPC are below chance: {'; '.join(known)}." if known else ""
+    unknown = int((finished["chance_source"] == "unknown").sum())
+    if unknown:
+        text += (f" For {unknown} run{'s' if unknown > 1 else ''} the store records neither the corpus's unigram "
+                 "entropy nor its vocabulary, so only failures and non-finite BPC could exclude them.")
+    return text
+
+
+def _config_key(runs: pd.DataFrame) -> pd.Series:
+    return runs["config_hash"].fillna(runs["run_id"])
+
+
+def select_arm_configs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm (protocol, budget, family): the learned runs of its representative configuration, with
+    ``n_configs`` (configurations of the arm) and ``config_not_learned`` (its runs that did not learn)."""
+    learned = runs[runs["outcome"] == LEARNED]
+    if learned.empty:
+        return learned.assign(n_configs=pd.Series(dtype="int64"), config_not_learned=pd.Series(dtype="int64"))
+    runs = runs.assign(_config=_config_key(runs))
+    per_config = runs.groupby([*ARM, "_config"], dropna=False).agg(
+        mean=("best_valid_bpc", lambda s: s[runs.loc[s.index, "outcome"] == LEARNED].mean()),
+        n_learned=("outcome", lambda s: int((s == LEARNED).sum())),
+        config_not_learned=("outcome", lambda s: int((s == NOT_LEARNED).sum()))).reset_index()
+    n_configs = per_config.groupby(ARM, dropna=False)["_config"].nunique().rename("n_configs").reset_index()
+    candidates = per_config[per_config["n_learned"] > 0].assign(_unstable=lambda f: f["config_not_learned"] > 0)
+    candidates = candidates.sort_values(["_unstable", "mean", "n_learned"], ascending=[True, True, False],
+                                        kind="stable")
+    best = candidates.drop_duplicates(ARM)[[*ARM, "_config", "config_not_learned"]]
+    chosen = runs[runs["outcome"] == LEARNED].merge(best, on=[*ARM, "_config"], how="inner")
+    chosen = chosen.merge(n_configs, on=ARM, how="left")
+    return chosen.drop(columns="_config").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- tables
+def _sort_arms(table: pd.DataFrame) -> pd.DataFrame:
+    if table.empty:
+        return table
+    order = table.assign(_p=table["protocol"].map(protocol_key), _f=table["family"].map(family_key))
+    return order.sort_values(["_p", "budget", "_f"], kind="stable").drop(columns=["_p", "_f"]).reset_index(drop=True)
+
+
+ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_configs", "num_params",
+               "valid_mean", "valid_low", "valid_high", "test_mean", "test_low", "test_high", "n_test",
+               "tokens_per_s", "train_time_s", "config_hash", "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
+               "config_not_learned", "excluded"]
+
+
+def arm_table(aset: AnalysisSet) -> pd.DataFrame:
+    """One row per arm (protocol x budget x family), also for arms none of whose runs learned: seeds that
+    learned, parameters, valid/test BPC mean and 95 % CI, tokens/s, and the runs excluded (how many, why)."""
+    rows = []
+    for key, arm_runs in aset.runs.groupby(ARM, dropna=False, sort=False):
+        protocol, budget, family = key
+        group = aset.selected[(aset.selected["protocol"] == protocol) & _same(aset.selected["budget"], budget)
+                              & (aset.selected["family"] == family)]
+        valid, test = t_interval(group["best_valid_bpc"]), t_interval(group["test_bpc"])
+        counts = arm_runs["outcome"].value_counts()
+        basis = group if len(group) else arm_runs
+        rows.append({
+            "protocol": protocol, "budget": budget, "family": family, "arch": arm_runs["arch"].iloc[0],
+            "depth": arm_runs["depth"].iloc[0],
+            "n_seeds": int(group["seed"].nunique()) if group["seed"].notna().any() else len(group),
+            "n_configs": int(_config_key(arm_runs).nunique()), "num_params": float(basis["num_params"].mean()),
+            "valid_mean": valid.mean, "valid_low": valid.low, "valid_high": valid.high,
+            "test_mean": test.mean, "test_low": test.low, "test_high": test.high, "n_test": test.n,
+            "tokens_per_s": float(group["tokens_per_s"].mean()) if len(group) else math.nan,
+            "train_time_s": float(group["train_time_s"].mean()) if len(group) else math.nan,
+            "config_hash": group["config_hash"].iloc[0] if len(group) else None, "n_runs": len(arm_runs),
+            **{f"n_{o.replace(' ', '_')}": int(counts.get(o, 0)) for o in OUTCOMES},
+            "config_not_learned": int(group["config_not_learned"].iloc[0]) if len(group) else 0,
+            "excluded": exclusion_text(arm_runs),
+        })
+    return _sort_arms(pd.DataFrame(rows, columns=ARM_COLUMNS))
+
+
+def config_table(aset: AnalysisSet) -> pd.DataFrame:
+    """One row per configuration of the analysed phases: its factors, learned seeds, exclusions, and whether
+    it represents its arm."""
+    runs = aset.runs
+    if runs.empty:
+        return pd.DataFrame()
+    chosen = set(_config_key(aset.selected)) if len(aset.selected) else set()
+    factors = [c for c in runs.columns if c.startswith("factor.")]
+    rows = []
+    for (protocol, config), group in runs.assign(_config=_config_key(runs)).groupby(["protocol", "_config"],
+                                                                                    sort=False):
+        learned = group[group["outcome"] == LEARNED]
+        valid, test = t_interval(learned["best_valid_bpc"]), t_interval(learned["test_bpc"])
+        first = group.iloc[0]
+        row = {"protocol": protocol, "budget": first["budget"], "family": first["family"], "config_hash": config}
+        row.update({f: first[f] for f in factors})
+        row.update({"n_seeds": len(learned), "excluded": exclusion_text(group), "valid_mean": valid.mean,
+                    "valid_low": valid.low, "valid_high": valid.high, "test_mean": test.mean, "test_low": test.low,
+                    "test_high": test.high, "selected": config in chosen})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = table.assign(_p=table["protocol"].map(protocol_key), _f=table["family"].map(family_key))
+    order = order.sort_values(["_p", "budget", "_f", "valid_mean"], kind="stable")
+    return order.drop(columns=["_p", "_f"]).reset_index(drop=True)
+
+
+def excluded_runs(aset: AnalysisSet) -> pd.DataFrame:
+    """Every finished run of the analysed phases that the statistics leave out, with why."""
+    columns = ["run_name", "protocol", "budget", "family", "seed", "outcome", "outcome_reason"]
+    runs = aset.runs
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    out = runs[runs["outcome"].isin(EXCLUDED)][columns]
+    order = out.assign(_p=out["protocol"].map(protocol_key), _f=out["family"].map(family_key))
+    return order.sort_values(["_p", "budget", "_f", "seed"], kind="stable").drop(columns=["_p", "_f"]).reset_index(
+        drop=True)
+
+
+# ---------------------------------------------------------------------------- comparisons
+@dataclass(frozen=True)
+class ArmRecord:
+    """What a verdict needs to know about one arm."""
+
+    family: str
+    protocol: str
+    n_finished: int
+    n_learned: int
+    config_not_learned: int  # runs of the representative configuration that did not learn
+    excluded: str  # exclusion_text of the arm's runs
+
+    @classmethod
+    def of(cls, row: pd.Series) -> ArmRecord:
+        finished = int(row["n_learned"] + sum(row[f"n_{o.replace(' ', '_')}"] for o in EXCLUDED))
+        return cls(str(row["family"]), str(row["protocol"]), finished, int(row["n_learned"]),
+                   int(row["config_not_learned"]), str(row["excluded"]))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    protocol: str
+    budget: float
+    nested: str
+    other: str
+    metric: str
+    test: str  # PAIRED | WELCH | NO_TEST
+    n_nested: int  # seeds of each arm in the test (= the pairs for a paired test)
+    n_other: int
+    diff: Interval  # nested - other: mean and 95 % interval (n: pairs, or n_nested + n_other)
+    t: float
+    df: float
+    p: float
+    excluded: str  # "nested: ...; other: ..."
+    verdict: str
+
+    @property
+    def n_pairs(self) -> int | None:
+        return self.n_nested if self.test == PAIRED else None
+
+
+def _per_seed(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str) -> pd.Series:
+    rows = selected[(selected["protocol"] == protocol) & (selected["family"] == family)
+                    & _same(selected["budget"], budget)]
+    rows = rows[np.isfinite(rows[metric].astype(float)) & rows["seed"].notna()]
+    return rows.groupby("seed")[metric].mean()
+
+
+def difference_test(a: pd.Series, b: pd.Series) -> tuple[str, Interval, float, float, float]:
+    """(test, interval of nested - other, t, df, p) for two per-seed series (index: seed).
+
+    Identical seed sets are truly paired: paired t-test over them. Anything else is not: Welch's test over all
+    seeds. With fewer than 2 seeds (pairs) per side there is no test; the mean difference is still given."""
+    if len(a) >= 2 and set(a.index) == set(b.index):
+        d = (a - b[a.index]).to_numpy(float)
+        ci = t_interval(d)
+        if ci.sd == 0:
+            return PAIRED, ci, math.nan, float(len(d) - 1), math.nan
+        res = stats.ttest_rel(a.to_numpy(float), b[a.index].to_numpy(float))
+        low, high = res.confidence_interval(CONFIDENCE)
+        return PAIRED, Interval(ci.mean, float(low), float(high), len(d), ci.sd), float(res.statistic), \
+            float(res.df), float(res.pvalue)
+    mean = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return NO_TEST, Interval(mean, math.nan, math.nan, len(a) + len(b), math.nan), math.nan, math.nan, math.nan
+    x, y = a.to_numpy(float), b.to_numpy(float)
+    if x.std(ddof=1) == 0 and y.std(ddof=1) == 0:
+        return WELCH, Interval(mean, mean, mean, len(x) + len(y), 0.0), math.nan, math.nan, math.nan
+    res = stats.ttest_ind(x, y, equal_var=False)
+    low, high = res.confidence_interval(CONFIDENCE)
+    return WELCH, Interval(mean, float(low), float(high), len(x) + len(y), math.nan), float(res.statistic), \
+        float(res.df), float(res.pvalue)
+
+
+def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> list[Comparison]:
+    """Within each protocol and budget: ``nlstm-dD - stacked-dD`` and ``nlstm-dD - single-d1``, for test and valid
+    BPC. A counterpart that exists at the budget only under another protocol gives a 'not compared' entry."""
+    arms = arm_table(aset) if arms is None else arms
+    out = []
+    for _, nested_row in arms[arms["arch"] == "nlstm"].iterrows():
+        protocol, budget, nested = nested_row["protocol"], nested_row["budget"], nested_row["family"]
+        at_budget = arms[_same(arms["budget"], budget)]
+        depth = nested.removeprefix("nlstm-d")
+        wanted = sorted_families(f for f in at_budget["family"] if f == f"stacked-d{depth}" or f.startswith("single"))
+        for other in wanted:
+            same = at_budget[(at_budget["family"] == other) & (at_budget["protocol"] == protocol)]
+            elsewhere = sorted(set(at_budget.loc[at_budget["family"] == other, "protocol"]), key=protocol_key)
+            a_arm = ArmRecord.of(nested_row)
+            b_arm = ArmRecord.of(same.iloc[0]) if len(same) else None
+            for metric, label in METRICS.items():
+                a = _per_seed(aset.selected, protocol, nested, budget, metric)
+                b = _per_seed(aset.selected, protocol, other, budget, metric) if b_arm else pd.Series(dtype=float)
+                if b_arm and a_arm.n_learned and b_arm.n_learned and a.empty and b.empty:
+                    continue  # e.g. search trials, which may have no test BPC
+                if b_arm is None:
+                    c = Comparison(protocol, budget, nested, other, metric, NO_TEST, len(a), 0, Interval(
+                        math.nan, math.nan, math.nan, 0, math.nan), math.nan, math.nan, math.nan,
+                        f"{nested}: {a_arm.excluded}", "")
+                    text = not_comparable(c, label, elsewhere)
+                else:
+                    test, diff, t_stat, df, p = difference_test(a, b)
+                    c = Comparison(protocol, budget, nested, other, metric, test, len(a), len(b), diff, t_stat, df,
+                                   p, f"{nested}: {a_arm.excluded}; {other}: {b_arm.excluded}", "")
+                    text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)))
+                out.append(dataclasses.replace(c, verdict=text))
+    return out
+
+
+def _overlap(a: Interval, b: Interval) -> bool:
+    return a.n >= 2 and b.n >= 2 and a.low <= b.high and b.low <= a.high
+
+
+def comparison_table(comparisons: list[Comparison]) -> pd.DataFrame:
+    columns = ["protocol", "budget", "comparison", "metric", "test", "n_pairs", "n_nested", "n_other", "diff_mean",
+               "diff_low", "diff_high", "t", "df", "p", "excluded"]
+    return pd.DataFrame([{
+        "protocol": c.protocol, "budget": c.budget, "comparison": f"{c.nested} - {c.other}",
+        "metric": METRICS[c.metric], "test": c.test, "n_pairs": c.n_pairs, "n_nested": c.n_nested,
+        "n_other": c.n_other, "diff_mean": c.diff.mean, "diff_low": c.diff.low, "diff_high": c.diff.high,
+        "t": c.t, "df": c.df, "p": c.p, "excluded": c.excluded,
+    } for c in comparisons], columns=columns)
+
+
+# ---------------------------------------------------------------------------- verdicts
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:+.{digits}f}" if np.isfinite(x) else "n/a"
+
+
+def _where(c: Comparison, metric: str) -> str:
+    return f"at budget {format_budget(c.budget)} in protocol \"{c.protocol}\" ({metric})"
+
+
+def not_comparable(c: Comparison, metric: str, elsewhere: list[str]) -> str:
+    return (f"{c.nested} vs {c.other} {_where(c, metric)}: not run under a common protocol ({c.other} only in "
+            f"{', '.join(elsewhere)}; different seeds or training budget), so they are not compared and no winner "
+            "is declared.")
+
+
+def _exclusions(nested: ArmRecord, other: ArmRecord) -> str:
+    return f" Runs excluded: {nested.family} {nested.excluded}; {other.family} {other.excluded}."
+
+
+def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arms_overlap: bool = False) -> str:
+    """One plain sentence (and the arms' exclusions); it names a winner only when the evidence allows it."""
+    head = f"{c.nested} vs {c.other} {_where(c, metric)}"
+    tail = _exclusions(nested, other)
+    silent = [a for a in (nested, other) if a.n_learned == 0]
+    if silent:
+        why = " and ".join(f"{a.family} did not learn in any of its {a.n_finished} finished runs" if a.n_finished
+                           else f"{a.family} has no finished run yet" for a in silent)
+        return f"{head}: {why}, so no winner is declared.{tail}"
+    if c.n_nested == 0 or c.n_other == 0:
+        return f"{head}: no seed has a {metric} in both arms, so they cannot be compared yet.{tail}"
+    paired = c.test == PAIRED
+    seeds = f"n = {c.n_nested} paired seeds" if paired else f"n = {c.n_nested} and {c.n_other} seeds"
+    if c.test == NO_TEST or min(c.n_nested, c.n_other) < MIN_SEEDS:
+        need = f"at least {MIN_SEEDS} {'paired seeds' if paired else 'seeds per arm'} needed"
+        return (f"{head}: too few seeds ({seeds}, {need}; mean difference {_fmt(c.diff.mean)} BPC), so no winner "
+                f"is declared.{tail}")
+    p_text = f"p = {c.p:.3g}" if np.isfinite(c.p) else "p undefined: no spread"
+    how = "paired t-test" if paired else "Welch's t-test over all seeds, which are not paired"
+    detail = (f"{c.nested} - {c.other} = {_fmt(c.diff.mean)} BPC, 95 % CI [{_fmt(c.diff.low)}, {_fmt(c.diff.high)}] "
+              f"({how}, {p_text}, {seeds})")
+    if c.diff.covers(0.0):
+        return f"No clear difference: {head}: {detail}; the interval includes 0, so no winner is declared.{tail}"
+    winner, loser = (nested, other) if c.diff.mean < 0 else (other, nested)
+    if winner.config_not_learned:
+        return (f"{head}: {winner.family} has the lower mean over the seeds that learned ({detail}), but its "
+                f"configuration did not learn in {winner.config_not_learned} of its seeds, so the seeds compared are "
+                f"a biased sample and no winner is declared.{tail}")
+    sentence = (f"{winner.family} has a lower {metric} than {loser.family} at budget {format_budget(c.budget)} "
+                f"in protocol \"{c.protocol}\": {detail}.")
+    if paired and arms_overlap:
+        sentence += (" The two arms' own 95 % intervals overlap, so the edge shows only when runs are paired by "
+                     "seed; treat it as tentative.")
+    return sentence + tail

@@ -1,0 +1,378 @@
+"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``.
+
+- ``search``: Optuna samples configurations (``PruneAwareOptunaSearch``), a scheduler (ASHA,
+  median stopping or none) stops poor trials early; every trial uses the tuning seed.
+- ``evaluate``: the top-k search configurations (overall, per arch or per family), each re-run
+  with the evaluation seeds at the evaluate phase's full training budget.
+- ``ablation``: every cell of the factor grid, each run with the ablation seeds.
+
+A phase whose experiment exists is resumed (``Tuner.restore``): finished trials are kept,
+unfinished ones continue from their last checkpoint, and errored ones run again: a diverged
+trial fails again at once from its record (a divergence would recur), any other failure is
+retried up to ``MAX_ATTEMPTS`` times in all (see ``study.trial``).
+
+A phase is recorded as done on the parent run (``nlstm.phase.<phase> = done``), and skipped when
+the study runs again, only when every trial Ray ran has its run in the store and the phase's
+trials mostly succeeded; otherwise the phase is recorded as failed and the study stops with
+``StudyFailed``: one line naming the commonest failure reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+from nlstm.data import Corpus
+from study.searcher import PruneAwareOptunaSearch
+from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
+from study.spec import StudySpec
+from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
+from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
+
+METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Tune stopped a phase before all its trials ended (Ctrl+C): rerun the command to resume."""
+
+
+class StudyFailed(RuntimeError):
+    """A phase ended without a result worth recording as done; the message is one line."""
+
+
+def _shape(reason: str) -> str:
+    """A failure reason with its numbers masked, so "nan at step 3 (lr 1e+30)" and "nan at step 7
+    (lr 2e+30)" count as one kind of failure."""
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", reason)
+
+
+@dataclass
+class PhaseOutcome:
+    """How a phase's trials ended, from Ray's results, checked against the store."""
+
+    phase: str
+    completed: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+    @property
+    def total(self) -> int:
+        return len(self.completed) + len(self.pruned) + len(self.failed)
+
+    def problem(self) -> str | None:
+        """Why the phase is not done: no trial finished, or most failed."""
+        if not self.total or (self.completed and len(self.failed) * 2 <= self.total):
+            return None
+        groups = Counter(_shape(r) for r in self.failed.values()).most_common(1)
+        commonest = ""
+        if groups:
+            example = next(r for r in self.failed.values() if _shape(r) == groups[0][0])
+            commonest = f"; commonest failure ({groups[0][1]}x): {example}"
+        if not self.completed:
+            return f"no trial of {self.total} completed ({len(self.failed)} failed, {len(self.pruned)} stopped early)" \
+                   + commonest
+        return f"{len(self.failed)} of {self.total} trials failed{commonest}"
+
+    def rerun_hint(self) -> str:
+        """A rerun retries failures that may be transient; a divergence or a trial that gave up would recur."""
+        retryable = [r for r in self.failed.values() if not r.startswith(("diverged", "gave up"))]
+        if retryable:
+            return f"; rerun to retry the {len(retryable)} trial(s) whose failure may be transient"
+        return "; a rerun would fail the same way: change the study (e.g. the learning-rate range)"
+
+
+@dataclass
+class StudyRun:
+    """What the phases need from the driver."""
+
+    spec: StudySpec
+    study_dir: Path
+    tracker: StudyTracker
+    corpus: Corpus
+    data_dir: str | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int
+    verbose: bool
+    out: TextIO
+    outcome: PhaseOutcome | None = None  # of the phase that ran last
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def context(self, phase: str, **kwargs: Any) -> TrialContext:
+        t = self.tracker
+        return TrialContext(self.spec, phase, t.tracking_uri, t.experiment_id, t.parent_run_id, self.data_dir,
+                            threads=max(1, int(self.cpus_per_trial)),
+                            device="cuda" if self.gpus_per_trial > 0 else "cpu", **kwargs)
+
+
+def _trial_name(trial: Any) -> str:
+    return trial_key_of(trial.config) or trial.trial_id
+
+
+def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_config: tune.TuneConfig,
+         param_space: dict[str, Any] | None = None) -> tune.ResultGrid:
+    from study.progress import ProgressLine
+    from study.tracking import TrackingCallback
+
+    resources = {"cpu": run.cpus_per_trial} | ({"gpu": run.gpus_per_trial} if run.gpus_per_trial else {})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    storage = run.study_dir / "ray"
+    path = storage / phase
+    if tune.Tuner.can_restore(str(path)):
+        run.say(f"[{phase}] resuming the trials in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        parents = {"*": context.parent_run_id} if phase == "search" else {
+            key: context.config_runs[p.config_hash] for key, p in context.planned.items()}
+        callbacks: list[tune.Callback] = [TrackingCallback(run.tracker.tracking_uri, run.tracker.experiment_id,
+                                                           run.spec.name, phase, parents)]
+        if not run.verbose:
+            callbacks.append(ProgressLine(phase, total))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=phase, storage_path=str(storage), verbose=2 if run.verbose else 0, callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    ended = results.num_terminated + results.num_errors
+    if ended < total:  # Tune returns normally after Ctrl+C, with trials left
+        raise StudyInterrupted(f"{phase}: {ended} of {total} trials ended")
+    run.outcome = outcome_of(run, phase, results)
+    return results
+
+
+def outcome_of(run: StudyRun, phase: str, results: tune.ResultGrid) -> PhaseOutcome:
+    """How the phase's trials ended; raises ``StudyFailed`` if Ray knows of trials that the store
+    does not (its folder would then not be this record's cache)."""
+    outcome = PhaseOutcome(phase)
+    recorded = {r.data.tags.get("nlstm.trial_id"): r
+                for r in find_runs(run.tracker.client, run.tracker.experiment_id, kind="trial", phase=phase)}
+    for r in results:
+        m = r.metrics or {}
+        key = m.get("trial_key") or trial_key_of(r.config or {}) or "?"
+        if r.error is not None:
+            record = recorded.get(key)
+            reason = record.data.tags.get("nlstm.fail_reason") if record is not None else None
+            outcome.failed[key] = reason or error_line(str(r.error)) or type(r.error).__name__
+        elif m.get("finished"):
+            outcome.completed.append(key)
+        else:
+            outcome.pruned.append(key)
+    missing = sorted(k for k in outcome.completed + outcome.pruned + list(outcome.failed) if k not in recorded)
+    if missing:
+        raise StudyFailed(f"{phase}: {len(missing)} trial(s) that Ray ran have no run in {run.tracker.tracking_uri} "
+                          f"({', '.join(missing[:5])}); the Ray folder {run.study_dir / 'ray'} is not this store's "
+                          "record: rerun with --restart")
+    return outcome
+
+
+# ------------------------------------------------------------------ search
+def _scheduler(spec: StudySpec) -> Any:
+    s, epochs = spec.search.scheduler, spec.search.train.epochs
+    grace = min(s.grace_period, epochs)
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=grace,
+                             reduction_factor=s.reduction_factor)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=grace,
+                                  min_samples_required=s.min_samples_required)
+    return FIFOScheduler()
+
+
+def run_search(run: StudyRun) -> None:
+    spec = run.spec
+    total = num_samples(spec)
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(spec), metric=METRIC, mode=MODE, sampler=make_sampler(spec))
+    tune_config = tune.TuneConfig(
+        metric=METRIC, mode=MODE, search_alg=searcher, scheduler=_scheduler(spec), num_samples=total,
+        max_concurrent_trials=min(run.max_concurrent, spec.search.max_concurrent or run.max_concurrent),
+        reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    results = _fit(run, "search", run.context("search"), total, tune_config)
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        key = m.get("trial_key") or trial_key_of(r.config or {})
+        params = {k: v for k, v in (r.config or {}).items() if k != "trial_number"}
+        status = "failed" if r.error is not None else ("completed" if m.get("finished") else "pruned")
+        rows.append({"key": key, "status": status, "params": params, "family": m.get("family"),
+                     "best_valid_bpc": m.get("best_valid_bpc", math.inf) if r.error is None else math.inf,
+                     "epochs": m.get("epoch", 0), "checkpoint": r.checkpoint.path if r.checkpoint else None})
+    # By best valid BPC whatever the status: a trial stopped early reached its value in fewer epochs,
+    # so it is at least as promising as a finished trial with a worse value.
+    rows.sort(key=lambda row: row["best_valid_bpc"])
+    (run.study_dir / "search_results.json").write_text(json.dumps(rows, indent=1, default=str))
+    _save_best_models(run, rows)
+
+
+def _save_best_models(run: StudyRun, rows: list[dict[str, Any]]) -> None:
+    """model.pt of the best search trials (those evaluate will re-run, or the best one) as artifacts
+    of their runs and under studies/<name>/best/."""
+    chosen = select_top(run.spec, rows) if run.spec.evaluate else rows[:1]
+    best_dir = run.study_dir / "best"
+    best_dir.mkdir(parents=True, exist_ok=True)
+    for row in chosen:
+        if not row.get("checkpoint"):
+            continue
+        out = model_file_from_checkpoint(Path(row["checkpoint"]), best_dir / f"{row['key']}.pt")
+        trial_run = run.tracker.trial_run(row["key"])
+        if out is not None and trial_run is not None:
+            staging = best_dir / row["key"]
+            staging.mkdir(exist_ok=True)
+            shutil.copyfile(out, staging / "model.pt")
+            run.tracker.client.log_artifact(trial_run.info.run_id, str(staging / "model.pt"))
+            shutil.rmtree(staging)
+
+
+def select_top(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluate phase's configurations: the top-k rows (by best valid BPC, pruned or not)
+    overall, per arch or per family. ``rows`` must be sorted."""
+    ev = spec.evaluate
+    assert ev is not None
+    usable = [r for r in rows if r["status"] != "failed" and math.isfinite(r["best_valid_bpc"])]
+    if ev.per == "none":
+        return usable[: ev.top_k]
+    chosen, counts = [], {}
+    for row in usable:
+        cfg = resolve(spec, "search", row["params"])
+        group = cfg.arch if ev.per == "arch" else cfg.family
+        if counts.get(group, 0) < ev.top_k:
+            counts[group] = counts.get(group, 0) + 1
+            chosen.append(row)
+    return chosen
+
+
+def load_search_rows(run: StudyRun) -> list[dict[str, Any]]:
+    path = run.study_dir / "search_results.json"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: run the search phase first (--phases search)")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------ evaluate and ablation
+def _run_planned(run: StudyRun, phase: str, configs: list[tuple[TrialConfig, dict[str, Any], dict[str, str]]],
+                 seeds: list[int]) -> None:
+    """Config runs for ``configs`` ((config, factors, extra tags)), then every (config, seed) trial,
+    the first seed of every configuration before the second."""
+    vocab = len(run.corpus.vocab)
+    planned: dict[str, PlannedTrial] = {}
+    config_runs: dict[str, str] = {}
+    for cfg, factors, tags in configs:
+        solved = cfg.solve(vocab)
+        params = solved.mlflow_params(seed=0)
+        params.pop("seed")
+        config_runs[cfg.config_hash] = run.tracker.config_run(phase, cfg, params, factors or None, tags)
+    for seed in seeds:
+        for cfg, _, _ in configs:
+            key = f"{phase}-{cfg.config_hash}-s{seed}"
+            planned[key] = PlannedTrial(key, cfg.params, seed, cfg.config_hash)
+    context = run.context(phase, planned=planned, config_runs=config_runs)
+    tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=run.max_concurrent,
+                                  reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    _fit(run, phase, context, len(planned), tune_config, param_space={"trial_key": tune.grid_search(list(planned))})
+    run.tracker.finish_config_runs(phase)
+
+
+def run_evaluate(run: StudyRun) -> None:
+    spec = run.spec
+    configs, seen = [], set()
+    for row in select_top(spec, load_search_rows(run)):
+        cfg = resolve(spec, "evaluate", row["params"])
+        if cfg.config_hash not in seen:
+            seen.add(cfg.config_hash)
+            configs.append((cfg, {}, {"nlstm.source_trial": row["key"]}))
+    if not configs:
+        raise StudyFailed("evaluate: no search trial finished, so there is no configuration to evaluate")
+    _run_planned(run, "evaluate", configs, spec.evaluate.seeds)
+
+
+def run_ablation(run: StudyRun) -> None:
+    spec = run.spec
+    base: dict[str, Any] = {}
+    if spec.ablation.base == "search":
+        rows = [r for r in load_search_rows(run) if r["status"] != "failed"]
+        if not rows:
+            raise StudyFailed("ablation: no search trial finished, so there is no base configuration")
+        base = rows[0]["params"]
+    cells = ablation_cells(spec, base)
+    _run_planned(run, "ablation", [(c.config, c.factors, {}) for c in cells], spec.ablation.seeds)
+
+
+PHASE_RUNNERS = {"search": run_search, "evaluate": run_evaluate, "ablation": run_ablation}
+
+
+def run_phase(run: StudyRun, phase: str) -> None:
+    if run.tracker.phase_done(phase):
+        run.say(f"[{phase}] already done (recorded on the study run); skipping")
+        run.say(phase_summary(run, phase))
+        return
+    run.outcome = None
+    PHASE_RUNNERS[phase](run)
+    run.say(phase_summary(run, phase))
+    problem = run.outcome.problem() if run.outcome else f"{phase}: no trial ran"
+    if problem:
+        run.tracker.mark_phase_failed(phase, problem)
+        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks in {run.study_dir / 'ray' / phase}"
+        raise StudyFailed(f"{phase}: {problem} (details: {details}){run.outcome.rerun_hint() if run.outcome else ''}")
+    run.tracker.mark_phase_done(phase)
+
+
+# ------------------------------------------------------------------ summaries
+def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def phase_rows(tracker: StudyTracker, phase: str) -> list[dict[str, Any]]:
+    """One row per configuration of a phase, from its MLflow trial runs."""
+    groups: dict[str, dict[str, Any]] = {}
+    for r in find_runs(tracker.client, tracker.experiment_id, kind="trial", phase=phase):
+        tags, metrics = r.data.tags, r.data.metrics
+        g = groups.setdefault(tags.get("nlstm.config_hash", "?"), {
+            "family": tags.get("nlstm.family"), "config_hash": tags.get("nlstm.config_hash"),
+            "num_params": metrics.get("num_params"), "key": tags.get("nlstm.trial_id"),
+            "lr": r.data.params.get("lr"), "valid": [], "test": [], "status": []})
+        g["valid"].append(metrics.get("best_valid_bpc"))
+        g["test"].append(metrics.get("test_bpc"))
+        g["status"].append(tags.get("nlstm.status"))
+    rows = list(groups.values())
+    rows.sort(key=lambda g: min([v for v in g["valid"] if v is not None] or [math.inf]))
+    return rows
+
+
+def phase_summary(run: StudyRun, phase: str, limit: int = 8) -> str:
+    rows = phase_rows(run.tracker, phase)
+    if not rows:
+        return f"[{phase}] no trial runs recorded"
+    header = "trial" if phase == "search" else "configuration (seeds)"
+    lines = [f"[{phase}] {'best trials' if phase == 'search' else 'results, mean ± sd over seeds'}:",
+             f"  {header:<28} {'family':<12} {'params':>9} {'lr':>9} {'valid bpc':>15} {'test bpc':>15}  status"]
+    for g in rows[:limit]:
+        name = g["key"] if phase == "search" else f"{g['config_hash']} ({len(g['valid'])})"
+        status = ",".join(sorted({s or "?" for s in g["status"]}))
+        params = f"{int(g['num_params']):,}" if g["num_params"] else "-"
+        lr = f"{float(g['lr']):.2e}" if g["lr"] not in (None, "None") else "-"
+        lines.append(f"  {name:<28} {g['family'] or '-':<12} {params:>9} {lr:>9} {_fmt(g['valid']):>15} "
+                     f"{_fmt(g['test']):>15}  {status}")
+    if len(rows) > limit:
+        lines.append(f"  ... {len(rows) - limit} more in MLflow")
+    return "\n".join(lines)

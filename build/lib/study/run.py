@@ -1,0 +1,412 @@
+"""Run a study: one YAML file -> Ray Tune trials sampled by Optuna -> MLflow.
+
+    nlstm-study --space smoke                                        # a built-in study, from any folder
+    python study/run.py --space search_spaces/smoke.yaml             # run (or resume) it
+    python study/run.py --space search_spaces/ptb-cpu.yaml --dry-run # the plan, nothing written
+    python study/run.py --space search_spaces/ptb.yaml --smoke       # the same study, shrunk
+
+By default Ray is a private local instance and MLflow a sqlite file ``./mlflow.db`` (or
+``$MLFLOW_TRACKING_URI``); the Ray experiments and best checkpoints go to ``./studies/<name>/``.
+Re-running the same command after Ctrl+C, SIGTERM or a killed driver resumes the study. Exit
+codes: 0 done; 1 the study failed (most trials of a phase failed, another driver holds the
+study, or an error); 2 bad study file or arguments (nothing written); 130 interrupted by
+Ctrl+C, 143 by SIGTERM (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from study.cli import invoked_as
+from study.spec import PHASES, SpecError, StudySpec, load_spec, shrink_for_smoke
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ADDRESS_TIMEOUT_S = 10.0
+
+
+class UsageError(ValueError):
+    """Bad input found before anything was written: one line, exit code 2."""
+
+
+def _number(kind: type, low: float, inclusive: bool) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (not inclusive and value == low):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=invoked_as("nlstm-study"), description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The study file format: docs/study.md")
+    add = p.add_argument
+    add("--space", required=True, type=Path, metavar="FILE", help="the study file (YAML), or the name of a built-in "
+        "study (smoke, ptb-cpu, ptb, text8, enwik8, ablation-depth)")
+    add("--dry-run", action="store_true", help="validate and print the trial plan (configurations, widths, "
+        "parameter counts, estimated duration); train and write nothing")
+    add("--smoke", action="store_true", help="the same study shrunk as its `smoke` section says (tiny data, 1-2 "
+        "epochs), as study <name>-smoke")
+    add("--phases", metavar="LIST", help=f"comma-separated subset of the study's phases ({', '.join(PHASES)})")
+    add("--tracking-uri", metavar="URI", help="MLflow tracking URI, or a sqlite file path ending in .db "
+        "(default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    add("--address", metavar="ADDR", help="an existing Ray cluster (auto or HOST:PORT; needs RAY_AUTH_MODE=token "
+        "and the cluster's token, see docs/study.md); default: $RAY_ADDRESS, else a private local Ray")
+    add("--cpus-per-trial", type=_number(float, 0, False), metavar="N",
+        help="CPUs (and torch threads) per trial (default: the file's)")
+    add("--gpus-per-trial", type=_number(float, 0, True), metavar="F",
+        help="GPUs per trial, fractional to share one (default: the file's)")
+    add("--max-concurrent", type=_number(int, 1, True), metavar="N",
+        help="trials at a time (default: as many as the CPUs/GPUs allow)")
+    add("--data-dir", type=Path, metavar="DIR", help="folder with the corpus files (default: $NLSTM_DATA_DIR, the "
+        "cache, or a download)")
+    add("--output", type=Path, default=Path("studies"), metavar="DIR", help="where <name>/ goes (default ./studies)")
+    add("--restart", action="store_true", help="discard this study's earlier runs and results first")
+    add("--verbose", action="store_true", help="Ray's own tables and worker output instead of the progress line")
+    return p
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run ..." lines in progress
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when imported
+        warnings.filterwarnings("ignore")
+        for name in ("mlflow", "alembic", "ray", "ray.train", "optuna", "filelock"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial gets one line, not a traceback
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Setup:
+    """Everything checked before anything is written."""
+
+    spec: StudySpec
+    phases: list[str]
+    cpus: float
+    gpus: float
+    corpus: Any
+    data_dir: str | None
+    tracking_uri: str
+    study_dir: Path
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """An unreachable Ray address makes ``ray.init`` retry for minutes: try the port first."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Validate the study file, arguments, data, budgets, store and cluster address."""
+    from nlstm.data import CorpusError
+    from study.catalog import find_study_file
+    from study.plan import check_budgets
+    from study.store import StoreError, check_store, resolve_tracking_uri
+    from study.trial import load_study_corpus
+
+    try:
+        args.space = find_study_file(args.space)
+        spec = load_spec(args.space)
+        if args.smoke:
+            spec = shrink_for_smoke(spec)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else spec.resources.cpus_per_trial
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else spec.resources.gpus_per_trial
+    phases = spec.phases
+    if args.phases:
+        wanted = [p.strip() for p in args.phases.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in spec.phases]
+        if unknown:
+            raise UsageError(f"--phases: {', '.join(unknown)} is not a phase of {args.space} "
+                             f"({', '.join(spec.phases)})")
+        phases = [p for p in spec.phases if p in wanted]
+    try:
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+
+    # Absolute paths only: Tune runs each trial in its own working directory.
+    data_dir = args.data_dir or (Path(os.environ["NLSTM_DATA_DIR"]) if os.environ.get("NLSTM_DATA_DIR") else None)
+    data_dir = str(data_dir.expanduser().resolve()) if data_dir else None
+    try:
+        corpus = load_study_corpus(spec, data_dir, download=not args.dry_run)
+    except (CorpusError, OSError, ValueError) as e:
+        raise UsageError(f"{args.space}: data: {e}") from None
+    try:
+        check_budgets(spec, len(corpus.vocab), args.space, gpus_per_trial=gpus)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+
+    local_cpus = os.cpu_count() or 1
+    if not args.address and not args.dry_run:
+        if gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(f"--gpus-per-trial {gpus:g}: this machine has no GPU that torch can use "
+                                 "(torch.cuda.is_available() is False); use --gpus-per-trial 0 or --address a GPU "
+                                 "cluster")
+        if cpus > local_cpus:
+            raise UsageError(f"--cpus-per-trial {cpus:g}: this machine has {local_cpus} CPUs (a trial asking for "
+                             "more would wait forever)")
+    study_dir = args.output.expanduser().resolve() / spec.name
+    if not args.dry_run:
+        try:
+            check_store(tracking_uri)
+        except StoreError as e:
+            raise UsageError(str(e)) from None
+        _check_output(study_dir)
+        if args.address:
+            check_address(args.address)
+    return Setup(spec, phases, cpus, gpus, corpus, data_dir, tracking_uri, study_dir)
+
+
+def _check_output(study_dir: Path) -> None:
+    from study.store import StoreError, _check_writable_folder
+
+    existing = next(p for p in [study_dir, *study_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output: {existing} is not a folder")
+    try:
+        _check_writable_folder(existing, "--output")
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+
+
+def print_plan(args: argparse.Namespace, setup: Setup) -> None:
+    import torch
+
+    from study.plan import build_plan
+
+    concurrency = max(1, int((os.cpu_count() or 1) // setup.cpus))
+    if args.max_concurrent:
+        concurrency = min(concurrency, args.max_concurrent)
+    measure = not (setup.gpus > 0 and not torch.cuda.is_available())  # CPU timings say nothing of a GPU study
+    print(build_plan(setup.spec, setup.corpus, setup.cpus, setup.gpus, concurrency, measure=measure))
+
+
+def start_ray(args: argparse.Namespace) -> bool:
+    """Connect to (or start) Ray; False if this process was already connected (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    level = logging.INFO if args.verbose else logging.ERROR
+    if args.address:
+        ray.init(address=args.address, log_to_driver=args.verbose, logging_level=level)
+        return True
+    # Trials import `study` and `nlstm` from this checkout even without `pip install -e .`.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=args.verbose,
+             logging_level=level)
+    return True
+
+
+def trial_concurrency(args: argparse.Namespace, cpus: float, gpus: float) -> int:
+    """Trials at a time on the cluster; a trial asking for more than it has would wait forever."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if gpus > 0 and cluster.get("GPU", 0) < gpus:
+        raise UsageError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {cluster.get('GPU', 0):g} GPU(s); "
+                         "a trial asking for more would wait forever")
+    if cluster.get("CPU", 0) < cpus:
+        raise UsageError(f"--cpus-per-trial {cpus:g}: the Ray cluster has only {cluster.get('CPU', 0):g} CPUs")
+    concurrency = max(1, int(cluster.get("CPU", 1) // cpus))
+    if gpus > 0:
+        concurrency = min(concurrency, max(1, int(cluster.get("GPU", 0) // gpus)))
+    return min(concurrency, args.max_concurrent) if args.max_concurrent else concurrency
+
+
+def handle_signals(reasons: list[str]) -> Any:
+    """SIGTERM behaves like Ctrl+C: Tune stops its trials, runs are marked, the study can be resumed.
+    (ray.init installs a SIGTERM handler that exits at once; this replaces it.) Returns the
+    handler it replaced."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        reasons.append("SIGTERM")
+        signal.raise_signal(signal.SIGINT)  # Tune's own SIGINT handler stops the trials gracefully
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def run_study(args: argparse.Namespace, setup: Setup) -> int:
+    import _thread
+
+    import ray
+
+    from study.cache import RecordBinding, claim_cache
+    from study.lease import LeaseHeld
+    from study.phases import StudyFailed, StudyInterrupted, StudyRun, run_phase
+    from study.processes import DriverRecord
+    from study.space import num_samples, sampler_description, scheduler_description
+    from study.store import limit_http_retries
+    from study.tracking import StudyConflict, StudyTracker, environment_info
+
+    spec, study_dir, cpus, gpus = setup.spec, setup.study_dir, setup.cpus, setup.gpus
+    started = time.monotonic()
+    signal_reasons: list[str] = []
+    previous_sigterm = handle_signals(signal_reasons)
+    limit_http_retries()
+    tracker, started_ray, driver = None, False, None
+    try:
+        tracker = StudyTracker(setup.tracking_uri, spec, args.space.resolve(), study_dir)
+
+        def lost(reason: str) -> None:
+            signal_reasons.append(reason)
+            _thread.interrupt_main()
+
+        note = tracker.acquire_lease(on_lost=lost)
+        if note:
+            print(note, flush=True)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        driver = DriverRecord(study_dir / "driver.json")
+        if driver.stop_leftovers():
+            print(f"stopped the leftover Ray processes of a killed driver of this study ({study_dir})", flush=True)
+        if args.restart:
+            import shutil
+
+            for entry in study_dir.iterdir():
+                if entry.name != "driver.json":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if args.address:  # an existing cluster: check its resources before anything is recorded
+            started_ray = start_ray(args)
+            trial_concurrency(args, cpus, gpus)
+        corpus = setup.corpus
+        env = environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
+                                            "gpus_per_trial": gpus},
+                                "ray_address": args.address or "local", "smoke": args.smoke,
+                                "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
+                                         "source": corpus.source, "source_sha256": corpus.checksums,
+                                         "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
+                                                    "test": len(corpus.test)}}})
+        params = {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
+                  "unigram_entropy_bits": round(corpus.unigram_entropy_bits(), 6), "metric": "valid_bpc",
+                  "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
+                  "num_samples": num_samples(spec) if spec.search else 0}
+        tracker.open(restart=args.restart, environment=env, data_params=params)
+        note = claim_cache(study_dir, RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id,
+                                                    spec.study_hash()))
+        if note:
+            print(note, flush=True)
+        concurrency = 1
+        if [p for p in setup.phases if not tracker.phase_done(p)]:
+            started_ray = start_ray(args) or started_ray
+            concurrency = trial_concurrency(args, cpus, gpus)
+        tracker.client.set_tag(tracker.parent_run_id, "nlstm.trial_slots", str(concurrency))  # for the efficiency
+        handle_signals(signal_reasons)  # again: ray.init replaced it
+        driver.write()  # after Ray started: its processes are this driver's children
+        print(f"study {spec.name}: {' -> '.join(setup.phases)}; {concurrency} trial(s) at a time, "
+              f"{cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''} each"
+              f"{' (resuming)' if tracker.resumed else ''}", flush=True)
+        run = StudyRun(spec, study_dir, tracker, corpus, setup.data_dir, cpus, gpus, concurrency, args.verbose,
+                       sys.stdout)
+        for phase in setup.phases:
+            run_phase(run, phase)
+        tracker.close("FINISHED")
+    except UsageError as e:
+        if tracker is not None:
+            tracker.close("FAILED")
+        return fail(str(e))
+    except (LeaseHeld, StudyConflict) as e:
+        if tracker is not None and tracker.lease is not None:
+            tracker.lease.release()
+        return fail(str(e), code=1)
+    except StudyFailed as e:
+        tracker.close("FAILED")
+        return fail(str(e), code=1)
+    except (KeyboardInterrupt, StudyInterrupted):
+        if tracker is not None:
+            tracker.close("KILLED")
+        why = signal_reasons[-1] if signal_reasons else "Ctrl+C"
+        print(f"\ninterrupted ({why}): the runs so far are recorded; rerun the same command to resume\n"
+              f"  {invoked_as('nlstm-study')} {' '.join(sys.argv[1:])}", file=sys.stderr)
+        return 143 if why == "SIGTERM" else 130
+    except Exception as e:
+        if tracker is not None:
+            tracker.close("FAILED")
+        if args.verbose:
+            raise
+        return fail(f"{type(e).__name__}: {e} ({_hint(e)})", code=1)
+    finally:
+        if started_ray:
+            ray.shutdown()
+        if driver is not None:
+            driver.remove()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+    minutes, seconds = divmod(int(time.monotonic() - started), 60)
+    print(f"\nstudy {spec.name} done in {minutes}:{seconds:02d}")
+    print(f"  MLflow:  {setup.tracking_uri}  (experiment {spec.name!r})")
+    if setup.tracking_uri.startswith("sqlite:"):
+        print(f"           browse it: mlflow ui --backend-store-uri {setup.tracking_uri}")
+    contents = [what for name, what in (("search_results.json", "search_results.json"),
+                                         ("best", "best checkpoints in best/"), ("ray", "Ray trials in ray/"))
+                if (study_dir / name).exists()]
+    print(f"  results: {study_dir}  ({', '.join(contents)})")
+    return 0
+
+
+def _hint(error: Exception) -> str:
+    """Say "rerun" only where a rerun could help: a store or cluster that went away for a while."""
+    from mlflow.exceptions import MlflowException
+
+    transient = isinstance(error, (OSError, ConnectionError, TimeoutError, MlflowException)) or \
+        type(error).__module__.startswith("ray")
+    return "rerun to resume once it is back; --verbose shows the traceback" if transient else \
+        "--verbose shows the traceback"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if not args.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
+    _quiet_libraries(args.verbose)
+    try:
+        setup = prepare(args)
+    except UsageError as e:
+        return fail(str(e))
+    if args.dry_run:
+        print_plan(args, setup)
+        return 0
+    return run_study(args, setup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

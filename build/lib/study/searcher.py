@@ -1,0 +1,53 @@
+"""OptunaSearch that tells Optuna the truth about trials a Tune scheduler stopped early.
+
+Ray's ``OptunaSearch`` tells every trial that ended without an error to Optuna as COMPLETE with
+its last value. A trial that ASHA (or the median rule) stopped after 1 of 8 epochs then counts as
+a finished trial with a poor score, and TPE learns that its region is bad. Here a trial counts as
+COMPLETE only if its last result says ``finished`` (the trainable sets it on its real last
+epoch); otherwise its last value is reported as an intermediate value and it is told PRUNED,
+which is how Optuna's own pruners record it. Errors stay FAIL.
+
+Ray also skips ``on_trial_result`` for the result on which a scheduler decides to stop, so that
+value is added here before the trial is told.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.air.constants import TRAINING_ITERATION
+from ray.tune.search.optuna import OptunaSearch
+
+FINISHED = "finished"
+log = logging.getLogger(__name__)
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_step: dict[str, int] = {}  # last step reported to each Optuna trial
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        super().on_trial_result(trial_id, result)
+        if TRAINING_ITERATION in result:
+            self._last_step[trial_id] = result[TRAINING_ITERATION]
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if error or not result or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        value, step = result.get(self.metric), result.get(TRAINING_ITERATION)
+        if value is not None and step is not None and self._last_step.get(trial_id) != step:
+            ot_trial.report(value, step)  # the result the scheduler stopped it on: never passed on by Ray
+            self._last_step[trial_id] = step
+        if result.get(FINISHED):
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        try:
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        except Exception as exc:  # as OptunaSearch does: a bad value must not stop the study
+            log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)

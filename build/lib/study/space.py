@@ -1,0 +1,255 @@
+"""From the study file to trial configurations.
+
+- ``DefineByRun``: the search space as an Optuna define-by-run function (conditional parameters
+  are plain ``if``s on the values sampled before them).
+- ``resolve``: sampled/ablated values + the file's defaults -> one ``TrialConfig`` (model and
+  training options, the budget), with the width solved from the budget by ``width_for_budget``,
+  so every architecture of a comparison has the same parameter count.
+- ``ablation_cells``: the ablation grid, one configuration per distinct cell.
+- ``make_sampler``: the Optuna sampler the file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from nlstm.params import BudgetSolution, width_for_budget
+from study.spec import (
+    MODEL_PARAMS,
+    CategoricalEntry,
+    FixedEntry,
+    FloatEntry,
+    IntEntry,
+    StudySpec,
+    TrainDefaults,
+)
+
+TRIAL_NUMBER = "trial_number"  # added by DefineByRun to a search trial's config: its stable identity
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs except its seed (and the data)."""
+
+    params: dict[str, Any]  # the sampled/ablated values under their YAML names (what was chosen)
+    model: dict[str, Any]  # ModelConfig fields except vocab_size and width
+    train: dict[str, Any]  # TrainConfig fields except seed and device
+    budget: float
+    solution: BudgetSolution | None = field(default=None, compare=False)
+
+    @property
+    def arch(self) -> str:
+        return self.model["arch"]
+
+    @property
+    def depth(self) -> int:
+        return self.model["depth"]
+
+    @property
+    def family(self) -> str:
+        return f"{self.arch}-d{self.depth}"
+
+    @property
+    def config_hash(self) -> str:
+        """Identity of the configuration, without the seed (12 hex characters)."""
+        data = {"model": self.model, "train": self.train, "budget": float(self.budget)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def solve(self, vocab_size: int) -> TrialConfig:
+        """The same configuration with its width (and embedding size) solved from the budget."""
+        s = width_for_budget(self.arch, self.depth, self.budget, vocab_size, embedding_dim=self.model["embedding_dim"])
+        return TrialConfig(self.params, self.model, self.train, self.budget, s)
+
+    def model_config(self, vocab_size: int) -> dict[str, Any]:
+        assert self.solution is not None, "call solve() first"
+        return self.model | {"vocab_size": vocab_size, "width": self.solution.width,
+                             "embedding_dim": self.solution.embedding_dim}
+
+    def mlflow_params(self, seed: int) -> dict[str, Any]:
+        """What a trial run logs as params (docs/mlflow-layout.md)."""
+        assert self.solution is not None, "call solve() first"
+        s = self.solution
+        return (self.params | self.model | self.train
+                | {"budget": int(self.budget), "width": s.width, "embedding_dim": s.embedding_dim,
+                   "num_params": s.params, "seed": seed})
+
+
+def resolve(spec: StudySpec, phase: str, params: dict[str, Any]) -> TrialConfig:
+    """Combine the file's defaults, the phase's training overrides and ``params`` (which win)."""
+    params = {k: v for k, v in params.items() if k != TRIAL_NUMBER}
+    model = spec.model.model_dump()
+    train: dict[str, Any] = spec.phase_train(phase).model_dump()
+    for name, value in params.items():
+        if name in MODEL_PARAMS:
+            model[name] = value
+        elif name in TrainDefaults.model_fields:
+            train[name] = value
+    # `layers` is the depth of a stacked LSTM; a single-layer LSTM has depth 1 whatever was sampled.
+    if model["arch"] == "stacked" and "layers" in params:
+        model["depth"] = params["layers"]
+    model.pop("layers", None)
+    if model["arch"] == "single":
+        model["depth"] = 1
+    budget = params.get("budget", fixed_budget(spec))
+    return TrialConfig(params, model, train, float(budget))
+
+
+def fixed_budget(spec: StudySpec) -> float | None:
+    return spec.budget.value if isinstance(spec.budget, FixedEntry) else None
+
+
+def condition_holds(when: dict[str, Any] | None, values: dict[str, Any]) -> bool:
+    for name, wanted in (when or {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if name not in values or values[name] not in allowed:
+            return False
+    return True
+
+
+def suggest(trial: Any, name: str, entry: Any) -> Any:
+    if isinstance(entry, FloatEntry):
+        return trial.suggest_float(name, entry.low, entry.high, log=entry.log, step=entry.step)
+    if isinstance(entry, IntEntry):
+        return trial.suggest_int(name, entry.low, entry.high, step=entry.step, log=entry.log)
+    if isinstance(entry, CategoricalEntry):
+        return trial.suggest_categorical(name, entry.choices)
+    return entry.value
+
+
+class DefineByRun:
+    """The study's search space for OptunaSearch (a picklable callable, so Tune can snapshot it).
+
+    Returns the fixed values and the Optuna trial number; the sampled values are captured by
+    OptunaSearch itself. A parameter with ``when`` is sampled only if the earlier values match.
+    """
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.budget = spec.budget
+        self.space = dict(spec.search.space) if spec.search else {}
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {TRIAL_NUMBER: trial.number}
+        turn = trial.number  # balanced parameters: trial n takes the digits of n in their bases
+        for name, entry in [("budget", self.budget), *self.space.items()]:
+            if name == "budget" and isinstance(entry, FixedEntry):
+                continue  # the fixed budget is a default, not a sampled value
+            if not condition_holds(entry.when, values):
+                continue
+            if isinstance(entry, CategoricalEntry) and entry.balanced:
+                turn, digit = divmod(turn, len(entry.choices))
+                values[name] = constants[name] = entry.choices[digit]
+                continue
+            values[name] = suggest(trial, name, entry)
+            if isinstance(entry, FixedEntry):
+                constants[name] = entry.value
+        return constants
+
+
+def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
+    """The grid sampler's search space: every value of every non-fixed entry."""
+    grid: dict[str, list[Any]] = {}
+    for name, entry in [("budget", spec.budget), *(spec.search.space.items() if spec.search else [])]:
+        if isinstance(entry, CategoricalEntry) and not entry.balanced:
+            grid[name] = list(entry.choices)
+        elif isinstance(entry, IntEntry):
+            grid[name] = list(range(entry.low, entry.high + 1, entry.step))
+        elif isinstance(entry, FloatEntry):
+            n = int(round((entry.high - entry.low) / entry.step))
+            grid[name] = [entry.low + i * entry.step for i in range(n + 1)]
+    return grid
+
+
+def num_samples(spec: StudySpec) -> int:
+    assert spec.search is not None
+    if spec.search.num_samples is not None:
+        return spec.search.num_samples
+    if spec.search.sampler.type == "grid":
+        sizes = [len(v) for v in grid_space(spec).values()]
+        return max(1, math.prod(sizes))
+    return 10
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    assert spec.search is not None
+    s = spec.search.sampler
+    startup = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
+    if s.type == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, **startup)
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.type == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, **startup)
+    if s.type == "qmc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(seed=s.seed, qmc_type=s.qmc_type)
+    return optuna.samplers.GridSampler(grid_space(spec), seed=s.seed)
+
+
+def sampler_description(spec: StudySpec) -> str:
+    if spec.search is None:
+        return "none"
+    s = spec.search.sampler
+    return f"{s.type}(seed={s.seed})"
+
+
+def scheduler_description(spec: StudySpec) -> str:
+    if spec.search is None:
+        return "none"
+    s = spec.search.scheduler
+    if s.type == "asha":
+        return f"asha(grace_period={s.grace_period}, reduction_factor={s.reduction_factor:g})"
+    if s.type == "median":
+        return f"median(grace_period={s.grace_period}, min_samples_required={s.min_samples_required})"
+    return "none"
+
+
+def preview_search(spec: StudySpec, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` configurations the sampler proposes before it has seen any result (TPE's
+    and CMA-ES's startup trials are random; QMC, random and grid are fixed sequences)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = optuna.create_study(sampler=make_sampler(spec), direction="minimize")
+    space = DefineByRun(spec)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space(trial)
+        out.append(trial.params | constants)
+        try:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # no value: nothing to learn from
+        except RuntimeError:  # GridSampler calls study.stop() once the grid is exhausted
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class AblationCell:
+    factors: dict[str, Any]  # this cell's value of each factor
+    config: TrialConfig
+
+
+def ablation_cells(spec: StudySpec, base_params: dict[str, Any]) -> list[AblationCell]:
+    """Every combination of the factors, on top of the base and ablation.params; cells that
+    resolve to the same configuration (e.g. a single LSTM at several depths) are run once."""
+    ab = spec.ablation
+    assert ab is not None
+    names = list(ab.factors)
+    cells: dict[str, AblationCell] = {}
+    base = {k: v for k, v in base_params.items() if k != TRIAL_NUMBER}
+    if "depth" in ab.params or "depth" in ab.factors:
+        base.pop("layers", None)  # an ablated depth must not be overridden by a searched `layers`
+    for combo in itertools.product(*(ab.factors[n] for n in names)):
+        factors = dict(zip(names, combo, strict=True))
+        config = resolve(spec, "ablation", base | ab.params | factors)
+        cells.setdefault(config.config_hash, AblationCell(factors, config))
+    return list(cells.values())

@@ -1,0 +1,270 @@
+"""One trial: a Tune function trainable that trains one configuration with one seed.
+
+It solves the width from the budget, sets torch's threads to its CPU allotment, trains with
+``nlstm.trainer.Trainer``, and after each epoch logs to MLflow and reports to Tune with a
+checkpoint (``tune.report`` + ``tune.Checkpoint``; ``ray.train.*`` is not used inside Tune). A
+restarted trial resumes from ``tune.get_checkpoint()`` and re-attaches to its MLflow run.
+
+The last epoch is reported only after everything is recorded (test BPC, memory timescales,
+``model.pt``), because a scheduler may stop the trial at that report. That last report carries
+``finished = True``: a trial without it was stopped early (see ``study.searcher``).
+
+A diverging trial (``DivergenceError``, which includes a model that did not learn) is recorded as
+failed with its reason and raises, so it fails alone; a rerun of the study does not train it
+again. A trial that failed for any other reason is retried when the study is resumed, up to
+``MAX_ATTEMPTS`` attempts in all, its attempts counted on its run (``nlstm.attempts``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from nlstm.analysis import memory_timescales, memory_traces
+from nlstm.checkpoint import load_checkpoint_file
+from nlstm.data import Corpus, Vocabulary, load_corpus
+from nlstm.model import CharLM, ModelConfig
+from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
+from study.space import TRIAL_NUMBER, TrialConfig, resolve
+from study.spec import StudySpec
+from study.tracking import MAX_ATTEMPTS, TrialRun, trial_key_of
+
+MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
+
+
+class TrialGaveUp(RuntimeError):
+    """A trial failed ``MAX_ATTEMPTS`` times for reasons other than divergence; it is not retried again."""
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """An evaluate/ablation trial decided by the driver (search trials come from the sampler)."""
+
+    key: str
+    params: dict[str, Any]
+    seed: int
+    config_hash: str
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a phase shares (passed once with ``tune.with_parameters``)."""
+
+    spec: StudySpec
+    phase: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    data_dir: str | None = None
+    threads: int = 1
+    device: str = "cpu"
+    planned: dict[str, PlannedTrial] = field(default_factory=dict)  # evaluate/ablation: key -> trial
+    config_runs: dict[str, str] = field(default_factory=dict)  # config_hash -> config run id
+
+    def identity(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], int, str]:
+        """(trial key, chosen params, seed, MLflow parent run id) of a Tune config."""
+        key = trial_key_of(config)
+        if self.phase == "search":
+            params = {k: v for k, v in config.items() if k != TRIAL_NUMBER}
+            return key, params, self.spec.search.seed, self.parent_run_id
+        planned = self.planned[key]
+        return key, planned.params, planned.seed, self.config_runs[planned.config_hash]
+
+
+@functools.lru_cache(maxsize=2)
+def _load(corpus: str, options_json: str, data_dir: str | None, max_train: int | None, max_eval: int | None) -> Corpus:
+    data = load_corpus(corpus, data_dir=data_dir, **json.loads(options_json))
+    if max_train is not None or max_eval is not None:
+        data = data.truncated(max_train if max_train is not None else len(data.train),
+                              max_eval if max_eval is not None else max(len(data.valid), len(data.test)))
+    return data
+
+
+def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = True) -> Corpus:
+    """The study's corpus, truncated as ``data`` says; cached per process (a reused Tune actor
+    loads it once)."""
+    d = spec.data
+    if not download:
+        data = load_corpus(d.corpus, data_dir=data_dir, download=False, **d.options)
+        if d.max_train_tokens is not None or d.max_eval_tokens is not None:
+            data = data.truncated(d.max_train_tokens or len(data.train),
+                                  d.max_eval_tokens or max(len(data.valid), len(data.test)))
+        return data
+    return _load(d.corpus, json.dumps(d.options, sort_keys=True), data_dir, d.max_train_tokens, d.max_eval_tokens)
+
+
+def trial_tags(spec: StudySpec, phase: str, cfg: TrialConfig, seed: int, parent: str) -> dict[str, str]:
+    return {"mlflow.parentRunId": parent, "nlstm.kind": "trial", "nlstm.phase": phase, "nlstm.study": spec.name,
+            "nlstm.arch": cfg.arch, "nlstm.depth": str(cfg.depth), "nlstm.family": cfg.family,
+            "nlstm.config_hash": cfg.config_hash, "nlstm.seed": str(seed)}
+
+
+def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, Any], vocab: Vocabulary,
+                    key: str) -> Path:
+    """``model.pt``: the weights with what is needed to rebuild and use them."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loadable without a GPU
+    torch.save({"state_dict": weights, "model_config": model_config, "vocab": vocab.to_json(), "trial_id": key}, path)
+    return path
+
+
+def model_file_from_checkpoint(checkpoint_dir: Path, out: Path) -> Path | None:
+    """``model.pt`` with the best weights of a trial's Tune checkpoint (None if it has none).
+
+    The checkpoint is read with ``weights_only=True`` (it runs no code); a damaged one is a one-line
+    ``nlstm.checkpoint.CheckpointError`` naming the file."""
+    meta_path, state_path = checkpoint_dir / "trial.json", checkpoint_dir / "trainer.pt"
+    if not (meta_path.is_file() and state_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    state = load_checkpoint_file(state_path)
+    weights = {k: v.cpu() for k, v in (state["best_state_dict"] or state["model"]).items()}
+    torch.save({"state_dict": weights, "model_config": meta["model_config"], "vocab": meta["vocab"],
+                "trial_id": meta["key"]}, out)
+    return out
+
+
+class _Reporter:
+    """Trainer callback: MLflow per epoch, Tune report + checkpoint per epoch, the final report last."""
+
+    def __init__(self, run: TrialRun, key: str, cfg: TrialConfig, meta: dict[str, Any]) -> None:
+        self.run, self.key, self.cfg, self.meta = run, key, cfg, meta
+        self.last: EpochResult | None = None
+
+    def metrics(self, trainer: Trainer, r: EpochResult | None, finished: bool) -> dict[str, Any]:
+        s = self.cfg.solution
+        out: dict[str, Any] = {"trial_key": self.key, "mlflow_run_id": self.run.run_id, "arch": self.cfg.arch,
+                               "family": self.cfg.family, "num_params": s.params, "finished": finished,
+                               "best_valid_bpc": trainer.best_valid_bpc}
+        if r is not None:
+            out |= {"epoch": r.epoch, "valid_bpc": r.valid_bpc, "train_bpc": r.train_bpc, "lr": r.lr,
+                    "tokens_per_s": r.tokens_per_s, "train_time_s": r.train_time_s, "wall_time_s": r.wall_time_s}
+        else:
+            out |= {"epoch": 0, "valid_bpc": math.inf}
+        return out
+
+    def checkpoint(self, trainer: Trainer, directory: str) -> tune.Checkpoint:
+        trainer.save_checkpoint(Path(directory) / "trainer.pt")
+        (Path(directory) / "trial.json").write_text(json.dumps(self.meta))
+        return tune.Checkpoint.from_directory(directory)
+
+    def on_epoch_end(self, trainer: Trainer, r: EpochResult) -> None:
+        self.run.log_epoch(r)
+        self.last = r
+        if is_last_epoch(trainer, r):
+            return  # reported by finish(), once everything is recorded
+        with tempfile.TemporaryDirectory() as d:
+            tune.report(self.metrics(trainer, r, finished=False), checkpoint=self.checkpoint(trainer, d))
+
+    def report_final(self, trainer: Trainer) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            tune.report(self.metrics(trainer, self.last, finished=True), checkpoint=self.checkpoint(trainer, d))
+
+
+def is_last_epoch(trainer: Trainer, r: EpochResult) -> bool:
+    """True when ``Trainer.fit`` will stop after this epoch (epochs, patience or time budget)."""
+    c = trainer.cfg
+    return (r.epoch >= c.epochs
+            or (c.patience is not None and trainer.epochs_without_improvement >= c.patience)
+            or (c.time_budget_s is not None and trainer.train_time_s >= c.time_budget_s))
+
+
+def record_memories(run: TrialRun, model: CharLM, corpus: Corpus, out_dir: Path) -> dict[str, float]:
+    """Memory timescales on held-out text (the test split's start) -> metrics + memories.npz."""
+    tokens = corpus.test[:MEMORY_STEPS]
+    if len(tokens) < 8:
+        return {}
+    traces = memory_traces(model, tokens)
+    stats = memory_timescales(traces)
+    arrays = {f"level_{k}": t.astype(np.float32) for k, t in enumerate(traces)}
+    arrays["text"] = np.array(corpus.vocab.decode(tokens))
+    np.savez_compressed(out_dir / "memories.npz", **arrays)
+    run.log_artifact(out_dir / "memories.npz")
+    return stats
+
+
+def finish(run: TrialRun, reporter: _Reporter, trainer: Trainer, result: TrainResult, corpus: Corpus,
+           phase: str, key: str) -> None:
+    cfg = reporter.cfg
+    final = {"best_valid_bpc": result.best_valid_bpc, "test_bpc": result.test_bpc, "num_params": cfg.solution.params,
+             "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time_s,
+             "epochs_run": len(result.history)}
+    with tempfile.TemporaryDirectory() as d:
+        if phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
+            final |= record_memories(run, trainer.model, corpus, Path(d))
+            run.log_artifact(save_model_file(Path(d) / "model.pt", trainer.model, reporter.meta["model_config"],
+                                             corpus.vocab, key))
+    if result.history:  # already logged per epoch, cumulative: the last epoch's value is the final one
+        final.pop("tokens_per_s")
+        final.pop("train_time_s")
+    run.log_metrics({k: v for k, v in final.items() if v is not None and math.isfinite(v)})
+    run.set_status("completed")
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """The Tune trainable (wrapped with ``tune.with_parameters(run_trial, context=...)``)."""
+    torch.set_num_threads(max(1, context.threads))
+    spec, phase = context.spec, context.phase
+    key, params, seed, parent = context.identity(config)
+    corpus = load_study_corpus(spec, context.data_dir)
+    cfg = resolve(spec, phase, params).solve(len(corpus.vocab))
+    run = TrialRun.attach(context.tracking_uri, context.experiment_id, key,
+                          trial_tags(spec, phase, cfg, seed, parent), cfg.mlflow_params(seed))
+    model_config = cfg.model_config(len(corpus.vocab))
+    meta = {"key": key, "model_config": model_config, "vocab": corpus.vocab.to_json()}
+    reporter = _Reporter(run, key, cfg, meta)
+
+    if run.status == "completed":  # finished before the driver was interrupted: report, don't retrain
+        m = run.final_metrics()
+        tune.report({"trial_key": key, "mlflow_run_id": run.run_id, "arch": cfg.arch, "family": cfg.family,
+                     "num_params": cfg.solution.params, "finished": True, "epoch": int(m.get("epochs_run", 0)),
+                     "best_valid_bpc": m.get("best_valid_bpc", math.inf), "valid_bpc": m.get("valid_bpc", math.inf)})
+        return
+    if run.status == "failed":
+        reason = run.tags.get("nlstm.fail_reason", "unknown error")
+        if reason.startswith("diverged"):
+            raise DivergenceError(reason)  # deterministic: it would diverge again
+        if run.attempts >= MAX_ATTEMPTS:
+            if not reason.startswith("gave up"):
+                reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"
+                run.set_status("failed", reason)
+            raise TrialGaveUp(reason)
+        run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
+
+    seed_everything(seed)
+    model = CharLM(ModelConfig(**model_config))
+    train_cfg = TrainConfig(**cfg.train, seed=seed, device=context.device)
+    trainer = Trainer(model, corpus, train_cfg, callbacks=[reporter])
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load_checkpoint(Path(d) / "trainer.pt")
+            if trainer.history:
+                reporter.last = trainer.history[-1]
+    try:
+        result = trainer.fit()
+        finish(run, reporter, trainer, result, corpus, phase, key)
+    except DivergenceError as e:
+        run.set_status("failed", f"diverged: {e}")
+        raise
+    except Exception as e:
+        run.set_status("failed", f"{type(e).__name__}: {e}")
+        raise
+    reporter.report_final(trainer)
+
+
+def describe(cfg: TrialConfig) -> dict[str, Any]:
+    """A compact summary of a solved configuration (the dry-run plan)."""
+    s = cfg.solution
+    return {"family": cfg.family, "budget": int(cfg.budget), "width": s.width, "embedding_dim": s.embedding_dim,
+            "num_params": s.params, "error": f"{100 * s.relative_error:+.2f}%"} | {
+        k: v for k, v in cfg.params.items() if k not in ("arch", "depth", "layers", "budget")}
+
