@@ -1,0 +1,193 @@
+"""Studies on a real 2-node Ray cluster (issue 9), built on this machine by tests/cluster_harness.py:
+its own network namespace with only loopback, an MLflow server, a Ray head without CPUs, a worker
+node that cannot import the project (its folders hidden under an empty bind mount) and, for the
+object store, an S3-compatible server (moto). Skipped where ``unshare`` is not permitted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from test_study_run import DATA, kind, steps
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+ADDRESS, TRACKING = "127.0.0.1:6380", "http://127.0.0.1:5055"
+S3_STORAGE = "s3://studies/runs?endpoint_override=127.0.0.1:5060&scheme=http"
+
+
+def _namespaces_permitted() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    probe = ["unshare", "-n", "-p", "-f", "--mount-proc", "unshare", "-m", "sh", "-c", "ip link set lo up"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_namespaces = pytest.mark.skipif(not _namespaces_permitted(),
+                                      reason="needs unshare -n/-p/-m (root or user namespaces)")
+
+
+def run_cluster(work: Path, name: str, body: str, plan: dict, *extra: str) -> dict:
+    """Write the study file, run the harness in fresh network/PID namespaces, return its result."""
+    spec = work / f"{name}.yaml"
+    spec.write_text(f"name: {name}\n" + DATA + body)
+    plan = plan | {"args": ["--space", str(spec), "--address", ADDRESS, "--tracking-uri", TRACKING,
+                            "--output", str(work / "driver" / "studies"), *extra]}
+    command = ["unshare", "-n", "-p", "-f", "--mount-proc", sys.executable, str(REPO / "tests" / "cluster_harness.py"),
+               str(work), json.dumps(plan)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = json.loads((work / "result.json").read_text()) if (work / "result.json").is_file() else {}
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(work.glob("*.log")))
+    assert "error" not in result and out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs
+    result["logs"] = {p.stem: p.read_text(errors="replace") for p in work.glob("*.log")}
+    assert result["node_imports_project"] is False  # the worker node is a machine without the checkout
+    assert len(result["head_nodes"]) == 1 and len(result["worker_nodes"]) == 1
+    return result
+
+
+def store(work: Path, name: str) -> tuple[MlflowClient, object, list]:
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")  # the server's backend, read after it stopped
+    exp = client.get_experiment_by_name(name)
+    return client, exp, list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+def artifacts(work: Path, exp, run) -> set[str]:
+    """The files of a run in the server's artifact store (``--artifacts-destination``)."""
+    assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location  # proxied by the server
+    folder = work / "mlartifacts" / exp.experiment_id / run.info.run_id / "artifacts"
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def optuna_trials(work: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'driver' / 'studies' / name / 'optuna.db'}")
+    return {f"search-{t.number:04d}": t for t in study.get_trials(deepcopy=False)}
+
+
+@needs_namespaces
+def test_a_study_runs_on_a_two_node_cluster_with_a_shared_folder(tmp_path):
+    """Trials 2 and 3 (lr 1e-6) are worse than 0 and 1 and ASHA stops them after one epoch."""
+    result = run_cluster(tmp_path, "cl", """\
+train: {epochs: 2, batch_size: 8, bptt: 20, eval_batch_size: 8, patience: null}
+search:
+  space:
+    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}
+    lr: {type: categorical, choices: [0.02, 1.0e-6], balanced: true}
+  sampler: {type: tpe, seed: 0}
+  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+  num_samples: 4
+  max_concurrent: 1
+evaluate: {top_k: 1, seeds: [1]}
+""", {}, "--storage", str(tmp_path / "shared"))
+    assert result["drivers"] == [0], result["logs"]["driver1"][-3000:]
+    (worker,) = result["worker_nodes"]
+
+    client, exp, runs = store(tmp_path, "cl")
+    (parent,) = kind(runs, "study")
+    assert parent.data.tags["nlstm.phase.search"] == parent.data.tags["nlstm.phase.evaluate"] == "done"
+    assert artifacts(tmp_path, exp, parent) == {"study.yaml", "spec.json", "environment.json"}
+    search = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial", "search")}
+    assert sorted(search) == [f"search-{i:04d}" for i in range(4)]
+    (config,) = kind(runs, "config", "evaluate")
+    (evaluated,) = kind(runs, "trial", "evaluate")
+    assert evaluated.data.tags["mlflow.parentRunId"] == config.info.run_id
+    assert config.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert artifacts(tmp_path, exp, evaluated) == {"model.pt", "memories.npz"}
+    for r in [*search.values(), evaluated]:  # every trial trained on the worker node
+        tags = r.data.tags
+        assert tags["nlstm.node_id"] == worker and tags["nlstm.node_ip"] == "127.0.0.1", tags
+        assert tags["nlstm.hostname"] and tags["nlstm.device"] == "cpu" and tags["nlstm.threads"] == "1"
+    status = {k: r.data.tags["nlstm.status"] for k, r in search.items()}
+    assert status["search-0000"] == "completed" and status["search-0002"] == status["search-0003"] == "pruned"
+
+    trials = optuna_trials(tmp_path, "cl")  # the live Optuna study of the driver, not Ray's pickle
+    assert set(trials) == set(search)
+    for key, t in trials.items():
+        assert t.params["arch"] == search[key].data.tags["nlstm.arch"]  # the architecture is Optuna's parameter
+        assert float(t.params["lr"]) == float(search[key].data.params["lr"])
+        wanted = optuna.trial.TrialState.COMPLETE if status[key] == "completed" else optuna.trial.TrialState.PRUNED
+        assert t.state == wanted, (key, t.state, status[key])
+    assert sorted(t.params["arch"] for t in trials.values()) == ["nlstm", "nlstm", "stacked", "stacked"]
+
+    record = tmp_path / "shared" / "cl" / parent.info.run_id
+    assert (record / "search").is_dir() and (record / "evaluate").is_dir()
+    assert json.loads((record / "record.json").read_text())["parent_run_id"] == parent.info.run_id
+    study_dir = tmp_path / "driver" / "studies" / "cl"
+    assert not (study_dir / "ray").exists() and len(list((study_dir / "best").glob("*.pt"))) == 1
+
+
+@needs_namespaces
+def test_a_study_stores_its_trials_in_s3_and_resumes_from_there(tmp_path):
+    """SIGTERM stops the driver mid-search; the rerun resumes the trials from the S3 storage."""
+    result = run_cluster(tmp_path, "s3c", """\
+train: {epochs: 3, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+search:
+  space:
+    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}
+    lr: {type: float, low: 3.0e-3, high: 3.0e-2, log: true}
+  sampler: {type: tpe, seed: 0}
+  scheduler: {type: none}
+  num_samples: 2
+evaluate: {top_k: 1, seeds: [1]}
+""", {"s3": True, "sigterm_driver_at": 1}, "--storage", S3_STORAGE)
+    assert result["drivers"] == [143, 0], result["logs"]["driver2"][-3000:]
+    client, exp, runs = store(tmp_path, "s3c")
+    (parent,) = kind(runs, "study")
+    where = f"s3://studies/runs/s3c/{parent.info.run_id}"
+    assert f"[search] resuming the trials in {where}/search" in result["logs"]["driver2"]
+    keys = set(result["s3_keys"])
+    assert f"runs/s3c/{parent.info.run_id}/record.json" in keys
+    assert any(k.startswith(f"runs/s3c/{parent.info.run_id}/search/") and k.endswith("trainer.pt") for k in keys)
+    search = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial", "search")}
+    assert sorted(search) == ["search-0000", "search-0001"]
+    for r in search.values():
+        assert r.data.tags["nlstm.status"] == "completed" and steps(client, r) == [1, 2, 3]
+        assert r.data.tags["nlstm.node_id"] == result["worker_nodes"][0]
+    (evaluated,) = kind(runs, "trial", "evaluate")
+    assert artifacts(tmp_path, exp, evaluated) == {"model.pt", "memories.npz"}
+    trials = optuna_trials(tmp_path, "s3c")  # the rerun continued the same Optuna study
+    assert sorted(trials) == sorted(search)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
+    best = json.loads((tmp_path / "driver" / "studies" / "s3c" / "search_results.json").read_text())[0]
+    assert best["checkpoint"].startswith(f"{where}/search/")
+    assert (tmp_path / "driver" / "studies" / "s3c" / "best" / f"{best['key']}.pt").is_file()
+
+
+@needs_namespaces
+def test_a_worker_node_that_dies_mid_study_loses_only_its_running_epochs(tmp_path):
+    """The raylet of the only worker node is killed while both trials train; a new worker node
+    joins; the trials continue there from their checkpoints, into the same runs."""
+    result = run_cluster(tmp_path, "lost", """\
+train: {epochs: 4, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+search:
+  space:
+    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}
+  scheduler: {type: none}
+  num_samples: 2
+""".replace("train_chars: 4000", "train_chars: 60000"), {"kill_worker_at": 1},
+        "--storage", str(tmp_path / "shared"))
+    assert result["drivers"] == [0], result["logs"]["driver1"][-3000:]
+    (old,), (new,) = result["worker_nodes"], result["worker_nodes_after"]
+    assert old != new
+    client, exp, runs = store(tmp_path, "lost")
+    trials = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
+    assert sorted(trials) == ["search-0000", "search-0001"]  # no run twice
+    moved = 0
+    for key, r in trials.items():
+        assert r.data.tags["nlstm.status"] == "completed", key
+        history = client.get_metric_history(r.info.run_id, "valid_bpc")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4], (key, history)  # every epoch logged once
+        before_kill = [m for m in history if m.timestamp / 1000 < result["worker_killed_at"]]
+        if before_kill and r.data.tags["nlstm.node_id"] == new:
+            moved += 1  # trained on the dead node, finished on the new one, its early epochs kept
+    assert moved >= 1, {k: r.data.tags for k, r in trials.items()}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path, "lost").values())
