@@ -175,8 +175,7 @@ def where_am_i() -> dict[str, str]:
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:
             info["nlstm.gpu_ids"] = ",".join(str(g) for g in gpu_ids)
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        info["nlstm.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+            info["nlstm.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return info
 
 

@@ -189,5 +189,10 @@ search:
         before_kill = [m for m in history if m.timestamp / 1000 < result["worker_killed_at"]]
         if before_kill and r.data.tags["nlstm.node_id"] == new:
             moved += 1  # trained on the dead node, finished on the new one, its early epochs kept
+            # Ray's results of the trial: continued from its last checkpoint, no epoch trained twice
+            (parent,) = kind(runs, "study")
+            rows = (tmp_path / "shared" / "lost" / parent.info.run_id / "search" / key / "result.json").read_text()
+            epochs = [json.loads(line)["epoch"] for line in rows.splitlines() if line.strip()]
+            assert epochs == sorted(set(epochs)) and epochs[-1] == 4, (key, epochs)
     assert moved >= 1, {k: r.data.tags for k, r in trials.items()}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path, "lost").values())
