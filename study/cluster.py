@@ -119,6 +119,8 @@ def resolve_storage(given: str | None, address: str | None, study_dir: Path) -> 
     scheme = scheme_of(given)
     if scheme in ("", "file"):
         path = Path(given.removeprefix("file://")).expanduser().resolve()
+        if not path.is_dir():  # not created here: a missing shared mount would silently become a local folder
+            raise ClusterError(f"--storage {given}: no such folder (create it, or mount the shared folder there)")
         storage = Storage(str(path), str(path))
     elif scheme in OBJECT_STORE_SCHEMES:
         try:

@@ -215,8 +215,8 @@ def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_di
     try:
         if args.address:
             check_tracking_for_cluster(tracking_uri)
-        storage = resolve_storage(args.storage, args.address, study_dir)
-        return storage, resolve_optuna_url(args.optuna_storage, study_dir)
+        optuna_url = resolve_optuna_url(args.optuna_storage, study_dir)
+        return resolve_storage(args.storage, args.address, study_dir), optuna_url
     except (ClusterError, OptunaStoreError) as e:
         raise UsageError(str(e)) from None
 

@@ -2,22 +2,28 @@
 its own network namespace with only loopback, an MLflow server, a Ray head without CPUs, a worker
 node that cannot import the project (its folders hidden under an empty bind mount) and, for the
 object store, an S3-compatible server (moto). Skipped where ``unshare`` is not permitted.
+
+The fast tests at the end (no Ray) cover the pieces: refusals before anything is written, the
+balanced architecture as an Optuna parameter, the Optuna study's binding to its record, the
+storage binding, and the node-side corpus and device checks.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 from test_study_run import DATA, kind, steps
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ADDRESS, TRACKING = "127.0.0.1:6380", "http://127.0.0.1:5055"
 S3_STORAGE = "s3://studies/runs?endpoint_override=127.0.0.1:5060&scheme=http"
@@ -73,6 +79,7 @@ def optuna_trials(work: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
     return {f"search-{t.number:04d}": t for t in study.get_trials(deepcopy=False)}
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_a_study_runs_on_a_two_node_cluster_with_a_shared_folder(tmp_path):
     """Trials 2 and 3 (lr 1e-6) are worse than 0 and 1 and ASHA stops them after one epoch."""
@@ -125,6 +132,7 @@ evaluate: {top_k: 1, seeds: [1]}
     assert not (study_dir / "ray").exists() and len(list((study_dir / "best").glob("*.pt"))) == 1
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_a_study_stores_its_trials_in_s3_and_resumes_from_there(tmp_path):
     """SIGTERM stops the driver mid-search; the rerun resumes the trials from the S3 storage."""
@@ -162,6 +170,7 @@ evaluate: {top_k: 1, seeds: [1]}
     assert (tmp_path / "driver" / "studies" / "s3c" / "best" / f"{best['key']}.pt").is_file()
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_a_worker_node_that_dies_mid_study_loses_only_its_running_epochs(tmp_path):
     """The raylet of the only worker node is killed while both trials train; a new worker node
@@ -196,3 +205,177 @@ search:
             assert epochs == sorted(set(epochs)) and epochs[-1] == 4, (key, epochs)
     assert moved >= 1, {k: r.data.tags for k, r in trials.items()}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path, "lost").values())
+
+
+# ------------------------------------------------------------------ fast: no Ray
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cluster():
+    """A port that accepts connections (the --address probe) and an HTTP /health (the tracking probe)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--address: the tracking store sqlite:///"),
+    (["--tracking-uri", "http://{addr}"], "--address: Tune's trials and checkpoints need storage that every node "
+                                          "can reach; pass --storage"),
+    (["--tracking-uri", "http://{addr}", "--storage", "s3://nobucket/x?endpoint_override=127.0.0.1:1&scheme=http"],
+     "--storage s3://nobucket/x?endpoint_override=127.0.0.1:1&scheme=http: cannot write there"),
+    (["--tracking-uri", "http://{addr}", "--storage", "ftp://host/x"], "expected a folder or an object store URI"),
+    (["--tracking-uri", "http://{addr}", "--storage", "{tmp}/missing"], "missing: no such folder"),
+    (["--tracking-uri", "http://{addr}", "--storage", "{tmp}/shared", "--optuna-storage", "redis://x"],
+     "--optuna-storage redis://x: unknown scheme 'redis'"),
+])
+def test_a_cluster_study_without_reachable_tracking_or_storage_is_refused_in_one_line(
+        tmp_path, monkeypatch, capsys, fake_cluster, extra, message):
+    from study.run import main
+
+    spec = tmp_path / "c.yaml"
+    spec.write_text("name: c\n" + DATA + "train: {epochs: 1}\nsearch: {space: {lr: {type: float, low: 0.001, "
+                    "high: 0.01}}, num_samples: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "shared").mkdir()
+    extra = [a.format(addr=fake_cluster, tmp=tmp_path) for a in extra]
+    assert main(["--space", str(spec), "--address", fake_cluster, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "shared"]  # nothing written
+    assert not list((tmp_path / "shared").iterdir())
+
+
+def _spec(tmp_path: Path, space: str, sampler: str = "{type: tpe, seed: 0, n_startup_trials: 2}"):
+    from study.spec import load_spec
+
+    path = tmp_path / "b.yaml"
+    path.write_text("name: b\n" + DATA + f"search:\n  space:\n{space}  sampler: {sampler}\n  num_samples: 9\n")
+    return load_spec(path)
+
+
+@pytest.mark.parametrize("sampler", ["{type: tpe, seed: 0, n_startup_trials: 2}",
+                                     "{type: tpe, seed: 0, n_startup_trials: 2, multivariate: true}",
+                                     "{type: random, seed: 1}", "{type: grid, seed: 0}"])
+def test_the_balanced_architecture_is_an_optuna_parameter_allocated_in_turn(tmp_path, sampler):
+    """Before: `arch` was returned as a constant, so Optuna's trials had only {lr}."""
+    from study.space import DefineByRun, make_sampler
+
+    depth = "" if "grid" in sampler else \
+        "    depth: {type: categorical, choices: [2, 3], when: {arch: [nlstm, stacked]}}\n"  # grid: no conditions
+    space = ("    arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true}\n" + depth +
+             "    lr: {type: categorical, choices: [0.01, 0.02, 0.03]}\n")
+    spec = _spec(tmp_path, space, sampler)
+    study = optuna.create_study(sampler=make_sampler(spec), direction="minimize")
+    define = DefineByRun(spec)
+    archs, trials = [], 3 if "grid" in sampler else 9  # the grid (3 lr values) is exhausted after 3
+    for n in range(trials):
+        trial = study.ask()
+        constants = define(trial)
+        assert constants == {"trial_number": n} and trial.number == n
+        assert set(trial.params) >= {"arch", "lr"}
+        assert ("depth" in trial.params) == (bool(depth) and trial.params["arch"] != "single")
+        archs.append(trial.params["arch"])
+        if n < trials - 1:
+            study.tell(trial, float(n % 4))
+    assert archs == ["nlstm", "stacked", "single"] * (trials // 3)
+    assert isinstance(study.trials[0].distributions["arch"], optuna.distributions.CategoricalDistribution)
+
+
+def test_two_balanced_entries_take_the_digits_of_the_trial_number(tmp_path):
+    from study.space import preview_search
+
+    spec = _spec(tmp_path, "    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}\n"
+                           "    lr: {type: categorical, choices: [0.02, 1.0e-6], balanced: true}\n")
+    assert [(p["arch"], p["lr"]) for p in preview_search(spec, 4)] == [
+        ("nlstm", 0.02), ("stacked", 0.02), ("nlstm", 1.0e-6), ("stacked", 1.0e-6)]
+
+
+def test_the_optuna_study_belongs_to_one_record(tmp_path):
+    from study.optuna_store import OptunaStoreError, prepare_study, resolve_optuna_url
+
+    url = resolve_optuna_url(None, tmp_path)
+    assert url == f"sqlite:///{tmp_path / 'optuna.db'}"
+    prepare_study(url, "s", "run-1")
+    study = optuna.load_study(study_name="s", storage=url)  # what optuna-dashboard opens
+    study.tell(study.ask(), 1.0)
+    prepare_study(url, "s", "run-1")  # the same record resumes the same study
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
+    with pytest.raises(OptunaStoreError, match="of another MLflow record .*run-1, not run-2"):
+        prepare_study(url, "s", "run-2")
+    prepare_study(url, "s", "run-2", restart=True)
+    again = optuna.load_study(study_name="s", storage=url)
+    assert again.trials == [] and again.user_attrs["nlstm.parent_run_id"] == "run-2"
+    journal = resolve_optuna_url(str(tmp_path / "j.log"), tmp_path)
+    prepare_study(journal, "s", "run-3")
+    assert optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal))).user_attrs["nlstm.parent_run_id"] == "run-3"
+    with pytest.raises(OptunaStoreError, match="expected an RDB URL"):
+        resolve_optuna_url("optuna.db", tmp_path)
+
+
+def test_the_storage_is_part_of_the_record_binding(tmp_path):
+    from study.cache import RecordBinding, claim_cache
+    from study.cluster import ClusterError, Storage, bind_storage, resolve_storage
+
+    study_dir = tmp_path / "studies" / "s"
+    local = RecordBinding("sqlite:////x/mlflow.db", "1", "run", "hash", str(study_dir / "ray"))
+    assert claim_cache(study_dir, local) is None
+    (study_dir / "ray").mkdir()
+    # record.json of a study run before the storage was recorded: its storage was the default
+    legacy = json.loads((study_dir / "record.json").read_text())
+    del legacy["storage"]
+    (study_dir / "record.json").write_text(json.dumps(legacy))
+    assert claim_cache(study_dir, local) is None and (study_dir / "ray").is_dir()
+    moved = RecordBinding(**(local.as_dict() | {"storage": "s3://bucket/x/s/run"}))
+    note = claim_cache(study_dir, moved)
+    assert note and "Ray storage s3://bucket/x/s/run" in note and not (study_dir / "ray").exists()
+
+    (tmp_path / "shared").mkdir()
+    storage = resolve_storage(str(tmp_path / "shared"), "127.0.0.1:1", study_dir).join("s", "run")
+    assert isinstance(storage, Storage) and storage.location == f"{tmp_path}/shared/s/run"
+    bind_storage(storage, moved.as_dict())
+    bind_storage(storage, moved.as_dict())  # the same record: fine
+    with pytest.raises(ClusterError, match="holds the Ray trials of another record"):
+        bind_storage(storage, local.as_dict())
+
+
+def test_a_node_without_the_drivers_corpus_or_gpu_is_named(tmp_path, monkeypatch):
+    from nlstm.data import CorpusError
+    from study.cluster import trial_device
+    from study.spec import load_spec
+    from study.trial import load_study_corpus, node_corpus
+
+    path = tmp_path / "d.yaml"
+    path.write_text("name: d\n" + DATA + "ablation: {factors: {arch: [nlstm]}, seeds: [1]}\n")
+    spec = load_spec(path)
+    where = {"nlstm.hostname": "gpu-3", "nlstm.node_ip": "10.0.0.13", "nlstm.node_id": "1a2b3c4d5e6f"}
+    fingerprint = load_study_corpus(spec, None).fingerprint
+    # the driver's --data-dir is not mounted on the node: the node's own data (here generated) is used
+    assert node_corpus(spec, str(tmp_path / "not-on-this-node"), fingerprint, where).fingerprint == fingerprint
+    with pytest.raises(CorpusError, match=r"node gpu-3 \(10.0.0.13, node 1a2b3c4d\): its synthetic corpus .* "
+                                          r"differs from the driver's"):
+        node_corpus(spec, None, "0" * 64, where)
+    def absent(*args, **kwargs):
+        raise CorpusError("ptb.train.txt is not in /data or the cache, and the download failed")
+
+    monkeypatch.setattr("study.trial.load_study_corpus", absent)
+    with pytest.raises(CorpusError, match=r"node gpu-3 \(10.0.0.13, node 1a2b3c4d\): corpus 'synthetic' not "
+                                          r"available there \(ptb.train.txt is not in"):
+        node_corpus(spec, None, fingerprint, where)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="node gpu-3 .*asked for a GPU but torch sees no CUDA device"):
+            trial_device("cuda", where)
+    assert trial_device("cpu", where) == "cpu"
