@@ -33,6 +33,9 @@ from study.spec import (
 )
 
 TRIAL_NUMBER = "trial_number"  # added by DefineByRun to a search trial's config: its stable identity
+# User attribute of an Optuna trial asked by a driver that was killed before Tune saved it: it is told
+# FAIL on resume (study.searcher) and does not count in the trials' turns (``search_turn``).
+ORPHAN_ATTR = "nlstm.orphan"
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        constants: dict[str, Any] = {TRIAL_NUMBER: trial.number}
+        constants: dict[str, Any] = {TRIAL_NUMBER: search_turn(trial.study, trial.number)}
         for name, entry in self.entries:
             if not condition_holds(entry.when, values):
                 continue
@@ -155,11 +158,26 @@ def space_entries(spec: StudySpec) -> list[tuple[str, Any]]:
     return entries + list((spec.search.space if spec.search else {}).items())
 
 
+def search_turn(study: optuna.Study, number: int) -> int:
+    """A search trial's place in the search: its Optuna number, less the orphaned trials before it.
+
+    The Optuna study is stored (``study.optuna_store``) and outlives a killed driver; a trial
+    the killed driver had asked for, but Tune had not yet saved, stays in the storage. The resumed
+    search asks for that trial again under a new Optuna number; counting only the trials that are
+    not orphans gives it the old one's place, so it gets the same key (``search-0004``), the same
+    MLflow run and the same balanced allocation."""
+    if number == 0:
+        return 0
+    orphans = sum(1 for t in study.get_trials(deepcopy=False)
+                  if t.number < number and t.user_attrs.get(ORPHAN_ATTR))
+    return number - orphans
+
+
 def balanced_value(entries: list[tuple[str, Any]], number: int, earlier: dict[str, Any], name: str) -> Any:
     """The value of balanced categorical ``name`` in trial ``number``: trial n takes the digits of
     n in the bases of the balanced entries that apply to it (in order), so each choice gets an
     equal share of the trials. ``earlier`` are the values sampled before ``name``."""
-    values, turn = dict(earlier), number
+    values, turn = dict(earlier), number  # number: the trial's place (``search_turn``)
     for entry_name, entry in entries:
         if isinstance(entry, FixedEntry):
             values.setdefault(entry_name, entry.value)
@@ -195,7 +213,7 @@ class BalancedSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
                            param_distribution: optuna.distributions.BaseDistribution) -> Any:
         if param_name in self.balanced:
-            return balanced_value(self.entries, trial.number, trial.params, param_name)
+            return balanced_value(self.entries, search_turn(study, trial.number), trial.params, param_name)
         return self.base.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

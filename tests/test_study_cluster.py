@@ -379,3 +379,34 @@ def test_a_node_without_the_drivers_corpus_or_gpu_is_named(tmp_path, monkeypatch
         with pytest.raises(RuntimeError, match="node gpu-3 .*asked for a GPU but torch sees no CUDA device"):
             trial_device("cuda", where)
     assert trial_device("cpu", where) == "cpu"
+
+
+def test_a_resumed_search_asks_again_for_the_trial_a_killed_driver_had_asked_for(tmp_path):
+    """The Optuna study outlives the driver; Tune's snapshot of the searcher may not know its
+    last trial. Resumed, the search gives that place (key, balanced architecture) again."""
+    from study.optuna_store import prepare_study
+    from study.searcher import PruneAwareOptunaSearch
+    from study.space import ORPHAN_ATTR, DefineByRun, make_sampler
+
+    spec = _spec(tmp_path, "    arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true}\n"
+                           "    lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def searcher() -> PruneAwareOptunaSearch:
+        return PruneAwareOptunaSearch(space=DefineByRun(spec), metric="m", mode="min", sampler=make_sampler(spec),
+                                      storage=prepare_study(url, "b", "run"), study_name="b")
+
+    first = searcher()
+    configs = [first.suggest(f"t{i}") for i in range(2)]
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot
+    lost = first.suggest("t2")  # asked for, then the driver is killed
+    assert [c["trial_number"] for c in [*configs, lost]] == [0, 1, 2]
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    again = resumed.suggest("t2")
+    assert again["trial_number"] == 2 and again["arch"] == lost["arch"] == "single"
+    trials = optuna.load_study(study_name="b", storage=url).get_trials(deepcopy=False)
+    assert [(t.number, t.state.name, t.user_attrs.get(ORPHAN_ATTR)) for t in trials] == [
+        (0, "RUNNING", None), (1, "RUNNING", None), (2, "FAIL", True), (3, "RUNNING", None)]
+    assert resumed.suggest("t3")["trial_number"] == 3 and resumed.suggest("t4")["arch"] == "stacked"
