@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("nlstm", "study")  # what a trial imports (dashboards is the driver's)
 SHIP_EXCLUDES = ["__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/"]
 # Set on the driver, needed by the trials on every node (a remote node does not inherit the driver's environment).
-FORWARDED_ENV = (*HTTP_LIMITS, "PYTHONWARNINGS", "MLFLOW_LOGGING_LEVEL")
+FORWARDED_ENV = (*HTTP_LIMITS, "PYTHONWARNINGS", "MLFLOW_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
 DRIVER_LOCAL_STORES = ("sqlite", "file", "")
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 BINDING_FILE = "record.json"

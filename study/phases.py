@@ -1,10 +1,14 @@
-"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``.
+"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``
+(with ``--storage``: ``<storage>/<name>/<parent run id>/<phase>``).
 
 - ``search``: Optuna samples configurations (``PruneAwareOptunaSearch``), a scheduler (ASHA,
   median stopping or none) stops poor trials early; every trial uses the tuning seed.
 - ``evaluate``: the top-k search configurations (overall, per arch or per family), each re-run
   with the evaluation seeds at the evaluate phase's full training budget.
 - ``ablation``: every cell of the factor grid, each run with the ablation seeds.
+
+A trial whose worker or node died is restarted by Tune from its last checkpoint (up to
+``TRIAL_RESTARTS`` times) when there is capacity for it again.
 
 A phase whose experiment exists is resumed (``Tuner.restore``): finished trials are kept,
 unfinished ones continue from their last checkpoint, and errored ones run again: a diverged

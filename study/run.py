@@ -102,6 +102,7 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when imported
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." per run with a server
         warnings.filterwarnings("ignore")
         for name in ("mlflow", "alembic", "ray", "ray.train", "optuna", "filelock"):
             logging.getLogger(name).setLevel(logging.ERROR)
