@@ -4,8 +4,8 @@
   project, so every trial failed with ``ModuleNotFoundError: No module named 'study.trial'``.
   The driver ships ``nlstm`` and ``study`` to every node with Ray's ``runtime_env``
   (``py_modules``). It always ships with ``--address``: an installed copy of another version on a
-  node would otherwise be imported silently, and the upload is small (about 200 KB, cached by Ray
-  per content hash).
+  node would otherwise be imported silently, and the upload is small (a few hundred KB, cached by
+  Ray per content hash).
 - **Storage**: Tune's experiment state and checkpoints must be where every node can write them:
   a folder mounted at the same path on every node, or an object store URI (``s3://...``, through
   pyarrow, with ``?endpoint_override=http://HOST:PORT`` or ``$AWS_ENDPOINT_URL`` for an

@@ -47,9 +47,10 @@ from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
 from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
-# Tune restarts a trial whose worker or node died (from its last checkpoint) this many times. Other
-# failures are retried too and end at once: a diverged trial fails again from its record, and any
-# other failure is bounded by MAX_ATTEMPTS on the trial's run (study.trial).
+# Tune restarts a trial whose worker or node died (from its last checkpoint) this many times. Tune
+# cannot tell those from the trial's own errors, which it restarts too: a diverged trial then fails
+# again at once from its record (a few seconds for a new actor), and any other failure is retried
+# up to MAX_ATTEMPTS attempts in all, counted on the trial's run (study.trial).
 TRIAL_RESTARTS = 3
 
 

@@ -249,7 +249,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if run.status == "failed":
         reason = run.tags.get("nlstm.fail_reason", "unknown error")
         if reason.startswith("diverged"):
-            raise DivergenceError(reason)  # deterministic: it would diverge again
+            raise DivergenceError(reason.removeprefix("diverged: "))  # deterministic: it would diverge again
         if run.attempts >= MAX_ATTEMPTS:
             if not reason.startswith("gave up"):
                 reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"

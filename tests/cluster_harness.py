@@ -41,9 +41,24 @@ def log(text: str) -> None:
     print(f"[harness {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
+AUTH: dict[str, str] = {"RAY_AUTH_MODE": "disabled"}  # token authentication once make_token() ran
+
+
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return env | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"} | S3_ENV
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI",
+                                                            "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    return env | {"PYTHONUNBUFFERED": "1"} | AUTH | S3_ENV
+
+
+def make_token(home: Path) -> None:
+    """docs/study.md's order: `ray get-auth-token --generate` first (it writes ~/.ray/auth_token;
+    HOME is a folder of the test), then every Ray process runs with RAY_AUTH_MODE=token and the token."""
+    home.mkdir(exist_ok=True)
+    out = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base_env() | {"HOME": str(home)},
+                         capture_output=True, text=True, timeout=60, check=True)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    assert token and token in out.stdout, out.stdout
+    AUTH.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
 
 
 def wait_for(what: str, check, timeout: float = 120.0, every: float = 0.5):
@@ -196,6 +211,9 @@ class Cluster:
     def run(self) -> dict:
         plan, result = self.plan, {"drivers": []}
         self.mlflow()
+        if plan.get("token"):
+            make_token(self.work / "home")
+            result["token"] = True
         if plan.get("s3"):
             self.s3()
         self.head()

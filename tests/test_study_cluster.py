@@ -82,7 +82,9 @@ def optuna_trials(work: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
 @pytest.mark.slow
 @needs_namespaces
 def test_a_study_runs_on_a_two_node_cluster_with_a_shared_folder(tmp_path):
-    """Trials 2 and 3 (lr 1e-6) are worse than 0 and 1 and ASHA stops them after one epoch."""
+    """Token authentication as docs/study.md sets it up. Trials 2 and 3 (lr 1e-6) are worse than 0
+    and ASHA stops them after one epoch. The Optuna study is a sqlite file in the driver's folder,
+    which the worker node cannot see: only the driver writes it."""
     result = run_cluster(tmp_path, "cl", """\
 train: {epochs: 2, batch_size: 8, bptt: 20, eval_batch_size: 8, patience: null}
 search:
@@ -94,8 +96,8 @@ search:
   num_samples: 4
   max_concurrent: 1
 evaluate: {top_k: 1, seeds: [1]}
-""", {}, "--storage", str(tmp_path / "shared"))
-    assert result["drivers"] == [0], result["logs"]["driver1"][-3000:]
+""", {"token": True}, "--storage", str(tmp_path / "shared"))
+    assert result["drivers"] == [0] and result["token"], result["logs"]["driver1"][-3000:]
     (worker,) = result["worker_nodes"]
 
     client, exp, runs = store(tmp_path, "cl")
