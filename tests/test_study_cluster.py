@@ -47,6 +47,7 @@ def run_cluster(work: Path, name: str, body: str, plan: dict, *extra: str) -> di
     """Write the study file, run the harness in fresh network/PID namespaces, return its result."""
     spec = work / f"{name}.yaml"
     spec.write_text(f"name: {name}\n" + DATA + body)
+    (work / "shared").mkdir()  # the "shared file system": the same path on every node
     plan = plan | {"args": ["--space", str(spec), "--address", ADDRESS, "--tracking-uri", TRACKING,
                             "--output", str(work / "driver" / "studies"), *extra]}
     command = ["unshare", "-n", "-p", "-f", "--mount-proc", sys.executable, str(REPO / "tests" / "cluster_harness.py"),
