@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -255,6 +256,7 @@ class Cluster:
     def close(self) -> None:
         for name in reversed(list(self.processes)):
             self.stop(name)
+        shutil.rmtree(self.temp, ignore_errors=True)  # Ray's sessions and logs of both nodes
 
 
 def main() -> int:
