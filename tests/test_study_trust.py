@@ -277,6 +277,39 @@ def test_sigterm_stops_the_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     assert all(r.data.tags["nlstm.status"] == "completed" and steps(client, r) == [1, 2, 3] for r in trials)
 
 
+def test_sigterm_while_every_trial_runs_is_an_interruption_not_a_failed_phase(tmp_path):
+    """Tune marks the trials it stops on SIGINT TERMINATED, like finished ones: with no trial
+    pending, counting ended trials took the interruption for a phase whose trials were all
+    stopped early, or, with one trial finished, for a phase done with the other one pruned (exit 0)."""
+    spec = study_file(tmp_path, "allrun", SEARCH.replace("epochs: 2", "epochs: 4")).resolve()
+    spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 60000"))  # epochs of seconds
+    first = driver(spec, tmp_path)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:  # once both trials have logged an epoch
+            time.sleep(0.5)
+            if not (tmp_path / "mlflow.db").exists():  # a reader must not create the store the driver creates
+                continue
+            try:
+                client, runs = runs_of(tmp_path, "allrun")
+            except Exception:
+                continue
+            if len([r for r in kind(runs, "trial") if steps(client, r)]) == 2:
+                break
+        assert first.poll() is None, first.communicate()
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first, timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 143 and "interrupted (SIGTERM)" in err, out + err
+    code, out, err = finish(driver(spec, tmp_path))
+    assert code == 0 and "(resuming)" in out, out + err
+    client, runs = runs_of(tmp_path, "allrun")
+    assert all(r.data.tags["nlstm.status"] == "completed" and steps(client, r) == [1, 2, 3, 4]
+               for r in kind(runs, "trial"))
+
+
 # ------------------------------------------------------------------ item 12: only its own processes
 def test_leftover_cleanup_kills_only_the_recorded_processes_of_a_dead_driver(tmp_path):
     from study.processes import DriverRecord, process_start_time
