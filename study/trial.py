@@ -32,7 +32,9 @@ from ray import tune
 from nlstm.analysis import memory_timescales, memory_traces
 from nlstm.checkpoint import load_checkpoint_file
 from nlstm.data import Corpus, CorpusError, Vocabulary, load_corpus
+from nlstm.data.synthetic import SyntheticConfig
 from nlstm.model import CharLM, ModelConfig
+from nlstm.probes import closer_bpc
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
 from study.cluster import node_name, trial_device, where_am_i
 from study.space import TRIAL_NUMBER, TrialConfig, resolve
@@ -212,11 +214,14 @@ def record_memories(run: TrialRun, model: CharLM, corpus: Corpus, out_dir: Path)
 
 
 def finish(run: TrialRun, reporter: _Reporter, trainer: Trainer, result: TrainResult, corpus: Corpus,
-           phase: str, key: str) -> None:
+           phase: str, key: str, synthetic: SyntheticConfig | None = None) -> None:
     cfg = reporter.cfg
     final = {"best_valid_bpc": result.best_valid_bpc, "test_bpc": result.test_bpc, "num_params": cfg.solution.params,
              "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time_s,
              "epochs_run": len(result.history)}
+    if synthetic is not None:  # the planted long-range dependency, scored alone (nlstm.probes), best weights
+        final["closer_bpc"] = closer_bpc(trainer.model, corpus.test, corpus.vocab, synthetic.brackets)
+        run.client.log_param(run.run_id, "dependency_length", synthetic.dependency_length)
     with tempfile.TemporaryDirectory() as d:
         if phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
             final |= record_memories(run, trainer.model, corpus, Path(d))
@@ -275,7 +280,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 reporter.last = trainer.history[-1]
     try:
         result = trainer.fit()
-        finish(run, reporter, trainer, result, corpus, phase, key)
+        synthetic = SyntheticConfig(**spec.data.options) if spec.data.corpus == "synthetic" else None
+        finish(run, reporter, trainer, result, corpus, phase, key, synthetic)
     except DivergenceError as e:
         run.set_status("failed", f"diverged: {e}")
         raise

@@ -93,6 +93,7 @@ ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
         assert p["budget"] == "3000" and abs(int(p["num_params"]) - 3000) / 3000 < 0.05
         assert steps(client, r) == [1, 2] and steps(client, r, "tokens_seen") == [1, 2]
         assert {"best_valid_bpc", "num_params", "epochs_run", "train_bpc", "lr", "wall_time_s"} <= set(r.data.metrics)
+        assert 0 <= r.data.metrics["closer_bpc"] < 10 and p["dependency_length"] == "10"  # the long-range probe
 
     (ev_config,) = kind(runs, "config", "evaluate")
     assert ev_config.data.tags["mlflow.parentRunId"] == parent.info.run_id

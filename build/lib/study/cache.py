@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BINDING_FILE = "record.json"
-CACHE_ENTRIES = ("ray", "search_results.json", "best")
+CACHE_ENTRIES = ("ray", "search_results.json", "best", "optuna.db")
 SET_ASIDE = "set-aside"
 
 
@@ -28,6 +28,10 @@ class RecordBinding:
     experiment_id: str
     parent_run_id: str
     study_hash: str
+    storage: str = ""  # where the Ray experiments are (<study_dir>/ray, or a record's folder in --storage)
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
 
 
 def claim_cache(study_dir: Path, binding: RecordBinding) -> str | None:
@@ -38,6 +42,8 @@ def claim_cache(study_dir: Path, binding: RecordBinding) -> str | None:
     present = [name for name in CACHE_ENTRIES if (study_dir / name).exists()]
     try:
         recorded = RecordBinding(**json.loads(binding_file.read_text())) if binding_file.is_file() else None
+        if recorded is not None and not recorded.storage:  # written before the storage was recorded: the default
+            recorded = RecordBinding(**(asdict(recorded) | {"storage": str(study_dir / "ray")}))
     except (OSError, ValueError, TypeError):
         recorded = None
     note = None
@@ -56,4 +62,4 @@ def claim_cache(study_dir: Path, binding: RecordBinding) -> str | None:
 
 
 def _describe(b: RecordBinding) -> str:
-    return f"store {b.tracking_uri} run {b.parent_run_id[:8]} (study hash {b.study_hash[:8]})"
+    return f"store {b.tracking_uri} run {b.parent_run_id[:8]} (study hash {b.study_hash[:8]}, Ray storage {b.storage})"

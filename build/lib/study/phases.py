@@ -1,10 +1,14 @@
-"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``.
+"""The three phases of a study, each one Ray Tune experiment under ``studies/<name>/ray/<phase>``
+(with ``--storage``: ``<storage>/<name>/<parent run id>/<phase>``).
 
 - ``search``: Optuna samples configurations (``PruneAwareOptunaSearch``), a scheduler (ASHA,
   median stopping or none) stops poor trials early; every trial uses the tuning seed.
 - ``evaluate``: the top-k search configurations (overall, per arch or per family), each re-run
   with the evaluation seeds at the evaluate phase's full training budget.
 - ``ablation``: every cell of the factor grid, each run with the ablation seeds.
+
+A trial whose worker or node died is restarted by Tune from its last checkpoint (up to
+``TRIAL_RESTARTS`` times) when there is capacity for it again.
 
 A phase whose experiment exists is resumed (``Tuner.restore``): finished trials are kept,
 unfinished ones continue from their last checkpoint, and errored ones run again: a diverged
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from nlstm.data import Corpus
+from study.cluster import Storage
 from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
 from study.spec import StudySpec
@@ -40,6 +47,11 @@ from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
 from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
+# Tune restarts a trial whose worker or node died (from its last checkpoint) this many times. Tune
+# cannot tell those from the trial's own errors, which it restarts too: a diverged trial then fails
+# again at once from its record (a few seconds for a new actor), and any other failure is retried
+# up to MAX_ATTEMPTS attempts in all, counted on the trial's run (study.trial).
+TRIAL_RESTARTS = 3
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -105,17 +117,24 @@ class StudyRun:
     max_concurrent: int
     verbose: bool
     out: TextIO
+    storage: Storage | None = None  # where the phases' Ray experiments go (default: <study_dir>/ray)
+    optuna_storage: Any = None  # the search's Optuna storage (study.optuna_store)
     outcome: PhaseOutcome | None = None  # of the phase that ran last
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
+    def __post_init__(self) -> None:
+        if self.storage is None:
+            self.storage = Storage(str(self.study_dir / "ray"), str(self.study_dir / "ray"))
+
     def context(self, phase: str, **kwargs: Any) -> TrialContext:
         t = self.tracker
         return TrialContext(self.spec, phase, t.tracking_uri, t.experiment_id, t.parent_run_id, self.data_dir,
                             threads=max(1, int(self.cpus_per_trial)),
-                            device="cuda" if self.gpus_per_trial > 0 else "cpu", **kwargs)
+                            device="cuda" if self.gpus_per_trial > 0 else "cpu",
+                            data_fingerprint=self.corpus.fingerprint, **kwargs)
 
 
 def _trial_name(trial: Any) -> str:
@@ -129,12 +148,12 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
 
     resources = {"cpu": run.cpus_per_trial} | ({"gpu": run.gpus_per_trial} if run.gpus_per_trial else {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    storage = run.study_dir / "ray"
-    path = storage / phase
-    if tune.Tuner.can_restore(str(path)):
-        run.say(f"[{phase}] resuming the trials in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=True)
+    storage = run.storage
+    path = storage.join(phase)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=storage.filesystem):
+        run.say(f"[{phase}] resuming the trials in {path.location}")
+        tuner = tune.Tuner.restore(path.path, trainable=trainable, param_space=param_space,
+                                   resume_unfinished=True, resume_errored=True, storage_filesystem=storage.filesystem)
     else:
         parents = {"*": context.parent_run_id} if phase == "search" else {
             key: context.config_runs[p.config_hash] for key, p in context.planned.items()}
@@ -145,16 +164,32 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
         tuner = tune.Tuner(
             trainable, param_space=param_space, tune_config=tune_config,
             run_config=tune.RunConfig(
-                name=phase, storage_path=str(storage), verbose=2 if run.verbose else 0, callbacks=callbacks,
+                name=phase, storage_path=storage.path, storage_filesystem=storage.filesystem,
+                verbose=2 if run.verbose else 0, callbacks=callbacks,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0)),
+                failure_config=tune.FailureConfig(max_failures=TRIAL_RESTARTS)),
         )
+    handler = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     ended = results.num_terminated + results.num_errors
-    if ended < total:  # Tune returns normally after Ctrl+C, with trials left
+    if ended < total or _tune_was_interrupted(handler):  # Tune returns normally after Ctrl+C
         raise StudyInterrupted(f"{phase}: {ended} of {total} trials ended")
     run.outcome = outcome_of(run, phase, results)
     return results
+
+
+def _tune_was_interrupted(handler_before_fit: Any) -> bool:
+    """Whether Tune's fit ended on SIGINT (Ctrl+C, or SIGTERM, see study.run.handle_signals).
+
+    Tune marks the trials still running at that moment TERMINATED when it stops them, like
+    finished ones, so counting ended trials misses an interruption where no trial was pending.
+    Tune's own SIGINT handler (installed by ``fit``) puts back the handler from before ``fit`` when
+    it receives the signal and only then; it is also put back here for the next phase."""
+    if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") not in ("", "0"):
+        return False
+    interrupted = signal.getsignal(signal.SIGINT) is handler_before_fit
+    signal.signal(signal.SIGINT, handler_before_fit)
+    return interrupted
 
 
 def outcome_of(run: StudyRun, phase: str, results: tune.ResultGrid) -> PhaseOutcome:
@@ -177,7 +212,7 @@ def outcome_of(run: StudyRun, phase: str, results: tune.ResultGrid) -> PhaseOutc
     missing = sorted(k for k in outcome.completed + outcome.pruned + list(outcome.failed) if k not in recorded)
     if missing:
         raise StudyFailed(f"{phase}: {len(missing)} trial(s) that Ray ran have no run in {run.tracker.tracking_uri} "
-                          f"({', '.join(missing[:5])}); the Ray folder {run.study_dir / 'ray'} is not this store's "
+                          f"({', '.join(missing[:5])}); the Ray folder {run.storage.location} is not this store's "
                           "record: rerun with --restart")
     return outcome
 
@@ -198,38 +233,43 @@ def _scheduler(spec: StudySpec) -> Any:
 def run_search(run: StudyRun) -> None:
     spec = run.spec
     total = num_samples(spec)
-    searcher = PruneAwareOptunaSearch(space=DefineByRun(spec), metric=METRIC, mode=MODE, sampler=make_sampler(spec))
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(spec), metric=METRIC, mode=MODE, sampler=make_sampler(spec),
+                                      storage=run.optuna_storage, study_name=spec.name if run.optuna_storage else None)
     tune_config = tune.TuneConfig(
         metric=METRIC, mode=MODE, search_alg=searcher, scheduler=_scheduler(spec), num_samples=total,
         max_concurrent_trials=min(run.max_concurrent, spec.search.max_concurrent or run.max_concurrent),
         reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     results = _fit(run, "search", run.context("search"), total, tune_config)
-    rows = []
+    rows, checkpoints = [], {}
     for r in results:
         m = r.metrics or {}
         key = m.get("trial_key") or trial_key_of(r.config or {})
         params = {k: v for k, v in (r.config or {}).items() if k != "trial_number"}
         status = "failed" if r.error is not None else ("completed" if m.get("finished") else "pruned")
+        if r.checkpoint is not None:
+            checkpoints[key] = r.checkpoint
         rows.append({"key": key, "status": status, "params": params, "family": m.get("family"),
                      "best_valid_bpc": m.get("best_valid_bpc", math.inf) if r.error is None else math.inf,
-                     "epochs": m.get("epoch", 0), "checkpoint": r.checkpoint.path if r.checkpoint else None})
+                     "epochs": m.get("epoch", 0),
+                     "checkpoint": run.storage.location_of(r.checkpoint.path) if r.checkpoint else None})
     # By best valid BPC whatever the status: a trial stopped early reached its value in fewer epochs,
     # so it is at least as promising as a finished trial with a worse value.
     rows.sort(key=lambda row: row["best_valid_bpc"])
     (run.study_dir / "search_results.json").write_text(json.dumps(rows, indent=1, default=str))
-    _save_best_models(run, rows)
+    _save_best_models(run, rows, checkpoints)
 
 
-def _save_best_models(run: StudyRun, rows: list[dict[str, Any]]) -> None:
+def _save_best_models(run: StudyRun, rows: list[dict[str, Any]], checkpoints: dict[str, tune.Checkpoint]) -> None:
     """model.pt of the best search trials (those evaluate will re-run, or the best one) as artifacts
     of their runs and under studies/<name>/best/."""
     chosen = select_top(run.spec, rows) if run.spec.evaluate else rows[:1]
     best_dir = run.study_dir / "best"
     best_dir.mkdir(parents=True, exist_ok=True)
     for row in chosen:
-        if not row.get("checkpoint"):
+        if row["key"] not in checkpoints:
             continue
-        out = model_file_from_checkpoint(Path(row["checkpoint"]), best_dir / f"{row['key']}.pt")
+        with checkpoints[row["key"]].as_directory() as d:  # downloaded first if the storage is an object store
+            out = model_file_from_checkpoint(Path(d), best_dir / f"{row['key']}.pt")
         trial_run = run.tracker.trial_run(row["key"])
         if out is not None and trial_run is not None:
             staging = best_dir / row["key"]
@@ -327,7 +367,7 @@ def run_phase(run: StudyRun, phase: str) -> None:
     problem = run.outcome.problem() if run.outcome else f"{phase}: no trial ran"
     if problem:
         run.tracker.mark_phase_failed(phase, problem)
-        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks in {run.study_dir / 'ray' / phase}"
+        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks in {run.storage.join(phase).location}"
         raise StudyFailed(f"{phase}: {problem} (details: {details}){run.outcome.rerun_hint() if run.outcome else ''}")
     run.tracker.mark_phase_done(phase)
 

@@ -6,7 +6,10 @@
     python study/run.py --space search_spaces/ptb.yaml --smoke       # the same study, shrunk
 
 By default Ray is a private local instance and MLflow a sqlite file ``./mlflow.db`` (or
-``$MLFLOW_TRACKING_URI``); the Ray experiments and best checkpoints go to ``./studies/<name>/``.
+``$MLFLOW_TRACKING_URI``); the Ray experiments and best checkpoints go to ``./studies/<name>/``,
+the search's Optuna study to ``./studies/<name>/optuna.db``. On a cluster (``--address``) the
+project's code is shipped to every node, and the study needs a tracking server and ``--storage``
+that every node reaches (docs/study.md, "Run on a cluster").
 Re-running the same command after Ctrl+C, SIGTERM or a killed driver resumes the study. Exit
 codes: 0 done; 1 the study failed (most trials of a phase failed, another driver holds the
 study, or an error); 2 bad study file or arguments (nothing written); 130 interrupted by
@@ -65,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--phases", metavar="LIST", help=f"comma-separated subset of the study's phases ({', '.join(PHASES)})")
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI, or a sqlite file path ending in .db "
         "(default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
-    add("--address", metavar="ADDR", help="an existing Ray cluster (auto or HOST:PORT; needs RAY_AUTH_MODE=token "
-        "and the cluster's token, see docs/study.md); default: $RAY_ADDRESS, else a private local Ray")
+    add("--address", metavar="ADDR", help="an existing Ray cluster (HOST:PORT or auto; a token cluster needs "
+        "RAY_AUTH_MODE=token and its token, see docs/study.md); default: $RAY_ADDRESS, else a private local Ray. "
+        "Needs --storage and an MLflow server (--tracking-uri http://...)")
+    add("--storage", metavar="PATH_OR_URI", help="where Tune keeps the trials' state and checkpoints: a folder "
+        "mounted at the same path on every node, or s3://bucket/prefix (?endpoint_override=http://HOST:PORT or "
+        "$AWS_ENDPOINT_URL for an S3-compatible server); default ./studies/<name>/ray for a local Ray")
+    add("--optuna-storage", metavar="URL", help="the search's Optuna study: an RDB URL (sqlite:////abs/x.db, "
+        "postgresql://...) or a journal file path ending in .log (default: sqlite <output>/<name>/optuna.db)")
     add("--cpus-per-trial", type=_number(float, 0, False), metavar="N",
         help="CPUs (and torch threads) per trial (default: the file's)")
     add("--gpus-per-trial", type=_number(float, 0, True), metavar="F",
@@ -94,6 +103,7 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when imported
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." per run with a server
         warnings.filterwarnings("ignore")
         for name in ("mlflow", "alembic", "ray", "ray.train", "optuna", "filelock"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -115,6 +125,8 @@ class Setup:
     data_dir: str | None
     tracking_uri: str
     study_dir: Path
+    storage: Any = None  # study.cluster.Storage: the Ray experiments' root (None for --dry-run)
+    optuna_url: str = ""
 
 
 def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
@@ -186,6 +198,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             raise UsageError(f"--cpus-per-trial {cpus:g}: this machine has {local_cpus} CPUs (a trial asking for "
                              "more would wait forever)")
     study_dir = args.output.expanduser().resolve() / spec.name
+    storage, optuna_url = None, ""
     if not args.dry_run:
         try:
             check_store(tracking_uri)
@@ -194,7 +207,22 @@ def prepare(args: argparse.Namespace) -> Setup:
         _check_output(study_dir)
         if args.address:
             check_address(args.address)
-    return Setup(spec, phases, cpus, gpus, corpus, data_dir, tracking_uri, study_dir)
+        storage, optuna_url = _check_cluster_storage(args, tracking_uri, study_dir)
+    return Setup(spec, phases, cpus, gpus, corpus, data_dir, tracking_uri, study_dir, storage, optuna_url)
+
+
+def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_dir: Path) -> tuple[Any, str]:
+    """The tracking store, Tune storage and Optuna storage, checked for where the trials run."""
+    from study.cluster import ClusterError, check_tracking_for_cluster, resolve_storage
+    from study.optuna_store import OptunaStoreError, resolve_optuna_url
+
+    try:
+        if args.address:
+            check_tracking_for_cluster(tracking_uri)
+        optuna_url = resolve_optuna_url(args.optuna_storage, study_dir)
+        return resolve_storage(args.storage, args.address, study_dir), optuna_url
+    except (ClusterError, OptunaStoreError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_output(study_dir: Path) -> None:
@@ -227,9 +255,11 @@ def start_ray(args: argparse.Namespace) -> bool:
 
     if ray.is_initialized():
         return False
+    from study.cluster import runtime_env
+
     level = logging.INFO if args.verbose else logging.ERROR
-    if args.address:
-        ray.init(address=args.address, log_to_driver=args.verbose, logging_level=level)
+    if args.address:  # other machines: the project's code travels with the job
+        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.verbose, logging_level=level)
         return True
     # Trials import `study` and `nlstm` from this checkout even without `pip install -e .`.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -271,7 +301,9 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
     import ray
 
     from study.cache import RecordBinding, claim_cache
+    from study.cluster import ClusterError, bind_storage
     from study.lease import LeaseHeld
+    from study.optuna_store import OptunaStoreError, prepare_study
     from study.phases import StudyFailed, StudyInterrupted, StudyRun, run_phase
     from study.processes import DriverRecord
     from study.space import num_samples, sampler_description, scheduler_description
@@ -298,12 +330,15 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         driver = DriverRecord(study_dir / "driver.json")
         if driver.stop_leftovers():
             print(f"stopped the leftover Ray processes of a killed driver of this study ({study_dir})", flush=True)
+        explicit_storage = bool(args.storage)
         if args.restart:
             import shutil
 
             for entry in study_dir.iterdir():
                 if entry.name != "driver.json":
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if explicit_storage:
+                setup.storage.join(spec.name).delete()
         if args.address:  # an existing cluster: check its resources before anything is recorded
             started_ray = start_ray(args)
             trial_concurrency(args, cpus, gpus)
@@ -311,6 +346,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         env = environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
                                             "gpus_per_trial": gpus},
                                 "ray_address": args.address or "local", "smoke": args.smoke,
+                                "storage": setup.storage.location, "optuna_storage": setup.optuna_url,
                                 "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
                                          "source": corpus.source, "source_sha256": corpus.checksums,
                                          "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
@@ -320,10 +356,19 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
                   "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
                   "num_samples": num_samples(spec) if spec.search else 0}
         tracker.open(restart=args.restart, environment=env, data_params=params)
-        note = claim_cache(study_dir, RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id,
-                                                    spec.study_hash()))
+        # With --storage, a record's Ray experiments go to <storage>/<name>/<parent run id>: another
+        # record's can never be found there, and record.json there says whose they are.
+        storage = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else setup.storage
+        binding = RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
+                                storage.location)
+        note = claim_cache(study_dir, binding)
         if note:
             print(note, flush=True)
+        if explicit_storage:
+            bind_storage(storage, binding.as_dict())
+        optuna_storage = None
+        if "search" in setup.phases and not tracker.phase_done("search"):
+            optuna_storage = prepare_study(setup.optuna_url, spec.name, tracker.parent_run_id, restart=args.restart)
         concurrency = 1
         if [p for p in setup.phases if not tracker.phase_done(p)]:
             started_ray = start_ray(args) or started_ray
@@ -335,7 +380,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
               f"{cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''} each"
               f"{' (resuming)' if tracker.resumed else ''}", flush=True)
         run = StudyRun(spec, study_dir, tracker, corpus, setup.data_dir, cpus, gpus, concurrency, args.verbose,
-                       sys.stdout)
+                       sys.stdout, storage=storage, optuna_storage=optuna_storage)
         for phase in setup.phases:
             run_phase(run, phase)
         tracker.close("FINISHED")
@@ -343,6 +388,10 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if tracker is not None:
             tracker.close("FAILED")
         return fail(str(e))
+    except (ClusterError, OptunaStoreError) as e:
+        if tracker is not None:
+            tracker.close("FAILED")
+        return fail(str(e), code=1)
     except (LeaseHeld, StudyConflict) as e:
         if tracker is not None and tracker.lease is not None:
             tracker.lease.release()
@@ -379,6 +428,10 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
                                          ("best", "best checkpoints in best/"), ("ray", "Ray trials in ray/"))
                 if (study_dir / name).exists()]
     print(f"  results: {study_dir}  ({', '.join(contents)})")
+    if args.storage:
+        print(f"  Ray trials and checkpoints: {storage.location}")
+    if "search" in setup.phases:
+        print(f"  Optuna:  {setup.optuna_url}  (study {spec.name!r}; optuna-dashboard {setup.optuna_url})")
     return 0
 
 

@@ -9,6 +9,11 @@ which is how Optuna's own pruners record it. Errors stay FAIL.
 
 Ray also skips ``on_trial_result`` for the result on which a scheduler decides to stop, so that
 value is added here before the trial is told.
+
+The Optuna study lives in a storage (``study.optuna_store``), so it outlives a killed driver,
+whereas the searcher is restored from Tune's last snapshot: an Optuna trial asked for after that
+snapshot is known to the storage but to no Tune trial. On restore such orphans are told FAIL and
+marked (``ORPHAN_ATTR``), so that the search asks for their place again (``study.space.search_turn``).
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 from ray.air.constants import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
+
+from study.space import ORPHAN_ATTR
 
 FINISHED = "finished"
 log = logging.getLogger(__name__)
@@ -51,3 +59,11 @@ class PruneAwareOptunaSearch(OptunaSearch):
         except Exception as exc:  # as OptunaSearch does: a bad value must not stop the study
             log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in known:  # asked for by a killed driver after Tune's last snapshot
+                optuna.trial.Trial(self._ot_study, t._trial_id).set_user_attr(ORPHAN_ATTR, True)
+                self._ot_study.tell(t.number, state=TrialState.FAIL)

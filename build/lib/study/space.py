@@ -33,6 +33,9 @@ from study.spec import (
 )
 
 TRIAL_NUMBER = "trial_number"  # added by DefineByRun to a search trial's config: its stable identity
+# User attribute of an Optuna trial asked by a driver that was killed before Tune saved it: it is told
+# FAIL on resume (study.searcher) and does not count in the trials' turns (``search_turn``).
+ORPHAN_ATTR = "nlstm.orphan"
 
 
 @dataclass(frozen=True)
@@ -127,31 +130,101 @@ def suggest(trial: Any, name: str, entry: Any) -> Any:
 class DefineByRun:
     """The study's search space for OptunaSearch (a picklable callable, so Tune can snapshot it).
 
-    Returns the fixed values and the Optuna trial number; the sampled values are captured by
-    OptunaSearch itself. A parameter with ``when`` is sampled only if the earlier values match.
+    Every sampled value, the balanced ones included, is an Optuna parameter of the trial (so
+    Optuna's importance, TPE and ``optuna-dashboard`` see the architecture); ``BalancedSampler``
+    decides the balanced ones. Returns the fixed values and the Optuna trial number; the sampled
+    values are captured by OptunaSearch itself. A parameter with ``when`` is sampled only if the
+    earlier values match.
     """
 
     def __init__(self, spec: StudySpec) -> None:
-        self.budget = spec.budget
-        self.space = dict(spec.search.space) if spec.search else {}
+        self.entries = space_entries(spec)
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        constants: dict[str, Any] = {TRIAL_NUMBER: trial.number}
-        turn = trial.number  # balanced parameters: trial n takes the digits of n in their bases
-        for name, entry in [("budget", self.budget), *self.space.items()]:
-            if name == "budget" and isinstance(entry, FixedEntry):
-                continue  # the fixed budget is a default, not a sampled value
+        constants: dict[str, Any] = {TRIAL_NUMBER: search_turn(trial.study, trial.number)}
+        for name, entry in self.entries:
             if not condition_holds(entry.when, values):
-                continue
-            if isinstance(entry, CategoricalEntry) and entry.balanced:
-                turn, digit = divmod(turn, len(entry.choices))
-                values[name] = constants[name] = entry.choices[digit]
                 continue
             values[name] = suggest(trial, name, entry)
             if isinstance(entry, FixedEntry):
                 constants[name] = entry.value
         return constants
+
+
+def space_entries(spec: StudySpec) -> list[tuple[str, Any]]:
+    """The search's entries in sampling order: the budget (unless fixed), then the space."""
+    entries = [] if isinstance(spec.budget, FixedEntry) else [("budget", spec.budget)]
+    return entries + list((spec.search.space if spec.search else {}).items())
+
+
+def search_turn(study: optuna.Study, number: int) -> int:
+    """A search trial's place in the search: its Optuna number, less the orphaned trials before it.
+
+    The Optuna study is stored (``study.optuna_store``) and outlives a killed driver; a trial
+    the killed driver had asked for, but Tune had not yet saved, stays in the storage. The resumed
+    search asks for that trial again under a new Optuna number; counting only the trials that are
+    not orphans gives it the old one's place, so it gets the same key (``search-0004``), the same
+    MLflow run and the same balanced allocation."""
+    if number == 0:
+        return 0
+    orphans = sum(1 for t in study.get_trials(deepcopy=False)
+                  if t.number < number and t.user_attrs.get(ORPHAN_ATTR))
+    return number - orphans
+
+
+def balanced_value(entries: list[tuple[str, Any]], number: int, earlier: dict[str, Any], name: str) -> Any:
+    """The value of balanced categorical ``name`` in trial ``number``: trial n takes the digits of
+    n in the bases of the balanced entries that apply to it (in order), so each choice gets an
+    equal share of the trials. ``earlier`` are the values sampled before ``name``."""
+    values, turn = dict(earlier), number  # number: the trial's place (``search_turn``)
+    for entry_name, entry in entries:
+        if isinstance(entry, FixedEntry):
+            values.setdefault(entry_name, entry.value)
+        if not condition_holds(entry.when, values):
+            continue
+        if isinstance(entry, CategoricalEntry) and entry.balanced:
+            turn, digit = divmod(turn, len(entry.choices))
+            if entry_name == name:
+                return entry.choices[digit]
+            values.setdefault(entry_name, entry.choices[digit])
+    raise KeyError(f"{name} is not a balanced entry of the search space")
+
+
+class BalancedSampler(optuna.samplers.BaseSampler):
+    """The study's sampler, except that balanced categoricals are allocated by trial number
+    (``balanced_value``) instead of sampled. Like Optuna's ``PartialFixedSampler``, the balanced
+    parameters are kept out of the base sampler's relative search space; they are still the
+    trial's parameters, so the base sampler learns from them like from any other."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, entries: list[tuple[str, Any]]) -> None:
+        self.base, self.entries = base, entries
+        self.balanced = {n for n, e in entries if isinstance(e, CategoricalEntry) and e.balanced}
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+                                    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        space = self.base.infer_relative_search_space(study, trial)
+        return {n: d for n, d in space.items() if n not in self.balanced}
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        if param_name in self.balanced:
+            return balanced_value(self.entries, search_turn(study, trial.number), trial.params, param_name)
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: Any,
+                    values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
@@ -179,6 +252,15 @@ def num_samples(spec: StudySpec) -> int:
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The file's sampler, with its balanced categoricals allocated by ``BalancedSampler``."""
+    entries = space_entries(spec)
+    base = _base_sampler(spec)
+    if any(isinstance(e, CategoricalEntry) and e.balanced for _, e in entries):
+        return BalancedSampler(base, entries)
+    return base
+
+
+def _base_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     assert spec.search is not None
     s = spec.search.sampler
     startup = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}

@@ -276,6 +276,11 @@ class TrialRun:
     def final_metrics(self) -> dict[str, float]:
         return dict(self.client.get_run(self.run_id).data.metrics)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Where this attempt runs (node, host, device, threads): the latest attempt's."""
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.tags |= tags
+
     def set_status(self, status: str, reason: str | None = None) -> None:
         tags = [RunTag("nlstm.status", status)]
         if reason:

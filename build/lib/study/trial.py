@@ -31,9 +31,12 @@ from ray import tune
 
 from nlstm.analysis import memory_timescales, memory_traces
 from nlstm.checkpoint import load_checkpoint_file
-from nlstm.data import Corpus, Vocabulary, load_corpus
+from nlstm.data import Corpus, CorpusError, Vocabulary, load_corpus
+from nlstm.data.synthetic import SyntheticConfig
 from nlstm.model import CharLM, ModelConfig
+from nlstm.probes import closer_bpc
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
+from study.cluster import node_name, trial_device, where_am_i
 from study.space import TRIAL_NUMBER, TrialConfig, resolve
 from study.spec import StudySpec
 from study.tracking import MAX_ATTEMPTS, TrialRun, trial_key_of
@@ -69,6 +72,7 @@ class TrialContext:
     device: str = "cpu"
     planned: dict[str, PlannedTrial] = field(default_factory=dict)  # evaluate/ablation: key -> trial
     config_runs: dict[str, str] = field(default_factory=dict)  # config_hash -> config run id
+    data_fingerprint: str | None = None  # the driver's corpus: every node must train on the same data
 
     def identity(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], int, str]:
         """(trial key, chosen params, seed, MLflow parent run id) of a Tune config."""
@@ -100,6 +104,24 @@ def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = Tr
                                   d.max_eval_tokens or max(len(data.valid), len(data.test)))
         return data
     return _load(d.corpus, json.dumps(d.options, sort_keys=True), data_dir, d.max_train_tokens, d.max_eval_tokens)
+
+
+def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, where: dict[str, str]) -> Corpus:
+    """The study's corpus on this node: from ``data_dir`` if that folder exists here, else this
+    node's ``$NLSTM_DATA_DIR``, cache or a download; it must be the driver's corpus (same
+    fingerprint). Errors name the node."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        data_dir = None  # the driver's --data-dir is not mounted on this node
+    try:
+        corpus = load_study_corpus(spec, data_dir)
+    except (CorpusError, OSError, ValueError) as e:
+        raise CorpusError(f"node {node_name(where)}: corpus {spec.data.corpus!r} not available there ({e}); "
+                          "mount --data-dir at the same path on every node, or set NLSTM_DATA_DIR or "
+                          "NLSTM_CACHE_DIR on the node") from None
+    if fingerprint is not None and corpus.fingerprint != fingerprint:
+        raise CorpusError(f"node {node_name(where)}: its {spec.data.corpus} corpus ({corpus.source}) differs from "
+                          f"the driver's (fingerprint {corpus.fingerprint[:12]} != {fingerprint[:12]})")
+    return corpus
 
 
 def trial_tags(spec: StudySpec, phase: str, cfg: TrialConfig, seed: int, parent: str) -> dict[str, str]:
@@ -192,11 +214,14 @@ def record_memories(run: TrialRun, model: CharLM, corpus: Corpus, out_dir: Path)
 
 
 def finish(run: TrialRun, reporter: _Reporter, trainer: Trainer, result: TrainResult, corpus: Corpus,
-           phase: str, key: str) -> None:
+           phase: str, key: str, synthetic: SyntheticConfig | None = None) -> None:
     cfg = reporter.cfg
     final = {"best_valid_bpc": result.best_valid_bpc, "test_bpc": result.test_bpc, "num_params": cfg.solution.params,
              "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time_s,
              "epochs_run": len(result.history)}
+    if synthetic is not None:  # the planted long-range dependency, scored alone (nlstm.probes), best weights
+        final["closer_bpc"] = closer_bpc(trainer.model, corpus.test, corpus.vocab, synthetic.brackets)
+        run.client.log_param(run.run_id, "dependency_length", synthetic.dependency_length)
     with tempfile.TemporaryDirectory() as d:
         if phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
             final |= record_memories(run, trainer.model, corpus, Path(d))
@@ -214,7 +239,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     torch.set_num_threads(max(1, context.threads))
     spec, phase = context.spec, context.phase
     key, params, seed, parent = context.identity(config)
-    corpus = load_study_corpus(spec, context.data_dir)
+    where = where_am_i()
+    device = trial_device(context.device, where)
+    corpus = node_corpus(spec, context.data_dir, context.data_fingerprint, where)
     cfg = resolve(spec, phase, params).solve(len(corpus.vocab))
     run = TrialRun.attach(context.tracking_uri, context.experiment_id, key,
                           trial_tags(spec, phase, cfg, seed, parent), cfg.mlflow_params(seed))
@@ -231,7 +258,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if run.status == "failed":
         reason = run.tags.get("nlstm.fail_reason", "unknown error")
         if reason.startswith("diverged"):
-            raise DivergenceError(reason)  # deterministic: it would diverge again
+            raise DivergenceError(reason.removeprefix("diverged: "))  # deterministic: it would diverge again
         if run.attempts >= MAX_ATTEMPTS:
             if not reason.startswith("gave up"):
                 reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"
@@ -239,9 +266,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             raise TrialGaveUp(reason)
         run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
 
+    # where this attempt trains (a trial that finished earlier keeps the tags of where it did)
+    run.set_tags(where | {"nlstm.device": _device_name(device), "nlstm.threads": str(torch.get_num_threads())})
     seed_everything(seed)
     model = CharLM(ModelConfig(**model_config))
-    train_cfg = TrainConfig(**cfg.train, seed=seed, device=context.device)
+    train_cfg = TrainConfig(**cfg.train, seed=seed, device=device)
     trainer = Trainer(model, corpus, train_cfg, callbacks=[reporter])
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -251,7 +280,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 reporter.last = trainer.history[-1]
     try:
         result = trainer.fit()
-        finish(run, reporter, trainer, result, corpus, phase, key)
+        synthetic = SyntheticConfig(**spec.data.options) if spec.data.corpus == "synthetic" else None
+        finish(run, reporter, trainer, result, corpus, phase, key, synthetic)
     except DivergenceError as e:
         run.set_status("failed", f"diverged: {e}")
         raise
@@ -259,6 +289,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         run.set_status("failed", f"{type(e).__name__}: {e}")
         raise
     reporter.report_final(trainer)
+
+
+def _device_name(device: str) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
 
 
 def describe(cfg: TrialConfig) -> dict[str, Any]:
