@@ -4,6 +4,7 @@ name from any folder, and records no git commit of a repository that merely encl
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,14 @@ ENV = os.environ | {"RAY_AUTH_MODE": "disabled"}
 def installed(tmp_path_factory) -> Path:
     """The wheel `pip install .` would install, unpacked into a folder of its own."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)], check=True,
-                   capture_output=True, timeout=300)
+    source = out / "source"  # pip builds in the source tree: a copy keeps build/ out of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("nlstm", "study", "dashboards", "search_spaces"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
+                   check=True, capture_output=True, timeout=300)
     (wheel,) = out.glob("nlstm-*.whl")
     target = out / "site"
     zipfile.ZipFile(wheel).extractall(target)
