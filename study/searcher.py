@@ -14,6 +14,9 @@ The Optuna study lives in a storage (``study.optuna_store``), so it outlives a k
 whereas the searcher is restored from Tune's last snapshot: an Optuna trial asked for after that
 snapshot is known to the storage but to no Tune trial. On restore such orphans are told FAIL and
 marked (``ORPHAN_ATTR``), so that the search asks for their place again (``study.space.search_turn``).
+The other way round, a trial that the killed driver had already told Optuna is finished is replayed by
+the restored Tune (its finished run reports again): the storage's ending stands and the replay is
+ignored, instead of Optuna's ``UpdateFinishedTrialError`` stopping the study.
 """
 
 from __future__ import annotations
@@ -37,12 +40,24 @@ class PruneAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # last step reported to each Optuna trial
 
+    def _ended_in_storage(self, trial_id: str) -> bool:
+        """True (and the trial counted as completed) when the storage already holds its end."""
+        number = self._ot_trials[trial_id].number
+        if self._ot_study.get_trials(deepcopy=False)[number].state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._completed_trials or self._ended_in_storage(trial_id):
+            return  # told before a driver was killed, replayed by the restored Tune
         super().on_trial_result(trial_id, result)
         if TRAINING_ITERATION in result:
             self._last_step[trial_id] = result[TRAINING_ITERATION]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and self._ended_in_storage(trial_id):
+            return
         if error or not result or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result=result, error=error)
             return

@@ -413,3 +413,32 @@ def test_a_resumed_search_asks_again_for_the_trial_a_killed_driver_had_asked_for
     assert [(t.number, t.state.name, t.user_attrs.get(ORPHAN_ATTR)) for t in trials] == [
         (0, "RUNNING", None), (1, "RUNNING", None), (2, "FAIL", True), (3, "RUNNING", None)]
     assert resumed.suggest("t3")["trial_number"] == 3 and resumed.suggest("t4")["arch"] == "stacked"
+
+
+def test_a_trial_the_storage_already_ended_is_not_told_again_after_a_restore(tmp_path):
+    """A driver killed after telling Optuna a trial was COMPLETE but before Tune's next snapshot:
+    the restored Tune replays that trial's results, which must not stop the study
+    (Optuna's UpdateFinishedTrialError) nor change what the storage recorded."""
+    from study.optuna_store import prepare_study
+    from study.searcher import PruneAwareOptunaSearch
+    from study.space import DefineByRun, make_sampler
+
+    spec = _spec(tmp_path, "    lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def searcher() -> PruneAwareOptunaSearch:
+        return PruneAwareOptunaSearch(space=DefineByRun(spec), metric="m", mode="min", sampler=make_sampler(spec),
+                                      storage=prepare_study(url, "b", "run"), study_name="b")
+
+    first = searcher()
+    first.suggest("t0")
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t0 still running
+    first.on_trial_result("t0", {"m": 2.0, "training_iteration": 1})
+    first.on_trial_complete("t0", {"m": 1.5, "training_iteration": 2, "finished": True})  # then killed
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    resumed.on_trial_result("t0", {"m": 1.5, "training_iteration": 2})  # the replay of the finished trial
+    resumed.on_trial_complete("t0", {"m": 1.5, "training_iteration": 2, "finished": True})
+    (trial,) = optuna.load_study(study_name="b", storage=url).get_trials(deepcopy=False)
+    assert trial.state.name == "COMPLETE" and trial.value == 1.5 and trial.intermediate_values == {1: 2.0, 2: 1.5}
