@@ -29,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from study.processes import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MLFLOW_PORT, RAY_PORT, S3_PORT = 5055, 6380, 5060
@@ -229,9 +231,18 @@ class Cluster:
                      timeout=240)
             result["epochs_at_interruption"] = self.epochs_logged()
             if first.poll() is None and plan.get("kill_worker_at"):
+                # The node dies as a machine does: its raylet and every process on it (trial actors
+                # included) at once. Killing the raylet alone let an actor that had not noticed yet
+                # finish its run on the dead node, so the retry on the new node was not exercised.
                 raylet = self.raylet_of("worker1")
-                os.kill(raylet, signal.SIGKILL)
-                log(f"killed the worker node's raylet (pid {raylet}) at {result['epochs_at_interruption']} epochs")
+                on_node = [pid for pid, _ in descendants(self.processes["worker1"].pid)]
+                for pid in [raylet, *on_node]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                log(f"killed the worker node (raylet {raylet} and {len(on_node)} processes) at "
+                    f"{result['epochs_at_interruption']} epochs")
                 result["worker_killed_at"] = time.time()
                 self.processes["worker1"].wait(timeout=60)  # `ray start --block` exits when its raylet dies
                 result["worker_nodes_after"] = self.worker()  # the dead node may still be listed a while
