@@ -40,6 +40,17 @@ def _check_stream(data: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def _padded_row_length(data: torch.Tensor, batch_size: int, pad_value: int) -> tuple[int, int]:
+    """(tokens, L) for ``batch_size`` padded rows that keep every symbol: L = ceil((tokens - 1) / B)."""
+    _check_stream(data, batch_size)
+    if pad_value >= 0:
+        raise ValueError("pad_value must be negative so it can never be a real token id")
+    n = data.numel()
+    if n < 2:
+        raise ValueError("need at least 2 tokens (one input, one target)")
+    return n, -(-(n - 1) // batch_size)
+
+
 def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(B, L) with row b = ``data[b*L:(b+1)*L]``, L = len(data) // B; the remainder is dropped."""
     _check_stream(data, batch_size)
@@ -56,13 +67,7 @@ def batchify_padded(data: torch.Tensor, batch_size: int, pad_value: int = -100) 
     Column 0 holds inputs only; columns 1..L of all rows together are ``data[1:]`` exactly once
     (plus padding). See the module docstring for why the rows overlap.
     """
-    _check_stream(data, batch_size)
-    if pad_value >= 0:
-        raise ValueError("pad_value must be negative so it can never be a real token id")
-    n = data.numel()
-    if n < 2:
-        raise ValueError("need at least 2 tokens (one input, one target)")
-    length = -(-(n - 1) // batch_size)
+    n, length = _padded_row_length(data, batch_size, pad_value)
     padded = torch.full((batch_size * length + 1,), pad_value, dtype=torch.long)
     padded[:n] = data
     starts = torch.arange(batch_size) * length
@@ -90,13 +95,7 @@ class StreamBatches:
         self.pad = pad
         self.pad_value = pad_value
         if pad:
-            _check_stream(data, batch_size)
-            if pad_value >= 0:
-                raise ValueError("pad_value must be negative so it can never be a real token id")
-            n = data.numel()
-            if n < 2:
-                raise ValueError("need at least 2 tokens (one input, one target)")
-            length = -(-(n - 1) // batch_size)
+            n, length = _padded_row_length(data, batch_size, pad_value)
             stream = torch.zeros(batch_size * length + 1, dtype=data.dtype)
             stream[:n] = data
             # row b = stream[b*L : b*L + L + 1]: overlapping rows, a strided view of one padded copy
