@@ -49,6 +49,29 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, s
     return process.returncode, out, err
 
 
+def sigterm_once_trials_logged(process: subprocess.Popen, tmp_path: Path, study: str,
+                               trials: int) -> tuple[int, str, str]:
+    """SIGTERM the driver once ``trials`` trial runs have logged an epoch; its exit code and output."""
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if not (tmp_path / "mlflow.db").exists():  # a reader must not create the store the driver creates
+                continue
+            try:
+                client, runs = runs_of(tmp_path, study)
+            except Exception:
+                continue
+            if len([r for r in kind(runs, "trial") if steps(client, r)]) >= trials:
+                break
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        return finish(process, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 # ------------------------------------------------------------------ item 1: one record
 def test_a_ray_cache_from_another_store_is_set_aside_not_reused(tmp_path, monkeypatch, ray_local, capsys):
     spec = study_file(tmp_path, "rec", SEARCH)
@@ -245,23 +268,7 @@ def test_sigterm_stops_the_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     spec = study_file(tmp_path, "term", SEARCH.replace("epochs: 2", "epochs: 3").replace(
         "num_samples: 2", "num_samples: 3\n  max_concurrent: 1")).resolve()
     spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 16000"))
-    first = driver(spec, tmp_path)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:  # once a trial has logged an epoch
-            time.sleep(0.5)
-            try:
-                client, runs = runs_of(tmp_path, "term")
-            except Exception:
-                continue
-            if any(steps(client, r) for r in kind(runs, "trial")):
-                break
-        assert first.poll() is None, first.communicate()
-        first.send_signal(signal.SIGTERM)
-        code, _, err = finish(first, timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    code, _, err = sigterm_once_trials_logged(driver(spec, tmp_path), tmp_path, "term", trials=1)
     assert code == 143, err
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err, err
     client, runs = runs_of(tmp_path, "term")
@@ -283,25 +290,7 @@ def test_sigterm_while_every_trial_runs_is_an_interruption_not_a_failed_phase(tm
     stopped early, or, with one trial finished, for a phase done with the other one pruned (exit 0)."""
     spec = study_file(tmp_path, "allrun", SEARCH.replace("epochs: 2", "epochs: 4")).resolve()
     spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 60000"))  # epochs of seconds
-    first = driver(spec, tmp_path)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:  # once both trials have logged an epoch
-            time.sleep(0.5)
-            if not (tmp_path / "mlflow.db").exists():  # a reader must not create the store the driver creates
-                continue
-            try:
-                client, runs = runs_of(tmp_path, "allrun")
-            except Exception:
-                continue
-            if len([r for r in kind(runs, "trial") if steps(client, r)]) == 2:
-                break
-        assert first.poll() is None, first.communicate()
-        first.send_signal(signal.SIGTERM)
-        code, out, err = finish(first, timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    code, out, err = sigterm_once_trials_logged(driver(spec, tmp_path), tmp_path, "allrun", trials=2)
     assert code == 143 and "interrupted (SIGTERM)" in err, out + err
     code, out, err = finish(driver(spec, tmp_path))
     assert code == 0 and "(resuming)" in out, out + err
