@@ -226,13 +226,13 @@ def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_di
 
 
 def _check_output(study_dir: Path) -> None:
-    from study.store import StoreError, _check_writable_folder
+    from study.store import StoreError, check_writable_folder
 
     existing = next(p for p in [study_dir, *study_dir.parents] if p.exists())
     if not existing.is_dir():
         raise UsageError(f"--output: {existing} is not a folder")
     try:
-        _check_writable_folder(existing, "--output")
+        check_writable_folder(existing, "--output")
     except StoreError as e:
         raise UsageError(str(e)) from None
 

@@ -73,7 +73,7 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds, in one line, if the store cannot be written (sqlite) or reached (a server)."""
     db = sqlite_path(uri)
     if db is not None:
-        _check_writable_folder(db.parent, f"tracking store {db}")
+        check_writable_folder(db.parent, f"tracking store {db}")
         if db.exists() and not os.access(db, os.W_OK):
             raise StoreError(f"tracking store {db} is not writable")
         return
@@ -113,7 +113,7 @@ def _check_database(uri: str, timeout_s: float) -> None:
         raise StoreError(f"tracking store ...@{shown} cannot be reached ({reason})") from None
 
 
-def _check_writable_folder(folder: Path, what: str) -> None:
+def check_writable_folder(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise StoreError(f"{what}: folder {folder} does not exist")
     try:  # os.access says yes to root on a read-only file system; only a real write tells
