@@ -39,9 +39,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # last step reported to each Optuna trial
+        self._storage_checked: set[str] = set()  # trials whose state in the storage was read (_ended_in_storage)
 
     def _ended_in_storage(self, trial_id: str) -> bool:
-        """True (and the trial counted as completed) when the storage already holds its end."""
+        """True (and the trial counted as completed) when the storage already holds its end. Read once
+        per trial: only a replay after a restore can find one ended, and the study's lease keeps any
+        other driver from ending trials meanwhile."""
+        if trial_id in self._storage_checked:
+            return False
+        self._storage_checked.add(trial_id)
         number = self._ot_trials[trial_id].number
         if self._ot_study.get_trials(deepcopy=False)[number].state.is_finished():
             self._completed_trials.add(trial_id)
@@ -77,6 +83,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self._storage_checked = set()  # the snapshot's reads are older than the storage: read again
         known = {t.number for t in self._ot_trials.values()}
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in known:  # asked for by a killed driver after Tune's last snapshot

@@ -432,8 +432,8 @@ def test_a_trial_the_storage_already_ended_is_not_told_again_after_a_restore(tmp
 
     first = searcher()
     first.suggest("t0")
-    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t0 still running
     first.on_trial_result("t0", {"m": 2.0, "training_iteration": 1})
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t0 still running, after one result
     first.on_trial_complete("t0", {"m": 1.5, "training_iteration": 2, "finished": True})  # then killed
 
     resumed = searcher()
