@@ -36,7 +36,7 @@ EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s",
 FINAL_METRICS = ("best_valid_bpc", "test_bpc", "num_params", "tokens_per_s", "train_time_s", "epochs_run")
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.
 DERIVED_PARAMS = frozenset({"seed", "width", "embedding_dim", "num_params", "trial_id", "config_hash", "parent_id",
-                            "study", "phase", "family"})
+                            "study", "phase", "family", "data_fingerprint"})
 STATES = ("completed", "running", "pruned", "failed")
 PHASES = ("search", "evaluate", "ablation")
 

@@ -260,10 +260,11 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
               "so nothing can be compared yet.")
     else:
         doc.blocks.append(_comparison_rows(comp_frame))
-        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC; a winner is named only when both "
-              f"arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the difference "
-              "that excludes 0, and no run of the winner's configuration that did not learn):")
-        doc.ul([c.verdict for c in comparisons if c.metric == primary])
+        closer = ", and closer BPC where recorded" if any(c.metric == "closer_bpc" for c in comparisons) else ""
+        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC{closer}; a winner is named only "
+              f"when both arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the "
+              "difference that excludes 0, and no run of the winner's configuration that did not learn):")
+        doc.ul([c.verdict for c in comparisons if c.metric in (primary, "closer_bpc")])
 
     doc.h2("Figures")
     for result in all_figures(data, aset):

@@ -421,13 +421,13 @@ def test_report_counts_unfinished_runs(report, client):
 def test_markdown_references_existing_figures(report):
     md = (report / "report.md").read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(refs) == 6, md  # every figure has its data in this store
+    assert len(refs) == 7, md  # every figure has its data in this store (synthetic: the long-range probe too)
     for ref in refs:
         path = report / ref
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", ref
     assert "could not be drawn" not in md and "Not shown" not in md
     captions = re.findall(r"^_Figure (\d)\. (.+)_$", md, flags=re.M)
-    assert [n for n, _ in captions] == list("123456") and all("runs" in c or "trials" in c for _, c in captions)
+    assert [n for n, _ in captions] == list("1234567") and all("runs" in c or "trials" in c for _, c in captions)
 
 
 def test_report_is_logged_to_the_parent_run(report, client):
@@ -436,13 +436,13 @@ def test_report_is_logged_to_the_parent_run(report, client):
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.md", "report/figures", "report/tables"} <= logged
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "report/figures")}
-    assert len(figures) == 6
+    assert len(figures) == 7
 
 
 def test_html_is_self_contained(report):
     page = (report / "report.html").read_text()
     refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page)
-    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == 6
+    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == 7
     assert all(r.startswith(("data:", "#")) for r in refs), [r[:60] for r in refs if not r.startswith("data:")]
     assert "Content-Security-Policy" in page and "<link" not in page
 
@@ -459,7 +459,7 @@ def chromium_image_sizes(page: Path, tmp_path: Path) -> list[list]:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs Debian's package as root)")
 def test_html_renders_every_figure_in_headless_chromium(report, tmp_path):
     sizes = chromium_image_sizes(report / "report.html", tmp_path)
-    assert len(sizes) == 6 and all(w > 0 and h > 0 for _, w, h in sizes), sizes
+    assert len(sizes) == 7 and all(w > 0 and h > 0 for _, w, h in sizes), sizes
     # The check itself catches a broken image: corrupt one and it reports a zero natural size.
     broken = tmp_path / "broken.html"
     page = (report / "report.html").read_text()
@@ -496,12 +496,12 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     assert "Only one budget has completed runs" in md
     assert "No run has memory-timescale metrics yet" in md
     assert "no winner is declared" in md or "cannot be compared yet" in md  # search trials: one seed each
-    assert len(files.figures) == 5
+    assert len(files.figures) == 6  # the search trials have the long-range probe
     # Nothing at all yet: every figure is a sentence, the report still renders.
     empty = dataclasses.replace(data, trials=data.trials.iloc[0:0], histories=data.histories.iloc[0:0])
     files = write_report(empty, tmp_path / "empty", log_to_parent=False)
     md = files.markdown.read_text()
-    assert files.figures == [] and md.count("_Not shown:_") == 6
+    assert files.figures == [] and md.count("_Not shown:_") == 7
     assert "No arm has a finished run yet." in md and "could not be drawn" not in md
 
 

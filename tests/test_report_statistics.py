@@ -45,6 +45,9 @@ class FakeRun:
     state: str = "completed"  # completed | failed | running
     reason: str = ""
     extra: dict = field(default_factory=dict)  # more params (e.g. unigram_entropy_bits)
+    budget: int = BUDGET
+    factors: dict = field(default_factory=dict)  # more params that are part of the configuration (its hash)
+    metrics: dict = field(default_factory=dict)  # more final metrics (e.g. closer_bpc)
 
     @property
     def family(self) -> str:
@@ -52,7 +55,8 @@ class FakeRun:
 
     @property
     def config(self) -> dict:
-        return {"arch": self.arch, "depth": self.depth, "budget": BUDGET, "lr": self.lr, "epochs": self.epochs}
+        return {"arch": self.arch, "depth": self.depth, "budget": self.budget, "lr": self.lr, "epochs": self.epochs,
+                **self.factors}
 
     @property
     def config_hash(self) -> str:
@@ -101,7 +105,7 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
             TAG + "arch": run.arch, TAG + "depth": str(run.depth), TAG + "family": run.family,
             TAG + "config_hash": run.config_hash, TAG + "seed": str(run.seed), TAG + "trial_id": trial_id,
             TAG + "status": "running"}).info.run_id
-        sol = width_for_budget(run.arch, run.depth, BUDGET, VOCAB, EMBEDDING)
+        sol = width_for_budget(run.arch, run.depth, run.budget, VOCAB, EMBEDDING)
         params = run.config | {"width": sol.width, "embedding_dim": sol.embedding_dim, "num_params": sol.params,
                                "seed": run.seed} | run.extra
         curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
@@ -113,7 +117,7 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
             tags.append(RunTag(TAG + "fail_reason", run.reason))
             metrics = metrics[:5]
         elif run.state == "completed":
-            final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs}
+            final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs} | run.metrics
             if run.test is not None:
                 final["test_bpc"] = run.test
             metrics += [Metric(k, float(v), now + 100, 0) for k, v in final.items()]
@@ -323,3 +327,64 @@ def test_representative_configuration_is_one_whose_runs_all_learned(tmp_path, em
     assert configs.loc[stable, "selected"] and configs.loc[stable, "excluded"] == "none of 4"
     assert comparisons[comparisons["metric"] == "test BPC"]["test"].tolist() == ["paired t-test"]
     assert "**Every configuration of the analysed phases**" in md
+
+
+# ---------------------------------------------------------------------------- the paper's two questions (issue 10)
+def analysed(root: Path, runs: list[FakeRun], template: Path):
+    from dashboards import load_study
+    from dashboards.stats import analysis_set
+
+    data = load_study(STUDY, make_store(root, runs, template=template))
+    return data, analysis_set(data.trials, (data.parent or {}).get("params"))
+
+
+def test_the_depth_figure_has_a_row_per_budget_with_both_families_at_both_depths(tmp_path, empty_db):
+    from dashboards.figures import figure_depth
+
+    runs = [FakeRun("ablation", arch, depth, s, valid=1.5 + 0.01 * depth + noise(s), test=1.5 + noise(s),
+                    budget=budget)
+            for budget in (20_000, 50_000) for arch in ("nlstm", "stacked") for depth in (2, 3) for s in (1, 2, 3)]
+    runs += [FakeRun("ablation", "single", 1, s, valid=1.6, test=1.6 + noise(s), budget=b)
+             for b in (20_000, 50_000) for s in (1, 2, 3)]
+    _, aset = analysed(tmp_path, runs, empty_db)
+    res = figure_depth(aset)
+    assert res.figure is not None and len(res.figure.axes) == 4, res.missing
+    assert "at budgets 20k and 50k" in res.caption and "12 seed pairs over depths 2, 3" in res.caption
+    titles = [ax.get_title() for ax in res.figure.axes]
+    assert titles[0].endswith("at budget 20k") and titles[2].endswith("at budget 50k"), titles
+    for ax in res.figure.axes[0::2]:  # nested and stacked lines at depths 2 and 3 plus the single point
+        xs = sorted({x for line in ax.get_lines() for x in np.atleast_1d(line.get_xdata()) if np.isfinite(x)})
+        assert {1.0, 2.0, 3.0} <= set(xs), xs
+
+
+def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_bound(tmp_path, empty_db):
+    from dashboards.figures import figure_long_range
+
+    runs = []
+    for length, nested_bits, stacked_bits in ((10, 0.05, 0.10), (40, 0.3, 0.9), (160, 1.2, 1.8)):
+        for arch, bits in (("nlstm", nested_bits), ("stacked", stacked_bits)):
+            runs += [FakeRun("ablation", arch, 2, s, valid=1.5 + noise(s), test=1.5 + noise(s),
+                             factors={"dependency_length": length},
+                             metrics={"closer_bpc": bits + noise(s + 7 * len(arch)), "closer_bound_bits": 2.0,
+                                      "timescale_l0": 3.0 + s, "timescale_l1": 30.0 + s})
+                     for s in (1, 2, 3)]
+    data, aset = analysed(tmp_path, runs, empty_db)
+    protocols = sorted(set(aset.selected["protocol"]), key=__import__("dashboards.stats").stats.protocol_key)
+    assert protocols == ["ablation, dependency_length 10", "ablation, dependency_length 40",
+                         "ablation, dependency_length 160"]  # one protocol per corpus, in numeric order
+    from dashboards.stats import paired_comparisons
+
+    closer = [c for c in paired_comparisons(aset) if c.metric == "closer_bpc"]
+    assert [c.protocol for c in closer] == protocols and all(c.n_pairs == 3 for c in closer)
+    by_length = {int(c.protocol.rsplit(" ", 1)[1]): c.diff.mean for c in closer}
+    expected = {10: -0.05, 40: -0.6, 160: -0.6}
+    for length, diff in by_length.items():
+        a = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == length]
+        b = [r.metrics["closer_bpc"] for r in runs if r.arch == "stacked" and r.factors["dependency_length"] == length]
+        assert diff == pytest.approx(np.mean(a) - np.mean(b)) and diff == pytest.approx(expected[length], abs=0.05)
+    res = figure_long_range(data, aset)
+    assert res.figure is not None, res.missing
+    ax = res.figure.axes[0]
+    assert any(np.allclose(line.get_ydata(), 2.0) for line in ax.get_lines())  # the no-memory bound
+    assert "log2(4 bracket types) = 2 bits" in res.caption and "18 runs" in res.caption
+    assert len(res.figure.axes) == 2 and "timescale" in res.figure.axes[1].get_ylabel()
