@@ -282,9 +282,10 @@ def config_table(aset: AnalysisSet) -> pd.DataFrame:
         first = group.iloc[0]
         row = {"protocol": protocol, "budget": first["budget"], "family": first["family"], "config_hash": config}
         row.update({f: first[f] for f in factors})
-        row.update({"n_seeds": len(learned), "excluded": exclusion_text(group), "valid_mean": valid.mean,
-                    "valid_low": valid.low, "valid_high": valid.high, "test_mean": test.mean, "test_low": test.low,
-                    "test_high": test.high, "selected": config in chosen})
+        row.update({"n_seeds": len(learned), "n_test": test.n, "excluded": exclusion_text(group),
+                    "valid_mean": valid.mean, "valid_low": valid.low, "valid_high": valid.high,
+                    "test_mean": test.mean, "test_low": test.low, "test_high": test.high,
+                    "selected": config in chosen})
         rows.append(row)
     table = pd.DataFrame(rows)
     order = table.assign(_p=table["protocol"].map(protocol_key), _f=table["family"].map(family_key))

@@ -355,20 +355,23 @@ def test_loaded_frames_follow_the_layout(store, client):
 def test_arm_table_matches_the_runs(report, client):
     import pandas as pd
 
-    arms = pd.read_csv(report / "tables" / "arms.csv")
+    long = pd.read_csv(report / "tables" / "arms.csv")  # one row per arm x split (valid, test)
     md_rows = md_table((report / "report.md").read_text(), "Per arm: mean and 95 % t-interval over seeds")
-    assert len(arms) == len(md_rows) == 4  # nesting and stacking at depths 2 and 3
-    assert set(arms["protocol"]) == {"ablation"} and (arms["n_did_not_learn"] == 0).all()
+    assert len(long) == 2 * len(md_rows) == 8  # nesting and stacking at depths 2 and 3
+    assert list(long["split"]) == ["valid", "test"] * 4
+    assert set(long["protocol"]) == {"ablation"} and (long["n_did_not_learn"] == 0).all()
     entropy = _corpus().unigram_entropy_bits()  # the stricter bar, should a study record it: still cleared
-    assert (arms["valid_high"] < entropy).all() and (arms["test_high"] < entropy).all(), (entropy, arms)
+    assert (long["bpc_ci95_high"] < entropy).all(), (entropy, long)
+    arms = long[long["split"] == "valid"]
     for (_, arm), row in zip(arms.iterrows(), md_rows, strict=True):
         runs = [r for r in completed_runs(client, family=arm["family"], config_hash=arm["config_hash"])
                 if r.data.tags["nlstm.phase"] in ("evaluate", "ablation")]
         assert len(runs) == arm["n_seeds"] == int(row["seeds"]) == len(SEEDS)  # the running 4th seed is left out
-        for metric, prefix, cell in (("best_valid_bpc", "valid", "valid BPC [95 % CI]"),
-                                     ("test_bpc", "test", "test BPC [95 % CI]")):
+        for metric, split, cell in (("best_valid_bpc", "valid", "valid BPC [95 % CI]"),
+                                    ("test_bpc", "test", "test BPC [95 % CI]")):
             mean, low, high = t_ci([r.data.metrics[metric] for r in runs])
-            assert (arm[f"{prefix}_mean"], arm[f"{prefix}_low"], arm[f"{prefix}_high"]) == pytest.approx(
+            got = long[(long["family"] == arm["family"]) & (long["split"] == split)].iloc[0]
+            assert (got["bpc_mean"], got["bpc_ci95_low"], got["bpc_ci95_high"]) == pytest.approx(
                 (mean, low, high), abs=1e-9)
             assert row[cell] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"
         assert row["family"] == arm["family"] and row["budget"] == budget_label(arm["budget"])
@@ -383,6 +386,7 @@ def test_paired_differences_match_the_runs(report, client):
 
     md = (report / "report.md").read_text()
     arms = pd.read_csv(report / "tables" / "arms.csv")
+    arms = arms[arms["split"] == "test"]
     rows = md_table(md, "Differences between arms of one protocol (nested - other; negative: the Nested LSTM is "
                         "better)")
     tested = [r for r in rows if r["metric"] == "test BPC"]
