@@ -50,6 +50,7 @@ WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=Fa
 ARCH_ORDER = {"nlstm": 0, "stacked": 1, "single": 2}
 TRAINING_BUDGET = ("epochs", "max_steps_per_epoch", "max_train_tokens")  # params that set how long a run trains
 DATA_FACTORS = ("dependency_length",)  # params that give a run another corpus (study.spec.DATA_PARAMS)
+PROBE_MARGIN_BITS = 0.1  # below the no-memory bound by this much: the dependency was learned (the trainer's margin)
 ARM = ["protocol", "budget", "family"]
 
 
@@ -413,9 +414,18 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
                     test, diff, t_stat, df, p = difference_test(a, b)
                     c = Comparison(protocol, budget, nested, other, metric, test, len(a), len(b), diff, t_stat, df,
                                    p, f"{nested}: {a_arm.excluded}; {other}: {b_arm.excluded}", "")
-                    text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)))
+                    text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)),
+                                   bar=_probe_bar(aset.selected) if metric == "closer_bpc" else None,
+                                   means=(float(a.mean()), float(b.mean())))
                 out.append(dataclasses.replace(c, verdict=text))
     return out
+
+
+def _probe_bar(selected: pd.DataFrame) -> float:
+    """Closer BPC a run must beat to have learned the long-range dependency: the no-memory bound
+    (``closer_bound_bits``, log2 of the bracket types) less ``PROBE_MARGIN_BITS``; NaN if not recorded."""
+    bounds = selected["closer_bound_bits"].dropna() if "closer_bound_bits" in selected else pd.Series(dtype=float)
+    return float(bounds.median()) - PROBE_MARGIN_BITS if len(bounds) else math.nan
 
 
 def _overlap(a: Interval, b: Interval) -> bool:
@@ -452,8 +462,13 @@ def _exclusions(nested: ArmRecord, other: ArmRecord) -> str:
     return f" Runs excluded: {nested.family} {nested.excluded}; {other.family} {other.excluded}."
 
 
-def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arms_overlap: bool = False) -> str:
-    """One plain sentence (and the arms' exclusions); it names a winner only when the evidence allows it."""
+def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arms_overlap: bool = False,
+            bar: float | None = None, means: tuple[float, float] = (math.nan, math.nan)) -> str:
+    """One plain sentence (and the arms' exclusions); it names a winner only when the evidence allows it.
+
+    ``bar``: the winner's mean (``means``: nested, other) must be below it, else it learned nothing the
+    metric measures (closer BPC at the no-memory bound: both arms forgot the opener, and a difference
+    between them is only in how they guess)."""
     head = f"{c.nested} vs {c.other} {_where(c, metric)}"
     tail = _exclusions(nested, other)
     silent = [a for a in (nested, other) if a.n_learned == 0]
@@ -476,6 +491,11 @@ def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arm
     if c.diff.covers(0.0):
         return f"No clear difference: {head}: {detail}; the interval includes 0, so no winner is declared.{tail}"
     winner, loser = (nested, other) if c.diff.mean < 0 else (other, nested)
+    winner_mean = means[0] if winner is nested else means[1]
+    if bar is not None and np.isfinite(bar) and not winner_mean < bar:
+        return (f"{head}: {winner.family} has the lower mean ({detail}), but its mean {metric} {winner_mean:.3f} is "
+                f"not below {bar:.3g} (the no-memory bound less {PROBE_MARGIN_BITS} bit): neither arm learned the "
+                f"dependency, so no winner is declared.{tail}")
     if winner.config_not_learned:
         return (f"{head}: {winner.family} has the lower mean over the seeds that learned ({detail}), but its "
                 f"configuration did not learn in {winner.config_not_learned} of its seeds, so the seeds compared are "

@@ -372,7 +372,7 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
     from dashboards.figures import figure_long_range
 
     runs = []
-    for length, nested_bits, stacked_bits in ((10, 0.05, 0.10), (40, 0.3, 0.9), (160, 1.2, 1.8)):
+    for length, nested_bits, stacked_bits in ((10, 0.05, 0.10), (40, 0.3, 0.9), (160, 1.2, 1.8), (320, 1.95, 2.05)):
         for arch, bits in (("nlstm", nested_bits), ("stacked", stacked_bits)):
             runs += [FakeRun("ablation", arch, 2, s, valid=1.5 + noise(s), test=1.5 + noise(s),
                              factors={"dependency_length": length},
@@ -382,7 +382,7 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
     data, aset = analysed(tmp_path, runs, empty_db)
     protocols = sorted(set(aset.selected["protocol"]), key=__import__("dashboards.stats").stats.protocol_key)
     assert protocols == ["ablation, dependency_length 10", "ablation, dependency_length 40",
-                         "ablation, dependency_length 160"]  # one protocol per corpus, in numeric order
+                         "ablation, dependency_length 160", "ablation, dependency_length 320"]  # numeric order
     from dashboards.stats import paired_comparisons
 
     closer = [c for c in paired_comparisons(aset) if c.metric == "closer_bpc"]
@@ -398,9 +398,13 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
     nested_40 = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == 40]
     assert closer_rows.loc[("ablation, dependency_length 40", "nlstm-d2"), "bpc_mean"] == pytest.approx(
         np.mean(nested_40))
-    assert len(closer_rows) == 6 and (closer_rows["n_seeds"] == 3).all()
+    assert len(closer_rows) == 8 and (closer_rows["n_seeds"] == 3).all()
+    # nested is lower at 160 (1.2 bits: it remembers) and at 320 (1.95: at the 2-bit bound, as is stacked)
+    said = {c.protocol.rsplit(" ", 1)[1]: c.verdict for c in closer}
+    assert said["160"].startswith("nlstm-d2 has a lower closer BPC than stacked-d2"), said["160"]
+    assert "neither arm learned the dependency, so no winner is declared" in said["320"], said["320"]
     by_length = {int(c.protocol.rsplit(" ", 1)[1]): c.diff.mean for c in closer}
-    expected = {10: -0.05, 40: -0.6, 160: -0.6}
+    expected = {10: -0.05, 40: -0.6, 160: -0.6, 320: -0.1}
     for length, diff in by_length.items():
         a = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == length]
         b = [r.metrics["closer_bpc"] for r in runs if r.arch == "stacked" and r.factors["dependency_length"] == length]
@@ -409,7 +413,7 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
     assert res.figure is not None, res.missing
     ax = res.figure.axes[0]
     assert any(np.allclose(line.get_ydata(), 2.0) for line in ax.get_lines())  # the no-memory bound
-    assert "log2(4 bracket types) = 2 bits" in res.caption and "18 runs" in res.caption
+    assert "log2(4 bracket types) = 2 bits" in res.caption and "24 runs" in res.caption
     assert len(res.figure.axes) == 2 and "timescale" in res.figure.axes[1].get_ylabel()
 
 
