@@ -603,6 +603,10 @@ def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
         sns.lineplot(data=runs, x="dependency_length", y="closer_bpc", hue="family", hue_order=families,
                      palette=palette, marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3},
                      ax=ax_c, legend=False)
+        # every run as a dot: a length where some seeds learned the dependency and others did not is
+        # bimodal, which a mean and t-interval alone hide
+        sns.scatterplot(data=runs, x="dependency_length", y="closer_bpc", hue="family", hue_order=families,
+                        palette=palette, s=14, alpha=0.55, linewidth=0, legend=False, ax=ax_c)
         if np.isfinite(bound):
             ax_c.axhline(bound, color="0.3", lw=1.2, ls="--")
             ax_c.text(lengths[0], bound, " no memory of the opener", va="bottom", fontsize=8, color="0.3")
@@ -640,7 +644,8 @@ def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
     types = round(2 ** bound) if np.isfinite(bound) else None
     res.caption = _capital(
         f"closer BPC (bits for the type of a closing bracket whose opener lies about the dependency length back) "
-        f"against dependency length per family, mean and 95 % t-interval over seeds ({_runs_seeds(runs)}); dashed: "
+        f"against dependency length per family, mean and 95 % t-interval over seeds, each run a dot "
+        f"({_runs_seeds(runs)}); dashed: "
         + (f"the no-memory bound log2({types} bracket types) = {bound:g} bits" if types else "no bound recorded")
         + "; right: autocorrelation timescale of each level (NLSTM, 0 = outer) or layer (stacked, 0 = bottom).")
     if ts.empty:
