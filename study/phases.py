@@ -40,9 +40,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from nlstm.data import Corpus
 from study.cluster import Storage
+from study.schema import StudySpec
 from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
-from study.spec import StudySpec
 from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
 from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
 

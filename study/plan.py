@@ -19,6 +19,7 @@ from nlstm.data import Corpus, StreamBatches
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
+from study.schema import ARCHS, MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
 from study.space import (
     TrialConfig,
     ablation_cells,
@@ -30,7 +31,7 @@ from study.space import (
     sampler_description,
     scheduler_description,
 )
-from study.spec import ARCHS, MIN_BUDGET, CategoricalEntry, FixedEntry, SpecError, StudySpec, entry_values
+from study.spec_errors import SpecError
 
 TRIAL_OVERHEAD_S = 3.0  # starting/resetting a trial, MLflow writes, checkpoints (measured: 2-4 s)
 CONCURRENCY_SLOWDOWN = 1.15  # two trials on two cores each run ~10-15 % slower than one alone

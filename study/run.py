@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from study.cli import invoked_as
-from study.spec import PHASES, SpecError, StudySpec, load_spec, shrink_for_smoke
+from study.schema import PHASES, StudySpec
+from study.smoke import shrink_for_smoke
+from study.spec import load_spec
+from study.spec_errors import SpecError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

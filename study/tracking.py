@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.lease import StudyLease
-from study.spec import StudySpec
+from study.schema import StudySpec
 from study.store import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
