@@ -40,10 +40,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from nlstm.data import Corpus
 from study.cluster import Storage
+from study.layout import trial_key_of
 from study.schema import StudySpec
 from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
-from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
+from study.tracking import StudyTracker, find_runs
+from study.tracking_callback import error_line
 from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
@@ -144,7 +146,7 @@ def _trial_name(trial: Any) -> str:
 def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_config: tune.TuneConfig,
          param_space: dict[str, Any] | None = None) -> tune.ResultGrid:
     from study.progress import ProgressLine
-    from study.tracking import TrackingCallback
+    from study.tracking_callback import TrackingCallback
 
     resources = {"cpu": run.cpus_per_trial} | ({"gpu": run.gpus_per_trial} if run.gpus_per_trial else {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)

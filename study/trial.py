@@ -37,9 +37,10 @@ from nlstm.model import CharLM, ModelConfig
 from nlstm.probes import closer_bpc
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
 from study.cluster import node_name, trial_device, where_am_i
+from study.layout import trial_key_of
 from study.schema import StudySpec
 from study.space import TRIAL_NUMBER, TrialConfig, resolve
-from study.tracking import MAX_ATTEMPTS, TrialRun, trial_key_of
+from study.trial_run import MAX_ATTEMPTS, TrialRun
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
 
