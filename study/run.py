@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from study.cli import invoked_as
-from study.schema import PHASES, StudySpec
+from study.layout import PHASES, TRIAL_SLOTS_TAG
+from study.schema import StudySpec
 from study.smoke import shrink_for_smoke
 from study.spec import load_spec
 from study.spec_errors import SpecError
@@ -376,7 +377,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if [p for p in setup.phases if not tracker.phase_done(p)]:
             started_ray = start_ray(args) or started_ray
             concurrency = trial_concurrency(args, cpus, gpus)
-        tracker.client.set_tag(tracker.parent_run_id, "nlstm.trial_slots", str(concurrency))  # for the efficiency
+        tracker.client.set_tag(tracker.parent_run_id, TRIAL_SLOTS_TAG, str(concurrency))  # for the efficiency
         handle_signals(signal_reasons)  # again: ray.init replaced it
         driver.write()  # after Ray started: its processes are this driver's children
         print(f"study {spec.name}: {' -> '.join(setup.phases)}; {concurrency} trial(s) at a time, "

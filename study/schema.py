@@ -39,14 +39,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from study.layout import PHASES
 from study.spec_errors import describe_value, did_you_mean
 
-PHASES = ("search", "evaluate", "ablation")
-ARCHS = ("nlstm", "stacked", "single")
 # Names a search space, an ablation factor or ablation.params may set: the model's and the
 # trainer's options under their YAML names, plus `layers` (the depth of a stacked LSTM).
 MODEL_PARAMS = ("arch", "depth", "layers", "embedding_dim", "dropout", "candidate_activation", "forget_bias", "impl")
-NOT_SEARCHABLE_TRAIN = ("seed", "device")
 # Every budget of a study is a parameter count in [MIN_BUDGET, MAX_BUDGET]. The cap is a hard one,
 # checked without knowing the machine: a billion parameters need 16 GB for weights, gradients and
 # Adam's state alone (study.plan.check_budgets also checks the whole trial against this machine).

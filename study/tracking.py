@@ -29,7 +29,25 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 
-from study.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+from study.layout import (
+    ARCH_TAG,
+    CONFIG_HASH_TAG,
+    DEPTH_TAG,
+    EXPERIMENT_KIND_TAG,
+    FAMILY_TAG,
+    GIT_COMMIT_TAG,
+    KIND_TAG,
+    PARENT_RUN_TAG,
+    PHASE_TAG,
+    RUN_NAME_TAG,
+    STATUS_TAG,
+    STUDY_HASH_TAG,
+    STUDY_TAG,
+    TAG,
+    TRAINING_EXPERIMENT,
+    factor_tag,
+    phase_tag,
+)
 from study.lease import StudyLease
 from study.schema import StudySpec
 from study.store import open_client
@@ -53,7 +71,7 @@ def now_ms() -> int:
 
 def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list[Run]:
     """Live runs of the experiment whose ``nlstm.<key>`` tags have these values (newest first)."""
-    filters = " and ".join(f"tags.`nlstm.{k}` = '{_quote(str(v))}'" for k, v in tags.items())
+    filters = " and ".join(f"tags.`{TAG}{k}` = '{_quote(str(v))}'" for k, v in tags.items())
     return list(client.search_runs([experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"]))
 
 
@@ -81,7 +99,7 @@ class StudyTracker:
                 artifacts = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
             try:
                 return self.client.create_experiment(name, artifact_location=artifacts, tags={
-                    "nlstm.study": name, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+                    STUDY_TAG: name, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
             except MlflowException:
                 exp = self.client.get_experiment_by_name(name)  # the other driver created it first
                 if exp is None:
@@ -110,7 +128,7 @@ class StudyTracker:
             parents = []
         if parents:
             parent = parents[0]
-            old = parent.data.tags.get("nlstm.study_hash")
+            old = parent.data.tags.get(STUDY_HASH_TAG)
             if old != study_hash:
                 raise StudyConflict(
                     f"study {name!r} in {self.tracking_uri} was run from a different study file "
@@ -120,10 +138,10 @@ class StudyTracker:
             self.parent_run_id, self.resumed = parent.info.run_id, True
             self.client.update_run(self.parent_run_id, status="RUNNING")
             return self.parent_run_id
-        tags = {"nlstm.kind": "study", "nlstm.study": name, "nlstm.study_hash": study_hash,
-                "mlflow.runName": name}
+        tags = {KIND_TAG: "study", STUDY_TAG: name, STUDY_HASH_TAG: study_hash,
+                RUN_NAME_TAG: name}
         if environment and environment.get("git_commit"):
-            tags["mlflow.source.git.commit"] = environment["git_commit"]
+            tags[GIT_COMMIT_TAG] = environment["git_commit"]
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, params=as_params(data_params or {}))
@@ -140,13 +158,13 @@ class StudyTracker:
 
     # -- phases
     def phase_done(self, phase: str) -> bool:
-        return self.client.get_run(self.parent_run_id).data.tags.get(f"nlstm.phase.{phase}") == "done"
+        return self.client.get_run(self.parent_run_id).data.tags.get(phase_tag(phase)) == "done"
 
     def mark_phase_done(self, phase: str) -> None:
-        self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", "done")
+        self.client.set_tag(self.parent_run_id, phase_tag(phase), "done")
 
     def mark_phase_failed(self, phase: str, summary: str) -> None:
-        self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", f"failed: {summary}"[:5000])
+        self.client.set_tag(self.parent_run_id, phase_tag(phase), f"failed: {summary}"[:5000])
 
     def close(self, status: str = "FINISHED") -> None:
         """End the parent run; on an interruption also every run left RUNNING (re-opened on resume)."""
@@ -157,8 +175,8 @@ class StudyTracker:
                                                        max_results=50_000):
                         if run.info.run_id == self.parent_run_id:
                             continue
-                        if run.data.tags.get("nlstm.kind") == "trial":
-                            self.client.set_tag(run.info.run_id, "nlstm.status", "interrupted")
+                        if run.data.tags.get(KIND_TAG) == "trial":
+                            self.client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
                         self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.set_terminated(self.parent_run_id, status=status)
         finally:
@@ -172,10 +190,10 @@ class StudyTracker:
                              config_hash=config.config_hash)
         if existing:
             return existing[0].info.run_id
-        tags = {"mlflow.parentRunId": self.parent_run_id, "nlstm.kind": "config", "nlstm.phase": phase,
-                "nlstm.study": self.spec.name, "nlstm.config_hash": config.config_hash, "nlstm.arch": config.arch,
-                "nlstm.depth": str(config.depth), "nlstm.family": config.family, **(extra_tags or {})}
-        tags |= {f"nlstm.factor.{k}": str(v) for k, v in (factors or {}).items()}
+        tags = {PARENT_RUN_TAG: self.parent_run_id, KIND_TAG: "config", PHASE_TAG: phase,
+                STUDY_TAG: self.spec.name, CONFIG_HASH_TAG: config.config_hash, ARCH_TAG: config.arch,
+                DEPTH_TAG: str(config.depth), FAMILY_TAG: config.family, **(extra_tags or {})}
+        tags |= {factor_tag(k): str(v) for k, v in (factors or {}).items()}
         name = f"{phase}-{config.family}-{config.config_hash[:6]}"
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.client.log_batch(run.info.run_id, params=as_params(params))

@@ -13,7 +13,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from ray import tune
 
-from study.layout import MLFLOW_STATUS, trial_key_of
+from study.layout import (
+    FAIL_REASON_TAG,
+    KIND_TAG,
+    MLFLOW_STATUS,
+    PARENT_RUN_TAG,
+    PHASE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    trial_key_of,
+)
 from study.tracking import find_runs, now_ms
 
 
@@ -49,30 +59,30 @@ class TrackingCallback(tune.Callback):
         if result.get("finished"):
             return
         run = self._run(trial)
-        if run is None or run.data.tags.get("nlstm.status") not in (None, "running"):
+        if run is None or run.data.tags.get(STATUS_TAG) not in (None, "running"):
             return
         final = {"best_valid_bpc": result.get("best_valid_bpc"), "epochs_run": result.get("epoch"),
                  "num_params": result.get("num_params")}
         ts = now_ms()
         self.client.log_batch(run.info.run_id, metrics=[
             Metric(k, float(v), ts, 0) for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)],
-            tags=[RunTag("nlstm.status", "pruned")])
+            tags=[RunTag(STATUS_TAG, "pruned")])
         self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["pruned"])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._run(trial)
-        if run is not None and run.data.tags.get("nlstm.status") == "failed":
+        if run is not None and run.data.tags.get(STATUS_TAG) == "failed":
             return
         reason = error_summary(trial)
-        tags = [RunTag("nlstm.status", "failed"), RunTag("nlstm.fail_reason", reason[:1000])]
+        tags = [RunTag(STATUS_TAG, "failed"), RunTag(FAIL_REASON_TAG, reason[:1000])]
         if run is None:  # it died before it could record itself (an import error on the worker, say)
             key = trial_key_of(trial.config)
             parent = self.parents.get(key or "", self.parents.get("*"))
             if key is None or parent is None:
                 return
             run = self.client.create_run(self.experiment_id, run_name=key, tags={
-                "mlflow.parentRunId": parent, "nlstm.kind": "trial", "nlstm.phase": self.phase,
-                "nlstm.study": self.study, "nlstm.trial_id": key})
+                PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: self.phase,
+                STUDY_TAG: self.study, TRIAL_ID_TAG: key})
         self.client.log_batch(run.info.run_id, tags=tags)
         self.client.set_terminated(run.info.run_id, status="FAILED")
 

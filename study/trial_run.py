@@ -9,7 +9,15 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
-from study.layout import EPOCH_METRICS, MLFLOW_STATUS, trial_run_name
+from study.layout import (
+    ATTEMPTS_TAG,
+    EPOCH_METRICS,
+    FAIL_REASON_TAG,
+    MLFLOW_STATUS,
+    STATUS_TAG,
+    TRIAL_ID_TAG,
+    trial_run_name,
+)
 from study.tracking import as_params, find_runs, now_ms
 
 MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
@@ -28,19 +36,19 @@ class TrialRun:
 
     @property
     def status(self) -> str:
-        return self.tags.get("nlstm.status", "running")
+        return self.tags.get(STATUS_TAG, "running")
 
     @property
     def attempts(self) -> int:
-        return int(self.tags.get("nlstm.attempts", "1"))
+        return int(self.tags.get(ATTEMPTS_TAG, "1"))
 
     def retry(self) -> None:
         """Run a trial again that failed for a reason other than divergence (a locked store, a lost
         worker, out of memory), counting the attempts."""
         attempts = str(self.attempts + 1)
-        self.client.log_batch(self.run_id, tags=[RunTag("nlstm.status", "running"), RunTag("nlstm.attempts", attempts)])
+        self.client.log_batch(self.run_id, tags=[RunTag(STATUS_TAG, "running"), RunTag(ATTEMPTS_TAG, attempts)])
         self.client.update_run(self.run_id, status="RUNNING")
-        self.tags |= {"nlstm.status": "running", "nlstm.attempts": attempts}
+        self.tags |= {STATUS_TAG: "running", ATTEMPTS_TAG: attempts}
 
     @classmethod
     def attach(cls, tracking_uri: str, experiment_id: str, key: str, tags: dict[str, str],
@@ -55,20 +63,20 @@ class TrialRun:
                                  tags=[RunTag(k, v) for k, v in tags.items()])
                 return cls(client, client.get_run(run.info.run_id))
             if all(run.data.params.get(k) == v for k, v in wanted.items()):
-                if run.data.tags.get("nlstm.status", "running") in ("running", "interrupted"):
-                    client.log_batch(run.info.run_id, tags=[RunTag("nlstm.status", "running")])
+                if run.data.tags.get(STATUS_TAG, "running") in ("running", "interrupted"):
+                    client.log_batch(run.info.run_id, tags=[RunTag(STATUS_TAG, "running")])
                     client.update_run(run.info.run_id, status="RUNNING")
                     run = client.get_run(run.info.run_id)
                 return cls(client, run)
             # The resumed study re-sampled this trial differently (its first start was never
             # recorded by Tune): keep the old run, out of the way, and start a new one.
             client.log_batch(run.info.run_id, tags=[
-                RunTag("nlstm.trial_id", f"{key}-superseded-{run.info.run_id[:8]}"),
-                RunTag("nlstm.status", "failed"),
-                RunTag("nlstm.fail_reason", "superseded: the resumed study sampled this trial again differently")])
+                RunTag(TRIAL_ID_TAG, f"{key}-superseded-{run.info.run_id[:8]}"),
+                RunTag(STATUS_TAG, "failed"),
+                RunTag(FAIL_REASON_TAG, "superseded: the resumed study sampled this trial again differently")])
             client.set_terminated(run.info.run_id, status="FAILED")
         run = client.create_run(experiment_id, run_name=trial_run_name(key, tags),
-                                tags=tags | {"nlstm.trial_id": key, "nlstm.status": "running"})
+                                tags=tags | {TRIAL_ID_TAG: key, STATUS_TAG: "running"})
         client.log_batch(run.info.run_id, params=as_params(params))
         return cls(client, client.get_run(run.info.run_id))
 
@@ -99,9 +107,9 @@ class TrialRun:
         self.tags |= tags
 
     def set_status(self, status: str, reason: str | None = None) -> None:
-        tags = [RunTag("nlstm.status", status)]
+        tags = [RunTag(STATUS_TAG, status)]
         if reason:
-            tags.append(RunTag("nlstm.fail_reason", reason[:1000]))
+            tags.append(RunTag(FAIL_REASON_TAG, reason[:1000]))
         self.client.log_batch(self.run_id, tags=tags)
         self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[status])
-        self.tags["nlstm.status"] = status
+        self.tags[STATUS_TAG] = status
