@@ -38,7 +38,8 @@ def installed(tmp_path_factory) -> Path:
 def test_the_wheel_ships_the_built_in_studies_and_the_commands(installed):
     assert {p.name for p in (installed / "search_spaces").glob("*.yaml")} >= {"smoke.yaml", "ptb.yaml"}
     entry_points = next(installed.glob("nlstm-*.dist-info/entry_points.txt")).read_text()
-    for command in ("nlstm-study = study.run:main", "nlstm-report = study.report:main", "nlstm-ui = study.ui:main"):
+    commands = ("nlstm-study = study.run:main", "nlstm-report = study.write_report:main", "nlstm-ui = study.ui:main")
+    for command in commands:
         assert command in entry_points
 
 
