@@ -1,4 +1,4 @@
-"""The report's six figures (seaborn on matplotlib ``Figure`` objects: no pyplot state, any backend).
+"""The report's figures (seaborn on matplotlib ``Figure`` objects: no pyplot state, any backend).
 
 Each ``figure_*`` function returns a :class:`FigureResult`: a figure and a one-line caption saying
 what it shows and how many runs/seeds it rests on, or, when its data is absent (no search phase,
@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter, ScalarFormatter
 
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
 from dashboards.outcome import NOT_LEARNED
@@ -174,82 +175,113 @@ def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
 
 
 # ---------------------------------------------------------------------------- 2. nesting vs stacking
-def _depth_budget(sel: pd.DataFrame) -> tuple[float, list[int]] | None:
-    """The budget with the most depths at which both nesting and stacking have runs."""
-    best = None
+MAX_DEPTH_ROWS = 4  # budgets drawn in figure 2 (the most populated ones); the tables hold the rest
+
+
+def _depth_budgets(sel: pd.DataFrame) -> list[tuple[float, list[int]]]:
+    """Every budget at which nesting and stacking have runs at a common depth, with those depths, in budget
+    order."""
+    out = []
     for budget, group in sel.groupby("budget", dropna=False):
         nested = set(group.loc[group["arch"] == "nlstm", "depth"].dropna().astype(int))
         stacked = set(group.loc[group["arch"] == "stacked", "depth"].dropna().astype(int))
-        common = sorted(nested & stacked)
-        score = (len(common), len(group))
-        if common and (best is None or score > best[0]):
-            best = (score, budget, common)
-    return None if best is None else (best[1], best[2])
+        if nested & stacked:
+            out.append((budget, sorted(nested & stacked)))
+    return out
+
+
+def _depth_pairs(runs: pd.DataFrame, depths: list[int], metric: str) -> pd.DataFrame:
+    """nested - stacked per seed at each depth (seeds run in both arms only)."""
+    pairs = []
+    for depth in depths:
+        a = runs[(runs["arch"] == "nlstm") & (runs["depth"] == depth)].groupby("seed")[metric].mean()
+        b = runs[(runs["arch"] == "stacked") & (runs["depth"] == depth)].groupby("seed")[metric].mean()
+        pairs += [{"depth": depth, "seed": s, "diff": a[s] - b[s]} for s in a.index.intersection(b.index)]
+    return pd.DataFrame(pairs, columns=["depth", "seed", "diff"])
+
+
+def _depth_row(ax_l, ax_r, at: pd.DataFrame, depths: list[int], budget: float, metric: str,
+               legend: bool) -> int:
+    """One budget's row of figure 2: the metric against depth (left) and the paired differences (right).
+    Returns the number of seed pairs."""
+    arch_runs = at[at["arch"].isin(["nlstm", "stacked"])]
+    diffs = _depth_pairs(arch_runs, depths, metric)
+    colors = {arch: family_palette([f"{arch}-d2"])[f"{arch}-d2"] for arch in ("nlstm", "stacked")}
+    sns.lineplot(data=arch_runs, x="depth", y=metric, hue="arch", hue_order=["nlstm", "stacked"], palette=colors,
+                 marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax_l, legend=legend)
+    single = at[at["arch"] == "single"][metric].dropna()
+    if len(single):
+        lo, hi = t_errorbar(single)
+        ax_l.errorbar([1], [single.mean()], yerr=[[single.mean() - lo], [hi - single.mean()]], fmt="s",
+                      color=family_palette(["single-d1"])["single-d1"], capsize=3, label="single (depth 1)")
+    if legend:
+        ax_l.legend(frameon=False)
+    ax_l.set_xticks(sorted(set(arch_runs["depth"].dropna().astype(int)) | ({1} if len(single) else set())))
+    ax_l.set_xlabel("depth (nesting levels / stacked layers)")
+    ax_l.set_ylabel(METRIC_LABEL[metric])
+    ax_l.set_title(f"{METRIC_LABEL[metric]} at budget {format_budget(budget)}")
+    ax_r.axhline(0.0, color="0.4", lw=1, ls="--")
+    if not diffs.empty:
+        sns.stripplot(data=diffs, x="depth", y="diff", native_scale=True, color="0.45", size=5, jitter=0.08, ax=ax_r)
+        for depth, group in diffs.groupby("depth"):
+            lo, hi = t_errorbar(group["diff"])
+            mean = group["diff"].mean()
+            ax_r.errorbar([depth + 0.18], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color="k", capsize=4)
+        ax_r.set_xticks(sorted(diffs["depth"].unique()))
+    ax_r.set_xlabel("depth")
+    ax_r.set_ylabel(f"nested - stacked ({METRIC_LABEL[metric]})")
+    ax_r.set_title(f"paired by seed at {format_budget(budget)} (< 0: nesting better)")
+    return len(diffs)
 
 
 def figure_depth(aset: AnalysisSet) -> FigureResult:
     res = FigureResult(2, "nesting-vs-stacking", "Depth by nesting vs depth by stacking")
     sel, note = one_protocol(_plain(aset.selected), lambda r: (
-        len((_depth_budget(r) or (None, []))[1]), *_breadth(r)))
-    chosen = _depth_budget(sel) if not sel.empty else None
-    if chosen is None:
+        sum(len(depths) for _, depths in _depth_budgets(r)), *_breadth(r)))
+    rows = _depth_budgets(sel) if not sel.empty else []
+    if not rows:
         res.missing = ("No budget has completed nested and stacked runs at the same depth, so depth by nesting "
                        "cannot be compared with depth by stacking yet.")
         return res
-    budget, depths = chosen
-    at = sel[(sel["budget"] == budget) if pd.notna(budget) else sel["budget"].isna()]
-    metric = _primary_metric(at)
-    arch_runs = at[at["arch"].isin(["nlstm", "stacked"])]
-    pairs = []
-    for depth in depths:
-        a = arch_runs[(arch_runs["arch"] == "nlstm") & (arch_runs["depth"] == depth)].groupby("seed")[metric].mean()
-        b = arch_runs[(arch_runs["arch"] == "stacked") & (arch_runs["depth"] == depth)].groupby("seed")[metric].mean()
-        common = a.index.intersection(b.index)
-        pairs += [{"depth": depth, "seed": s, "diff": a[s] - b[s]} for s in common]
-    diffs = pd.DataFrame(pairs, columns=["depth", "seed", "diff"])
-    fig = new_figure(10.5, 4.0)
-    ax_l, ax_r = fig.subplots(1, 2)
-    colors = {arch: family_palette([f"{arch}-d2"])[f"{arch}-d2"] for arch in ("nlstm", "stacked")}
+    left_out = []
+    if len(rows) > MAX_DEPTH_ROWS:  # keep the budgets with the most depths, then the most runs
+        size = {b: (len(d), int(_same_budget(sel, b).sum())) for b, d in rows}
+        kept = sorted(sorted(rows, key=lambda r: size[r[0]], reverse=True)[:MAX_DEPTH_ROWS], key=lambda r: r[0])
+        left_out = [format_budget(b) for b, _ in rows if all(b != k for k, _ in kept)]
+        rows = kept
+    at_all = sel[sel["budget"].isin([b for b, _ in rows])]
+    metric = _primary_metric(at_all)
+    fig = new_figure(10.5, 3.7 * len(rows))
+    axes = np.atleast_2d(fig.subplots(len(rows), 2, squeeze=False))
+    n_pairs = 0
     with quiet():
-        sns.lineplot(data=arch_runs, x="depth", y=metric, hue="arch", hue_order=["nlstm", "stacked"], palette=colors,
-                     marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax_l)
-        single = at[at["arch"] == "single"][metric].dropna()
-        if len(single):
-            lo, hi = t_errorbar(single)
-            ax_l.errorbar([1], [single.mean()], yerr=[[single.mean() - lo], [hi - single.mean()]], fmt="s",
-                          color=family_palette(["single-d1"])["single-d1"], capsize=3, label="single (depth 1)")
-            ax_l.legend(frameon=False)
-        ax_l.set_xticks(sorted(set(arch_runs["depth"].dropna().astype(int)) | ({1} if len(single) else set())))
-        ax_l.set_xlabel("depth (nesting levels / stacked layers)")
-        ax_l.set_ylabel(METRIC_LABEL[metric])
-        ax_l.set_title(f"{METRIC_LABEL[metric]} at budget {format_budget(budget)}")
-        ax_r.axhline(0.0, color="0.4", lw=1, ls="--")
-        if not diffs.empty:
-            sns.stripplot(data=diffs, x="depth", y="diff", native_scale=True, color="0.45", size=5, jitter=0.08,
-                          ax=ax_r)
-            for depth, group in diffs.groupby("depth"):
-                lo, hi = t_errorbar(group["diff"])
-                mean = group["diff"].mean()
-                ax_r.errorbar([depth + 0.18], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color="k", capsize=4)
-            ax_r.set_xticks(sorted(diffs["depth"].unique()))
-        ax_r.set_xlabel("depth")
-        ax_r.set_ylabel(f"nested - stacked ({METRIC_LABEL[metric]})")
-        ax_r.set_title("paired by seed (< 0: nesting better)")
-    n_pairs = len(diffs)
+        for i, (budget, depths) in enumerate(rows):
+            n_pairs += _depth_row(axes[i, 0], axes[i, 1], sel[_same_budget(sel, budget)], depths, budget, metric,
+                                  legend=i == 0)
+    budgets = " and ".join(format_budget(b) for b, _ in rows)
+    all_depths = sorted({d for _, depths in rows for d in depths})
     res.figure = fig
-    res.caption = _capital(f"{METRIC_LABEL[metric]} against depth at budget {format_budget(budget)} for nesting vs "
-                           f"stacking "
-                   f"(left, mean and 95 % t-interval; {len(at)} runs) and the per-seed paired difference nested - "
-                   f"stacked (right: dots, with mean and 95 % t-interval; {n_pairs} seed pairs over {len(depths)} "
-                   f"depth{'s' if len(depths) > 1 else ''}).")
-    if len(depths) < 2:
-        res.notes.append(f"Nesting and stacking share only depth {depths[0]} at this budget, so there is no trend "
-                         "over depth.")
+    res.caption = _capital(f"{METRIC_LABEL[metric]} against depth at budget{'s' if len(rows) > 1 else ''} {budgets} "
+                           f"for nesting vs stacking (left, mean and 95 % t-interval; {len(at_all)} runs) and the "
+                           f"per-seed paired difference nested - stacked (right: dots, with mean and 95 % t-interval; "
+                           f"{n_pairs} seed pairs over depth{'s' if len(all_depths) > 1 else ''} "
+                           f"{', '.join(map(str, all_depths))}).")
+    for budget, depths in rows:
+        if len(depths) < 2:
+            res.notes.append(f"At budget {format_budget(budget)} nesting and stacking share only depth {depths[0]}, "
+                             "so there is no trend over depth there.")
+    if left_out:
+        res.notes.append(f"Budgets {', '.join(left_out)} are not drawn (at most {MAX_DEPTH_ROWS} rows); the tables "
+                         "hold their numbers.")
     if n_pairs == 0:
-        res.notes.append("No seed completed in both arms, so the right panel has no pairs.")
+        res.notes.append("No seed completed in both arms, so the right panels have no pairs.")
     if note:
         res.notes.append(note)
     return res
+
+
+def _same_budget(frame: pd.DataFrame, budget: float) -> pd.Series:
+    return frame["budget"].isna() if pd.isna(budget) else frame["budget"] == budget
 
 
 # ---------------------------------------------------------------------------- 3. time-matched
@@ -547,11 +579,81 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
     return res
 
 
+# ---------------------------------------------------------------------------- 7. long-range probe
+def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
+    """The paper's second claim measured directly: bits per dependent closer against how far back its opener
+    lies, per family, with the no-memory bound; the memory timescales of the same runs beside it."""
+    res = FigureResult(7, "long-range", "Long-range probe: closing brackets")
+    learned = aset.selected
+    need = {"closer_bpc", "dependency_length"}
+    if learned.empty or not need <= set(learned.columns) or learned["closer_bpc"].isna().all():
+        res.missing = ("No run has the long-range probe (closer_bpc is recorded on the synthetic corpus, against "
+                       "its dependency_length).")
+        return res
+    runs = _plain(learned.dropna(subset=["closer_bpc", "dependency_length"])).assign(
+        dependency_length=lambda f: f["dependency_length"].astype(float))
+    families = sorted_families(runs["family"])
+    palette = family_palette(families)
+    lengths = sorted(runs["dependency_length"].unique())
+    bound = float(runs["closer_bound_bits"].median()) if "closer_bound_bits" in runs else math.nan
+    ts = timescale_frame(runs).merge(runs[["run_id", "dependency_length"]], on="run_id", how="left")
+    fig = new_figure(11.0, 4.2)
+    ax_c, ax_t = fig.subplots(1, 2)
+    with quiet():
+        sns.lineplot(data=runs, x="dependency_length", y="closer_bpc", hue="family", hue_order=families,
+                     palette=palette, marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3},
+                     ax=ax_c, legend=False)
+        if np.isfinite(bound):
+            ax_c.axhline(bound, color="0.3", lw=1.2, ls="--")
+            ax_c.text(lengths[0], bound, " no memory of the opener", va="bottom", fontsize=8, color="0.3")
+        ax_c.axhline(0.0, color="0.6", lw=0.8)
+        ax_c.set_xscale("log")
+        ax_c.set_xticks(lengths, [f"{x:g}" for x in lengths])
+        ax_c.xaxis.set_minor_formatter(NullFormatter())
+        ax_c.set_xlabel("dependency length (characters from opener to closer, mean)")
+        ax_c.set_ylabel("closer BPC (bits per dependent closer)")
+        ax_c.set_title("which closer: lower is better")
+        ax_c.grid(True, which="both", alpha=0.3)
+        if not ts.empty:
+            ts = ts.assign(memory=ts["family"] + " " + np.where(ts["arch"] == "nlstm", "level ", "layer ")
+                           + ts["level"].astype(str))
+            memories = sorted(ts["memory"].unique(), key=lambda m: (family_key(m.split(" ")[0]), m))
+            colors = {m: palette.get(m.split(" ")[0], "0.5") for m in memories}
+            styles = {m: (1, 0) if m.endswith(" 0") else (3, 1.5) for m in memories}
+            sns.lineplot(data=ts, x="dependency_length", y="timescale", hue="memory", hue_order=memories,
+                         palette=colors, style="memory", dashes=styles, markers=True, errorbar=t_errorbar,
+                         err_style="bars", err_kws={"capsize": 3}, ax=ax_t)
+            ax_t.set_xscale("log")
+            ax_t.set_yscale("log")
+            ax_t.yaxis.set_major_formatter(ScalarFormatter())
+            ax_t.yaxis.set_minor_formatter(NullFormatter())
+            ax_t.set_xticks(lengths, [f"{x:g}" for x in lengths])
+            ax_t.xaxis.set_minor_formatter(NullFormatter())
+            sns.move_legend(ax_t, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="memory")
+        ax_t.set_xlabel("dependency length")
+        ax_t.set_ylabel("autocorrelation timescale (steps, log)")
+        ax_t.set_title("memory timescales of the same runs")
+        ax_t.grid(True, which="both", alpha=0.3)
+    handles = [Line2D([], [], color=palette[f], marker="o") for f in families]
+    ax_c.legend(handles, families, frameon=False, fontsize=8, title="family")
+    res.figure = fig
+    types = round(2 ** bound) if np.isfinite(bound) else None
+    res.caption = _capital(
+        f"closer BPC (bits for the type of a closing bracket whose opener lies about the dependency length back) "
+        f"against dependency length per family, mean and 95 % t-interval over seeds ({_runs_seeds(runs)}); dashed: "
+        + (f"the no-memory bound log2({types} bracket types) = {bound:g} bits" if types else "no bound recorded")
+        + "; right: autocorrelation timescale of each level (NLSTM, 0 = outer) or layer (stacked, 0 = bottom).")
+    if ts.empty:
+        res.notes.append("No memory-timescale metrics were recorded for these runs, so the right panel is empty.")
+    return res
+
+
 def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[FigureResult]:
     aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
     builders = (lambda: figure_parameter_matched(aset), lambda: figure_depth(aset),
                 lambda: figure_time_matched(data, aset), lambda: figure_learning_curves(data, aset),
-                lambda: figure_search(data, aset), lambda: figure_timescales(data, aset))
+                lambda: figure_search(data, aset), lambda: figure_timescales(data, aset),
+                lambda: figure_long_range(data, aset))
     out = []
     for number, build in enumerate(builders, start=1):
         try:
@@ -563,5 +665,5 @@ def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[Figure
 
 
 __all__ = ["FigureResult", "all_figures", "family_key", "family_palette", "figure_depth", "figure_learning_curves",
-           "figure_parameter_matched", "figure_search", "figure_time_matched", "figure_timescales",
+           "figure_long_range", "figure_parameter_matched", "figure_search", "figure_time_matched", "figure_timescales",
            "hyperparameter_importance", "one_protocol", "quiet"]

@@ -35,7 +35,7 @@ IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_ha
                  "fail_reason")
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.
 DERIVED_PARAMS = frozenset({"seed", "width", "embedding_dim", "num_params", "trial_id", "config_hash", "parent_id",
-                            "study", "phase", "family"})
+                            "study", "phase", "family", "data_fingerprint"})
 STATES = ("completed", "running", "pruned", "failed")
 
 

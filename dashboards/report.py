@@ -34,7 +34,7 @@ from dashboards.stats import (
     format_budget,
     paired_comparisons,
 )
-from dashboards.tables import trials_table
+from dashboards.tables import tidy_arms, tidy_comparisons, tidy_configs, tidy_excluded, tidy_runs, trials_table
 
 FIGURE_DPI = 110
 
@@ -222,7 +222,7 @@ def _excluded_rows(excluded: pd.DataFrame) -> Table | None:
 
 
 def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Report, dict[str, pd.DataFrame]]:
-    """The document and the full-precision tables behind it."""
+    """The document and the tidy full-precision tables behind it (:mod:`dashboards.tables`), by CSV name."""
     aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
     arms = arm_table(aset)
     comparisons = paired_comparisons(aset, arms) if len(arms) else []
@@ -256,10 +256,11 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
               "so nothing can be compared yet.")
     else:
         doc.blocks.append(_comparison_rows(comp_frame))
-        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC; a winner is named only when both "
-              f"arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the difference "
-              "that excludes 0, and no run of the winner's configuration that did not learn):")
-        doc.ul([c.verdict for c in comparisons if c.metric == primary])
+        closer = ", and closer BPC where recorded" if any(c.metric == "closer_bpc" for c in comparisons) else ""
+        doc.p(f"Verdicts ({'test' if primary == 'test_bpc' else 'validation'} BPC{closer}; a winner is named only "
+              f"when both arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the "
+              "difference that excludes 0, and no run of the winner's configuration that did not learn):")
+        doc.ul([c.verdict for c in comparisons if c.metric in (primary, "closer_bpc")])
 
     doc.h2("Figures")
     for result in all_figures(data, aset):
@@ -289,8 +290,9 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "Memory timescale: the first lag where a unit's autocorrelation drops below 1/e, averaged over units, and "
         "the mean |c_t - c_(t-1)|, both measured on held-out text after training (nlstm.analysis).",
     ])
-    frames = {"trials": trials_table(aset.trials, data.param_names), "runs": data.state_counts(), "arms": arms,
-              "comparisons": comp_frame, "configs": configs, "excluded": excluded}
+    frames = {"trials": trials_table(aset.trials, data.param_names), "runs": tidy_runs(data.state_counts()),
+              "arms": tidy_arms(arms), "comparisons": tidy_comparisons(comparisons),
+              "configs": tidy_configs(configs), "excluded": tidy_excluded(excluded)}
     return doc, frames
 
 

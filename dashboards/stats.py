@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +43,14 @@ CONFIDENCE = 0.95
 MIN_SEEDS = 3
 FINAL_PHASES = ("evaluate", "ablation")
 PHASE_ORDER = {"evaluate": 0, "ablation": 1, "search": 2}
-METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC"}
+# compared between arms where recorded; closer_bpc: the long-range probe of the synthetic corpus (nlstm.probes)
+METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC", "closer_bpc": "closer BPC"}
 PAIRED, WELCH, NO_TEST = "paired t-test", "Welch's t-test", "none"
 TEST_NAME = "paired t-test (two-sided, scipy.stats.ttest_rel)"
 WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=False)"
 ARCH_ORDER = {arch: i for i, arch in enumerate(ARCHS)}
 TRAINING_BUDGET = ("epochs", "max_steps_per_epoch", "max_train_tokens")  # params that set how long a run trains
+DATA_FACTORS = ("dependency_length",)  # params that give a run another corpus (study.spec.DATA_PARAMS)
 ARM = ["protocol", "budget", "family"]
 
 
@@ -99,8 +102,11 @@ def sorted_families(families) -> list[str]:
     return sorted({str(f) for f in families if pd.notna(f)}, key=family_key)
 
 
-def protocol_key(protocol: str) -> tuple[int, str]:
-    return (PHASE_ORDER.get(str(protocol).split(",")[0], 9), str(protocol))
+def protocol_key(protocol: str) -> tuple[int, tuple[tuple[int, str], ...]]:
+    """Phase order, then natural order (``dependency_length 40`` before ``160``)."""
+    text = str(protocol)
+    parts = tuple((0, f"{int(p):012d}") if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text) if p)
+    return (PHASE_ORDER.get(text.split(",")[0], 9), parts)
 
 
 def format_budget(budget: float) -> str:
@@ -118,10 +124,11 @@ def _same(column: pd.Series, value: Any) -> pd.Series:
 
 # ---------------------------------------------------------------------------- which runs count
 def with_protocol(trials: pd.DataFrame) -> pd.DataFrame:
-    """``trials`` with a ``protocol`` column: the phase, plus the training budget when runs of one phase differ
-    in it (an ablation factor over epochs, say), e.g. ``"ablation, epochs 20"``."""
+    """``trials`` with a ``protocol`` column: the phase, plus the training budget or the corpus variant when runs
+    of one phase differ in it (an ablation factor over epochs or dependency_length, say), e.g.
+    ``"ablation, epochs 20"``: runs trained for other lengths or on other data are never compared."""
     label = trials["phase"].fillna("?").astype(str)
-    keys = [k for k in TRAINING_BUDGET if k in trials]
+    keys = [k for k in (*TRAINING_BUDGET, *DATA_FACTORS) if k in trials]
     for _, group in trials.groupby(label, sort=False):
         # A run that failed before logging its params has no budget: it belongs to its phase's only one, if single.
         for key in (k for k in keys if group[k].dropna().map(_budget_value).nunique() > 1):
@@ -276,9 +283,10 @@ def config_table(aset: AnalysisSet) -> pd.DataFrame:
         first = group.iloc[0]
         row = {"protocol": protocol, "budget": first["budget"], "family": first["family"], "config_hash": config}
         row.update({f: first[f] for f in factors})
-        row.update({"n_seeds": len(learned), "excluded": exclusion_text(group), "valid_mean": valid.mean,
-                    "valid_low": valid.low, "valid_high": valid.high, "test_mean": test.mean, "test_low": test.low,
-                    "test_high": test.high, "selected": config in chosen})
+        row.update({"n_seeds": len(learned), "n_test": test.n, "excluded": exclusion_text(group),
+                    "valid_mean": valid.mean, "valid_low": valid.low, "valid_high": valid.high,
+                    "test_mean": test.mean, "test_low": test.low, "test_high": test.high,
+                    "selected": config in chosen})
         rows.append(row)
     table = pd.DataFrame(rows)
     order = table.assign(_p=table["protocol"].map(protocol_key), _f=table["family"].map(family_key))
@@ -376,6 +384,8 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
             a_arm = ArmRecord.of(nested_row)
             b_arm = ArmRecord.of(same.iloc[0]) if len(same) else None
             for metric, label in METRICS.items():
+                if metric == "closer_bpc" and (metric not in aset.runs or aset.runs[metric].isna().all()):
+                    continue  # the long-range probe is recorded on the synthetic corpus only
                 a = _per_seed(aset.selected, protocol, nested, budget, metric)
                 b = _per_seed(aset.selected, protocol, other, budget, metric) if b_arm else pd.Series(dtype=float)
                 if b_arm and a_arm.n_learned and b_arm.n_learned and a.empty and b.empty:

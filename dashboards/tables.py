@@ -1,18 +1,37 @@
-"""``tables/trials.csv``: one row per trial run, so anyone can re-plot a study with pandas alone.
+"""The report's CSV tables (``tables/*.csv``): tidy, so anyone can re-plot a study with pandas alone.
 
-Columns (documented in docs/report.md): identity (``study, phase, family, arch, depth, budget,
+One row per observation, one column per variable, every column documented in docs/report.md:
+
+- ``trials.csv``: one row per trial run (below);
+- ``runs.csv``: one row per phase x state (how many trial runs);
+- ``arms.csv``: one row per arm x split (the BPC of an arm on validation and on test);
+- ``comparisons.csv``: one row per comparison x split (``nested - other``);
+- ``configs.csv``: one row per configuration x split;
+- ``excluded.csv``: one row per run left out of the statistics.
+
+Column names carry the unit (``_bpc`` bits per symbol, ``_s`` seconds, ``_per_s``) and the interval
+level (``ci95``: two-sided 95 % Student-t); the sign of a difference is in its name
+(``nested_minus_other_bpc``). Budgets, counts, depths and seeds are integers (pandas ``Int64``,
+empty where unknown), never ``20000.0``. The report's Markdown and HTML tables are formatted from
+the same statistics (:mod:`dashboards.stats`); these are their full-precision, machine-readable form.
+
+``trials.csv`` columns: identity (``study, phase, family, arch, depth, budget,
 num_params, seed, trial_id, run_id``), how it ended (``status``: completed | pruned | failed |
 running, as recorded; ``outcome``: learned | did not learn | failed | pruned | running, as the
 report judges it, with ``outcome_reason``), results (``valid_bpc`` = the best validation BPC of
 the run, ``test_bpc`` of the weights selected on validation, ``epochs_run``, ``train_time_s``,
 ``tokens_per_s``), the hyper-parameters and ablation factors that vary in the study, and the
-long-range probe (``dependency_length``, ``closer_bpc``) where recorded. BPC is bits per
-symbol; counts are integers.
+long-range probe (``dependency_length``, ``closer_bpc``) where recorded.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+
+from dashboards.load import STATES
+from dashboards.outcome import OUTCOMES
+from dashboards.stats import CONFIDENCE, PAIRED, Comparison
 
 IDENTITY = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "trial_id", "run_id"]
 ENDING = ["status", "outcome", "outcome_reason"]
@@ -36,6 +55,117 @@ def trials_table(judged: pd.DataFrame, hyper_parameters: list[str] | None = None
     out = frame[columns].reset_index(drop=True)
     for column in INTEGERS:
         if column in out:
-            out[column] = pd.to_numeric(out[column], errors="coerce").round().astype("Int64")
+            out[column] = as_integers(out[column])
     return out.sort_values(["phase", "family", "seed", "trial_id"], kind="stable", na_position="last").reset_index(
         drop=True)
+
+
+CI = f"ci{round(CONFIDENCE * 100)}"  # the interval level in column names: ci95
+# stats' metric -> the split column's value; closer_bpc: the test split's dependent closers only (long-range probe)
+SPLIT = {"best_valid_bpc": "valid", "test_bpc": "test", "closer_bpc": "test_closers"}
+BPC = ["bpc_mean", f"bpc_{CI}_low", f"bpc_{CI}_high"]
+OUTCOME_COUNTS = [f"n_{o.replace(' ', '_')}" for o in OUTCOMES]  # n_learned, n_did_not_learn, ...
+
+
+def as_integers(column: pd.Series) -> pd.Series:
+    """Whole numbers as pandas ``Int64`` (missing stays missing): ``20000.0`` becomes ``20000``."""
+    return pd.to_numeric(column, errors="coerce").round().astype("Int64")
+
+
+def _whole_numbers_as_integers(column: pd.Series) -> pd.Series:
+    """A factor column as integers when every value is a whole number, else as it is (``tanh``, ``0.5``)."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    known = column.notna()
+    if known.any() and numbers[known].notna().all() and np.isfinite(numbers[known]).all() \
+            and (numbers[known] % 1 == 0).all():
+        return as_integers(column)
+    return column
+
+
+RUNS_COLUMNS = ["phase", "state", "n_runs"]
+
+
+def tidy_runs(counts: pd.DataFrame) -> pd.DataFrame:
+    """``StudyData.state_counts()`` (phases x states, wide) in long form: one row per phase x state."""
+    if counts.empty:
+        return pd.DataFrame({c: pd.Series(dtype="Int64" if c == "n_runs" else object) for c in RUNS_COLUMNS})
+    long = counts.set_index("phase")[list(STATES)].stack(future_stack=True)  # phase by phase, states in order
+    long = long.rename("n_runs").rename_axis(["phase", "state"]).reset_index()
+    return long.assign(n_runs=as_integers(long["n_runs"]))[RUNS_COLUMNS].reset_index(drop=True)
+
+
+ARM_IDENTITY = ["protocol", "budget", "family", "arch", "depth"]
+ARMS_COLUMNS = [*ARM_IDENTITY, "split", "n_seeds", *BPC, "num_params", "n_configs", "config_hash",
+                "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS, "config_not_learned",
+                "excluded"]
+ARMS_INTEGERS = ["budget", "depth", "n_seeds", "num_params", "n_configs", "n_runs", *OUTCOME_COUNTS,
+                 "config_not_learned"]
+
+
+def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
+    """``dashboards.stats.arm_table`` in long form: one row per arm x split, valid then test.
+
+    The arm's own facts (parameters, speed, run counts, exclusions) repeat on its two rows."""
+    rows = []
+    for _, arm in arms.iterrows():
+        shared = {c: arm[c] for c in ARMS_COLUMNS if c in arm.index}
+        shared.update(tokens_per_s_mean=arm["tokens_per_s"], train_time_s_mean=arm["train_time_s"])
+        for split, n in (("valid", "n_seeds"), ("test", "n_test")):
+            rows.append({**shared, "split": split, "n_seeds": arm[n], "bpc_mean": arm[f"{split}_mean"],
+                         BPC[1]: arm[f"{split}_low"], BPC[2]: arm[f"{split}_high"]})
+    table = pd.DataFrame(rows, columns=ARMS_COLUMNS)
+    for column in ARMS_INTEGERS:
+        table[column] = as_integers(table[column])
+    return table
+
+
+DIFF = ["nested_minus_other_bpc_mean", f"nested_minus_other_bpc_{CI}_low", f"nested_minus_other_bpc_{CI}_high"]
+COMPARISONS_COLUMNS = ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
+                       "n_seeds_nested", "n_seeds_other", *DIFF, "t_statistic", "t_df", "p_value", "excluded",
+                       "verdict"]
+
+
+def tidy_comparisons(comparisons: list[Comparison]) -> pd.DataFrame:
+    """One row per comparison x split (``dashboards.stats.paired_comparisons``), the difference signed
+    nested - other (negative: the Nested LSTM has the lower, better BPC)."""
+    table = pd.DataFrame([{
+        "protocol": c.protocol, "budget": c.budget, "split": SPLIT[c.metric], "nested_family": c.nested,
+        "other_family": c.other, "test": c.test, "n_pairs": c.n_nested if c.test == PAIRED else None,
+        "n_seeds_nested": c.n_nested, "n_seeds_other": c.n_other, DIFF[0]: c.diff.mean, DIFF[1]: c.diff.low,
+        DIFF[2]: c.diff.high, "t_statistic": c.t, "t_df": c.df, "p_value": c.p, "excluded": c.excluded,
+        "verdict": c.verdict,
+    } for c in comparisons], columns=COMPARISONS_COLUMNS)
+    for column in ("budget", "n_pairs", "n_seeds_nested", "n_seeds_other"):
+        table[column] = as_integers(table[column])
+    return table
+
+
+def tidy_configs(configs: pd.DataFrame) -> pd.DataFrame:
+    """``dashboards.stats.config_table`` in long form: one row per configuration x split."""
+    factors = [c for c in configs.columns if c.startswith("factor.")]
+    columns = ["protocol", "budget", "family", "config_hash", *factors, "split", "n_seeds", *BPC, "excluded",
+               "represents_arm"]
+    rows = []
+    for _, config in configs.iterrows():
+        shared = {c: config[c] for c in ["protocol", "budget", "family", "config_hash", *factors, "excluded"]}
+        for split, n in (("valid", "n_seeds"), ("test", "n_test")):
+            rows.append({**shared, "split": split, "n_seeds": config[n], "bpc_mean": config[f"{split}_mean"],
+                         BPC[1]: config[f"{split}_low"], BPC[2]: config[f"{split}_high"],
+                         "represents_arm": bool(config["selected"])})
+    table = pd.DataFrame(rows, columns=columns)
+    for column in ("budget", "n_seeds"):
+        table[column] = as_integers(table[column])
+    for column in factors:
+        table[column] = _whole_numbers_as_integers(table[column])
+    return table
+
+
+EXCLUDED_COLUMNS = ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"]
+
+
+def tidy_excluded(excluded: pd.DataFrame) -> pd.DataFrame:
+    """The runs left out of every statistic (``dashboards.report.excluded_frame``), one row each."""
+    table = excluded.reindex(columns=EXCLUDED_COLUMNS).reset_index(drop=True)
+    for column in ("budget", "seed"):
+        table[column] = as_integers(table[column])
+    return table

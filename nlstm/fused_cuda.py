@@ -34,19 +34,22 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from nlstm.fused import (
-    FusedNestedLSTMFunction,
-    _allocate,
-    _allocate_grads,
-    _backward_loop,
-    _Buffers,
-    _check,
-    _forward_loop,
-    _param_and_input_grads,
-    _prepare_weights,
-    _split_inputs,
-    _Weights,
-)
+from nlstm.fused.backward import backward_loop, param_and_input_grads
+from nlstm.fused.buffers import ForwardBuffers, allocate_forward, allocate_grads
+from nlstm.fused.forward import forward_loop
+from nlstm.fused.function import FusedNestedLSTMFunction
+from nlstm.fused.inputs import check_inputs, split_inputs
+from nlstm.fused.weights import PackedWeights, prepare_weights
+
+__all__ = [
+    "ENV",
+    "MAX_RUNNERS",
+    "GraphedFusedNestedLSTMFunction",
+    "apply",
+    "clear_graphs",
+    "graph_cache_size",
+    "graphs_enabled",
+]
 
 ENV = "NLSTM_CUDA_GRAPHS"
 MAX_RUNNERS = 4
@@ -74,7 +77,7 @@ def apply(depth: int, outer_identity: bool, return_memories: bool, tensors: tupl
     return FusedNestedLSTMFunction.apply(depth, outer_identity, return_memories, *tensors)
 
 
-def _copy_weights(dst: _Weights, src: _Weights) -> None:
+def _copy_weights(dst: PackedWeights, src: PackedWeights) -> None:
     dst.wx0.copy_(src.wx0)
     dst.wh0.copy_(src.wh0)
     dst.b0.copy_(src.b0)
@@ -83,9 +86,9 @@ def _copy_weights(dst: _Weights, src: _Weights) -> None:
         dst.bk[k].copy_(src.bk[k])  # type: ignore[union-attr]
 
 
-def _clone_work(buf: _Buffers) -> _Buffers:
+def _clone_work(buf: ForwardBuffers) -> ForwardBuffers:
     """The saved activations of one call (not its output, which the caller owns)."""
-    copy = _Buffers(
+    copy = ForwardBuffers(
         G=[g.clone() for g in buf.G],
         UR=[u.clone() if u is not None else None for u in buf.UR],
         S=[s.clone() for s in buf.S],
@@ -104,7 +107,7 @@ class _Holder:
 
     def __init__(self, runner: _Runner, generation: int) -> None:
         self.runner, self.generation = runner, generation
-        self.private: _Buffers | None = None  # set when evicted from the static buffers
+        self.private: ForwardBuffers | None = None  # set when evicted from the static buffers
         self.backward_done = False
 
 
@@ -118,15 +121,15 @@ class _Runner:
         self.x = torch.empty(T, B, m, **kw)
         self.h0 = torch.empty(B, n, **kw)
         self.c0 = [torch.empty(B, n, **kw) for _ in range(depth)]
-        self.w = _prepare_weights(w_ih, w_hh, b, outer_identity, False, B)  # static, scaled (forward)
-        self.wb = _prepare_weights(w_ih, w_hh, b, outer_identity, False, B)  # static, unscaled (backward)
+        self.w = prepare_weights(w_ih, w_hh, b, outer_identity, False, B)  # static, scaled (forward)
+        self.wb = prepare_weights(w_ih, w_hh, b, outer_identity, False, B)  # static, unscaled (backward)
         self.wb.unscale()
-        self.buf = _allocate(T, B, n, depth, x, train=True)
+        self.buf = allocate_forward(T, B, n, depth, x, train=True)
         self.dout = torch.zeros(T, B, n, **kw)
         self.dh_last = torch.zeros(B, n, **kw)
         self.dc_last = [torch.zeros(B, n, **kw) for _ in range(depth)]
         self.dmem = [torch.zeros(T, B, n, **kw) for _ in range(depth)] if return_memories else [None] * depth
-        self.grads = _allocate_grads(T, B, n, depth, x)
+        self.grads = allocate_grads(T, B, n, depth, x)
         self.dA = self.grads.dA
         self.pool = torch.cuda.graph_pool_handle()
         self.fwd_graph: torch.cuda.CUDAGraph | None = None
@@ -148,12 +151,12 @@ class _Runner:
         return graph
 
     def _run_forward(self) -> None:
-        _forward_loop(self.x, self.h0, self.c0, self.w, self.buf)
+        forward_loop(self.x, self.h0, self.c0, self.w, self.buf)
 
     def _run_backward(self) -> None:
-        self.dc0 = _backward_loop(self.dout, self.dh_last, self.dc_last, self.dmem, self.wb, self.buf, self.grads, None)
+        self.dc0 = backward_loop(self.dout, self.dh_last, self.dc_last, self.dmem, self.wb, self.buf, self.grads, None)
 
-    def forward(self, x, h0, c0, w: _Weights) -> _Holder:
+    def forward(self, x, h0, c0, w: PackedWeights) -> _Holder:
         if self.holder is not None and not self.holder.backward_done and self.holder.private is None:
             self.holder.private = _clone_work(self.buf)  # evict the earlier call's activations
         self.x.copy_(x)
@@ -168,7 +171,7 @@ class _Runner:
         self.holder = _Holder(self, self.generation)
         return self.holder
 
-    def backward(self, holder: _Holder, w_unscaled: _Weights, dout, dh_last, dc_last, dmem):
+    def backward(self, holder: _Holder, w_unscaled: PackedWeights, dout, dh_last, dc_last, dmem):
         """Fills self.dA and returns the gradients of c0 (fresh); None if this holder was evicted."""
         if holder.private is not None:
             return None
@@ -207,13 +210,13 @@ class GraphedFusedNestedLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, depth: int, outer_identity: bool, return_memories: bool, *tensors: Tensor):
-        x, h0, c0, w_ih, w_hh, b = _split_inputs(depth, tensors)
-        _check(x, h0, c0, w_ih, w_hh, b)
+        x, h0, c0, w_ih, w_hh, b = split_inputs(depth, tensors)
+        check_inputs(x, h0, c0, w_ih, w_hh, b)
         T, B, m = x.shape
         n = h0.shape[1]
         key = (T, B, m, n, depth, outer_identity, return_memories, x.dtype, x.device)
         runner = _runner(key, lambda: _Runner(key, x, depth, outer_identity, return_memories, w_ih, w_hh, b))
-        w = _prepare_weights(w_ih, w_hh, b, outer_identity, False, B)
+        w = prepare_weights(w_ih, w_hh, b, outer_identity, False, B)
         holder = runner.forward(x, h0, c0, w)
         buf = runner.buf
         out = buf.out.clone()
@@ -238,13 +241,13 @@ class GraphedFusedNestedLSTMFunction(torch.autograd.Function):
         dc0 = runner.backward(holder, w, dout, dh_last, dc_last, dmem)
         if dc0 is None:  # evicted: the eager loop on this call's private copy of the activations
             buf = holder.private
-            grads = _allocate_grads(T, B, n, depth, out)
+            grads = allocate_grads(T, B, n, depth, out)
             dA = grads.dA
             if dout is not None and not dout.is_contiguous():
                 dout = dout.contiguous()
-            dc0 = [d.clone() for d in _backward_loop(dout, dh_last, dc_last, dmem, w, buf, grads, None)]
+            dc0 = [d.clone() for d in backward_loop(dout, dh_last, dc_last, dmem, w, buf, grads, None)]
         else:
             buf, dA = runner.buf, runner.dA
-        dx, dh0, dw_ih, dw_hh, db = _param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA, buf.UR)
+        dx, dh0, dw_ih, dw_hh, db = param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA, buf.UR)
         dc0 = [dc0[k] if ctx.needs_input_grad[5 + k] else None for k in range(depth)]
         return (None, None, None, dx, dh0, *dc0, *dw_ih, *dw_hh, *db)

@@ -11,6 +11,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import Field, ValidationError, create_model
 
 from study.schema import (
+    DATA_PARAMS,
     MAX_BUDGET,
     MIN_BUDGET,
     PARAM_NAMES,
@@ -47,8 +48,22 @@ def _check_budget_value(value: Any) -> str | None:
     return None
 
 
+def _check_data_value(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected an integer, got {describe_value(value)}"
+    from nlstm.data import SyntheticConfig  # torch import: only once the file parsed
+
+    try:
+        SyntheticConfig(**{name: value})
+    except ValueError as e:
+        return f"expected a valid {name} ({e})"
+    return None
+
+
 def _check_value(name: str, value: Any) -> str | None:
-    return _check_budget_value(value) if name == "budget" else _check_param_value(name, value)
+    if name == "budget":
+        return _check_budget_value(value)
+    return _check_data_value(name, value) if name in DATA_PARAMS else _check_param_value(name, value)
 
 
 _NOT_NUMERIC = {"arch", "candidate_activation", "impl", "optimizer", "lr_schedule"}
@@ -114,13 +129,16 @@ def _check_space(file: str, spec: StudySpec) -> None:
 def _check_ablation(file: str, spec: StudySpec) -> None:
     ab = spec.ablation
     assert ab is not None
-    allowed = [*PARAM_NAMES, "budget"]
+    allowed = [*PARAM_NAMES, "budget", *DATA_PARAMS]
     for section, items in (("params", {k: [v] for k, v in ab.params.items()}), ("factors", ab.factors)):
         for name, values in items.items():
             path = f"ablation.{section}.{name}"
             if name not in allowed:
                 raise SpecError(file, path, f"unknown parameter; expected one of {', '.join(allowed)}"
                                 f"{did_you_mean(name, allowed)}")
+            if name in DATA_PARAMS and spec.data.corpus.lower() != "synthetic":
+                raise SpecError(file, path, f"{name} is an option of the synthetic corpus; this study uses "
+                                f"{spec.data.corpus}")
             for i, value in enumerate(values):
                 problem = _check_value(name, value)
                 if problem:

@@ -54,7 +54,7 @@ from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
 from study.tracking import StudyTracker, find_runs
 from study.tracking_callback import error_line
-from study.trial import PlannedTrial, TrialContext, model_file_from_checkpoint, run_trial
+from study.trial import PlannedTrial, TrialContext, data_key, load_study_corpus, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
 # Tune restarts a trial whose worker or node died (from its last checkpoint) this many times. Tune
@@ -141,10 +141,10 @@ class StudyRun:
 
     def context(self, phase: str, **kwargs: Any) -> TrialContext:
         t = self.tracker
+        kwargs.setdefault("data_fingerprints", {data_key({}): self.corpus.fingerprint})
         return TrialContext(self.spec, phase, t.tracking_uri, t.experiment_id, t.parent_run_id, self.data_dir,
                             threads=max(1, int(self.cpus_per_trial)),
-                            device="cuda" if self.gpus_per_trial > 0 else "cpu",
-                            data_fingerprint=self.corpus.fingerprint, **kwargs)
+                            device="cuda" if self.gpus_per_trial > 0 else "cpu", **kwargs)
 
 
 def _trial_name(trial: Any) -> str:
@@ -319,11 +319,14 @@ def _run_planned(run: StudyRun, phase: str, configs: list[tuple[TrialConfig, dic
                  seeds: list[int]) -> None:
     """Config runs for ``configs`` ((config, factors, extra tags)), then every (config, seed) trial,
     the first seed of every configuration before the second."""
-    vocab = len(run.corpus.vocab)
+    corpora = {data_key({}): run.corpus}  # the study's corpus and every variant a trial overrides
+    for cfg, _, _ in configs:
+        if data_key(cfg.data) not in corpora:
+            corpora[data_key(cfg.data)] = load_study_corpus(run.spec, run.data_dir, overrides=cfg.data)
     planned: dict[str, PlannedTrial] = {}
     config_runs: dict[str, str] = {}
     for cfg, factors, tags in configs:
-        solved = cfg.solve(vocab)
+        solved = cfg.solve(len(corpora[data_key(cfg.data)].vocab))
         params = solved.mlflow_params(seed=0)
         params.pop("seed")
         config_runs[cfg.config_hash] = run.tracker.config_run(phase, cfg, params, factors or None, tags)
@@ -331,7 +334,8 @@ def _run_planned(run: StudyRun, phase: str, configs: list[tuple[TrialConfig, dic
         for cfg, _, _ in configs:
             key = f"{phase}-{cfg.config_hash}-s{seed}"
             planned[key] = PlannedTrial(key, cfg.params, seed, cfg.config_hash)
-    context = run.context(phase, planned=planned, config_runs=config_runs)
+    context = run.context(phase, planned=planned, config_runs=config_runs,
+                          data_fingerprints={key: corpus.fingerprint for key, corpus in corpora.items()})
     tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=run.max_concurrent,
                                   reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     _fit(run, phase, context, len(planned), tune_config, param_space={"trial_key": tune.grid_search(list(planned))})

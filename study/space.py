@@ -23,6 +23,7 @@ import optuna
 
 from nlstm.params import BudgetSolution, width_for_budget
 from study.schema import (
+    DATA_PARAMS,
     MODEL_PARAMS,
     CategoricalEntry,
     FixedEntry,
@@ -47,6 +48,7 @@ class TrialConfig:
     train: dict[str, Any]  # TrainConfig fields except seed and device
     budget: float
     solution: BudgetSolution | None = field(default=None, compare=False)
+    data: dict[str, Any] = field(default_factory=dict)  # corpus options this trial overrides (DATA_PARAMS)
 
     @property
     def arch(self) -> str:
@@ -64,12 +66,14 @@ class TrialConfig:
     def config_hash(self) -> str:
         """Identity of the configuration, without the seed (12 hex characters)."""
         data = {"model": self.model, "train": self.train, "budget": float(self.budget)}
+        if self.data:  # only then: the hashes of studies without data factors stay what they were
+            data["data"] = self.data
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def solve(self, vocab_size: int) -> TrialConfig:
         """The same configuration with its width (and embedding size) solved from the budget."""
         s = width_for_budget(self.arch, self.depth, self.budget, vocab_size, embedding_dim=self.model["embedding_dim"])
-        return TrialConfig(self.params, self.model, self.train, self.budget, s)
+        return TrialConfig(self.params, self.model, self.train, self.budget, s, self.data)
 
     def model_config(self, vocab_size: int) -> dict[str, Any]:
         assert self.solution is not None, "call solve() first"
@@ -90,11 +94,14 @@ def resolve(spec: StudySpec, phase: str, params: dict[str, Any]) -> TrialConfig:
     params = {k: v for k, v in params.items() if k != TRIAL_NUMBER}
     model = spec.model.model_dump()
     train: dict[str, Any] = spec.phase_train(phase).model_dump()
+    data: dict[str, Any] = {}
     for name, value in params.items():
         if name in MODEL_PARAMS:
             model[name] = value
         elif name in TrainDefaults.model_fields:
             train[name] = value
+        elif name in DATA_PARAMS:
+            data[name] = value
     # `layers` is the depth of a stacked LSTM; a single-layer LSTM has depth 1 whatever was sampled.
     if model["arch"] == "stacked" and "layers" in params:
         model["depth"] = params["layers"]
@@ -102,7 +109,7 @@ def resolve(spec: StudySpec, phase: str, params: dict[str, Any]) -> TrialConfig:
     if model["arch"] == "single":
         model["depth"] = 1
     budget = params.get("budget", fixed_budget(spec))
-    return TrialConfig(params, model, train, float(budget))
+    return TrialConfig(params, model, train, float(budget), data=data)
 
 
 def fixed_budget(spec: StudySpec) -> float | None:

@@ -34,7 +34,7 @@ from nlstm.checkpoint import load_checkpoint_file
 from nlstm.data import Corpus, CorpusError, Vocabulary, load_corpus
 from nlstm.data.synthetic import SyntheticConfig
 from nlstm.model import CharLM, ModelConfig
-from nlstm.probes import closer_bpc
+from nlstm.probes import closer_bpc, no_memory_bound
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
 from study.cluster import node_name, trial_device, where_am_i
 from study.layout import (
@@ -87,7 +87,8 @@ class TrialContext:
     device: str = "cpu"
     planned: dict[str, PlannedTrial] = field(default_factory=dict)  # evaluate/ablation: key -> trial
     config_runs: dict[str, str] = field(default_factory=dict)  # config_hash -> config run id
-    data_fingerprint: str | None = None  # the driver's corpus: every node must train on the same data
+    # the driver's corpora, data_key(overrides) -> fingerprint: every node must train on the same data
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def identity(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], int, str]:
         """(trial key, chosen params, seed, MLflow parent run id) of a Tune config."""
@@ -108,27 +109,35 @@ def _load(corpus: str, options_json: str, data_dir: str | None, max_train: int |
     return data
 
 
-def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = True) -> Corpus:
-    """The study's corpus, truncated as ``data`` says; cached per process (a reused Tune actor
-    loads it once)."""
+def data_key(overrides: dict[str, Any]) -> str:
+    """Names a trial's corpus variant (``TrialConfig.data``); ``'{}'`` is the study's own corpus."""
+    return json.dumps(overrides, sort_keys=True)
+
+
+def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = True,
+                      overrides: dict[str, Any] | None = None) -> Corpus:
+    """The study's corpus (with a trial's option ``overrides``), truncated as ``data`` says; cached
+    per process (a reused Tune actor loads it once)."""
     d = spec.data
+    options = d.options | (overrides or {})
     if not download:
-        data = load_corpus(d.corpus, data_dir=data_dir, download=False, **d.options)
+        data = load_corpus(d.corpus, data_dir=data_dir, download=False, **options)
         if d.max_train_tokens is not None or d.max_eval_tokens is not None:
             data = data.truncated(d.max_train_tokens or len(data.train),
                                   d.max_eval_tokens or max(len(data.valid), len(data.test)))
         return data
-    return _load(d.corpus, json.dumps(d.options, sort_keys=True), data_dir, d.max_train_tokens, d.max_eval_tokens)
+    return _load(d.corpus, json.dumps(options, sort_keys=True), data_dir, d.max_train_tokens, d.max_eval_tokens)
 
 
-def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, where: dict[str, str]) -> Corpus:
+def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, where: dict[str, str],
+                overrides: dict[str, Any] | None = None) -> Corpus:
     """The study's corpus on this node: from ``data_dir`` if that folder exists here, else this
     node's ``$NLSTM_DATA_DIR``, cache or a download; it must be the driver's corpus (same
     fingerprint). Errors name the node."""
     if data_dir is not None and not Path(data_dir).is_dir():
         data_dir = None  # the driver's --data-dir is not mounted on this node
     try:
-        corpus = load_study_corpus(spec, data_dir)
+        corpus = load_study_corpus(spec, data_dir, overrides=overrides)
     except (CorpusError, OSError, ValueError) as e:
         raise CorpusError(f"node {node_name(where)}: corpus {spec.data.corpus!r} not available there ({e}); "
                           "mount --data-dir at the same path on every node, or set NLSTM_DATA_DIR or "
@@ -236,6 +245,7 @@ def finish(run: TrialRun, reporter: _Reporter, trainer: Trainer, result: TrainRe
              "epochs_run": len(result.history)}
     if synthetic is not None:  # the planted long-range dependency, scored alone (nlstm.probes), best weights
         final["closer_bpc"] = closer_bpc(trainer.model, corpus.test, corpus.vocab, synthetic.brackets)
+        final["closer_bound_bits"] = no_memory_bound(synthetic.brackets)  # what forgetting the opener costs
         run.client.log_param(run.run_id, "dependency_length", synthetic.dependency_length)
     with tempfile.TemporaryDirectory() as d:
         if phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
@@ -256,10 +266,13 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     key, params, seed, parent = context.identity(config)
     where = where_am_i()
     device = trial_device(context.device, where)
-    corpus = node_corpus(spec, context.data_dir, context.data_fingerprint, where)
-    cfg = resolve(spec, phase, params).solve(len(corpus.vocab))
+    unsolved = resolve(spec, phase, params)
+    corpus = node_corpus(spec, context.data_dir, context.data_fingerprints.get(data_key(unsolved.data)), where,
+                         unsolved.data)
+    cfg = unsolved.solve(len(corpus.vocab))
     run = TrialRun.attach(context.tracking_uri, context.experiment_id, key,
-                          trial_tags(spec, phase, cfg, seed, parent), cfg.mlflow_params(seed))
+                          trial_tags(spec, phase, cfg, seed, parent),
+                          cfg.mlflow_params(seed) | {"data_fingerprint": corpus.fingerprint})
     model_config = cfg.model_config(len(corpus.vocab))
     meta = {"key": key, "model_config": model_config, "vocab": corpus.vocab.to_json()}
     reporter = _Reporter(run, key, cfg, meta)
@@ -295,7 +308,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                 reporter.last = trainer.history[-1]
     try:
         result = trainer.fit()
-        synthetic = SyntheticConfig(**spec.data.options) if spec.data.corpus == "synthetic" else None
+        synthetic = SyntheticConfig(**spec.data.options | cfg.data) if spec.data.corpus == "synthetic" else None
         finish(run, reporter, trainer, result, corpus, phase, key, synthetic)
     except DivergenceError as e:
         run.set_status("failed", f"diverged: {e}")

@@ -355,20 +355,23 @@ def test_loaded_frames_follow_the_layout(store, client):
 def test_arm_table_matches_the_runs(report, client):
     import pandas as pd
 
-    arms = pd.read_csv(report / "tables" / "arms.csv")
+    long = pd.read_csv(report / "tables" / "arms.csv")  # one row per arm x split (valid, test)
     md_rows = md_table((report / "report.md").read_text(), "Per arm: mean and 95 % t-interval over seeds")
-    assert len(arms) == len(md_rows) == 4  # nesting and stacking at depths 2 and 3
-    assert set(arms["protocol"]) == {"ablation"} and (arms["n_did_not_learn"] == 0).all()
+    assert len(long) == 2 * len(md_rows) == 8  # nesting and stacking at depths 2 and 3
+    assert list(long["split"]) == ["valid", "test"] * 4
+    assert set(long["protocol"]) == {"ablation"} and (long["n_did_not_learn"] == 0).all()
     entropy = _corpus().unigram_entropy_bits()  # the stricter bar, should a study record it: still cleared
-    assert (arms["valid_high"] < entropy).all() and (arms["test_high"] < entropy).all(), (entropy, arms)
+    assert (long["bpc_ci95_high"] < entropy).all(), (entropy, long)
+    arms = long[long["split"] == "valid"]
     for (_, arm), row in zip(arms.iterrows(), md_rows, strict=True):
         runs = [r for r in completed_runs(client, family=arm["family"], config_hash=arm["config_hash"])
                 if r.data.tags["nlstm.phase"] in ("evaluate", "ablation")]
         assert len(runs) == arm["n_seeds"] == int(row["seeds"]) == len(SEEDS)  # the running 4th seed is left out
-        for metric, prefix, cell in (("best_valid_bpc", "valid", "valid BPC [95 % CI]"),
-                                     ("test_bpc", "test", "test BPC [95 % CI]")):
+        for metric, split, cell in (("best_valid_bpc", "valid", "valid BPC [95 % CI]"),
+                                    ("test_bpc", "test", "test BPC [95 % CI]")):
             mean, low, high = t_ci([r.data.metrics[metric] for r in runs])
-            assert (arm[f"{prefix}_mean"], arm[f"{prefix}_low"], arm[f"{prefix}_high"]) == pytest.approx(
+            got = long[(long["family"] == arm["family"]) & (long["split"] == split)].iloc[0]
+            assert (got["bpc_mean"], got["bpc_ci95_low"], got["bpc_ci95_high"]) == pytest.approx(
                 (mean, low, high), abs=1e-9)
             assert row[cell] == f"{mean:.3f} [{low:.3f}, {high:.3f}]"
         assert row["family"] == arm["family"] and row["budget"] == budget_label(arm["budget"])
@@ -383,6 +386,7 @@ def test_paired_differences_match_the_runs(report, client):
 
     md = (report / "report.md").read_text()
     arms = pd.read_csv(report / "tables" / "arms.csv")
+    arms = arms[arms["split"] == "test"]
     rows = md_table(md, "Differences between arms of one protocol (nested - other; negative: the Nested LSTM is "
                         "better)")
     tested = [r for r in rows if r["metric"] == "test BPC"]
@@ -421,13 +425,13 @@ def test_report_counts_unfinished_runs(report, client):
 def test_markdown_references_existing_figures(report):
     md = (report / "report.md").read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(refs) == 6, md  # every figure has its data in this store
+    assert len(refs) == 7, md  # every figure has its data in this store (synthetic: the long-range probe too)
     for ref in refs:
         path = report / ref
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", ref
     assert "could not be drawn" not in md and "Not shown" not in md
     captions = re.findall(r"^_Figure (\d)\. (.+)_$", md, flags=re.M)
-    assert [n for n, _ in captions] == list("123456") and all("runs" in c or "trials" in c for _, c in captions)
+    assert [n for n, _ in captions] == list("1234567") and all("runs" in c or "trials" in c for _, c in captions)
 
 
 def test_report_is_logged_to_the_parent_run(report, client):
@@ -436,13 +440,13 @@ def test_report_is_logged_to_the_parent_run(report, client):
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.md", "report/figures", "report/tables"} <= logged
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "report/figures")}
-    assert len(figures) == 6
+    assert len(figures) == 7
 
 
 def test_html_is_self_contained(report):
     page = (report / "report.html").read_text()
     refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page)
-    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == 6
+    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == 7
     assert all(r.startswith(("data:", "#")) for r in refs), [r[:60] for r in refs if not r.startswith("data:")]
     assert "Content-Security-Policy" in page and "<link" not in page
 
@@ -459,7 +463,7 @@ def chromium_image_sizes(page: Path, tmp_path: Path) -> list[list]:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs Debian's package as root)")
 def test_html_renders_every_figure_in_headless_chromium(report, tmp_path):
     sizes = chromium_image_sizes(report / "report.html", tmp_path)
-    assert len(sizes) == 6 and all(w > 0 and h > 0 for _, w, h in sizes), sizes
+    assert len(sizes) == 7 and all(w > 0 and h > 0 for _, w, h in sizes), sizes
     # The check itself catches a broken image: corrupt one and it reports a zero natural size.
     broken = tmp_path / "broken.html"
     page = (report / "report.html").read_text()
@@ -496,12 +500,12 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     assert "Only one budget has completed runs" in md
     assert "No run has memory-timescale metrics yet" in md
     assert "no winner is declared" in md or "cannot be compared yet" in md  # search trials: one seed each
-    assert len(files.figures) == 5
+    assert len(files.figures) == 6  # the search trials have the long-range probe
     # Nothing at all yet: every figure is a sentence, the report still renders.
     empty = dataclasses.replace(data, trials=data.trials.iloc[0:0], histories=data.histories.iloc[0:0])
     files = write_report(empty, tmp_path / "empty", log_to_parent=False)
     md = files.markdown.read_text()
-    assert files.figures == [] and md.count("_Not shown:_") == 6
+    assert files.figures == [] and md.count("_Not shown:_") == 7
     assert "No arm has a finished run yet." in md and "could not be drawn" not in md
 
 

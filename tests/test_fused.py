@@ -6,8 +6,11 @@ float64), and the benchmark smoke test checks the table's rows, not its timings.
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib
 import pickle
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +22,15 @@ from torch.profiler import ProfilerActivity, profile
 import nlstm.fused as fused
 from nlstm import CharLM, ModelConfig, NestedLSTM
 from nlstm.fused import FusedNestedLSTMFunction, fused_nested_lstm
+from nlstm.fused.buffers import POOL
+from nlstm.fused.gemm import mkldnn_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
 needs_mkldnn = pytest.mark.skipif(
-    not fused._mkldnn_ops(), reason="this torch build has no oneDNN linear ops (the generic path is tested)"
+    not mkldnn_ops(), reason="this torch build has no oneDNN linear ops (the generic path is tested)"
 )
 
 
@@ -294,11 +299,31 @@ def test_buffer_pool_stays_bounded():
         out.sum().backward()
         with torch.no_grad():
             fus(torch.randn(3, T + 1, 3, dtype=torch.float64))
-    pool = fused._POOL
+    pool = POOL
     assert len(pool.free) <= pool.max_keys
     assert all(len(items) <= pool.max_free for items in pool.free.values())
     fused.empty_cache()
     assert not pool.free
+
+
+def test_fused_cuda_builds_on_public_kernel_names_only():
+    """nlstm.fused_cuda (GPU only, but importable anywhere) takes from the kernel's modules only
+    names they list in ``__all__``, and every name listed there and in its own ``__all__`` exists:
+    a kernel refactor that renames what the CUDA path uses fails here, on a CPU."""
+    from nlstm import fused_cuda
+
+    tree = ast.parse(Path(fused_cuda.__file__).read_text())
+    imported = [(node.module, alias.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nlstm.fused")
+                for alias in node.names]
+    assert len(imported) >= 10
+    for module, name in imported:
+        assert not name.startswith("_"), f"{module}.{name} is private"
+        assert name in importlib.import_module(module).__all__, f"{name} is not in {module}.__all__"
+    kernel_modules = [importlib.import_module(f"nlstm.fused.{m.name}") for m in pkgutil.iter_modules(fused.__path__)]
+    for mod in [fused, fused_cuda, *kernel_modules]:
+        missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+        assert not missing, f"{mod.__name__}.__all__ names {missing}"
 
 
 class _FakeGraph:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nlstm.fused as fused
+import nlstm.fused.function
+import nlstm.fused.inference
 from nlstm import NestedLSTM
+from nlstm.fused.cpu_env import FlushDenormals, fenv
+from nlstm.fused.forward import forward_loop
 
-needs_fenv = pytest.mark.skipif(not fused._fenv(), reason="no x86 floating-point environment access here")
+needs_fenv = pytest.mark.skipif(not fenv(), reason="no x86 floating-point environment access here")
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 
 
@@ -32,14 +35,14 @@ def halves_flushed(threads: int) -> list[bool]:
 
 @needs_fenv
 def test_flush_reaches_the_openmp_workers_and_is_restored():
-    if fused._fenv()[3] is None:
+    if fenv()[3] is None:
         pytest.skip("torch's thread pool is not libgomp here: only the calling thread is flushed")
     x = torch.zeros(1)
     assert halves_flushed(2) == [False, False]
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with fused._FlushDenormals(x):
+        with FlushDenormals(x):
             inside = halves_flushed(2)
     finally:
         torch.set_num_threads(old)
@@ -110,8 +113,9 @@ def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, mon
     either way the result equals the reference in float64 and the caller's thread count is kept."""
     monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
     seen = []
-    real = fused._forward_loop
-    monkeypatch.setattr(fused, "_forward_loop", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    spy = lambda *a: (seen.append(torch.get_num_threads()), forward_loop(*a))[1]
+    for caller in (nlstm.fused.function, nlstm.fused.inference):  # the training and the no-grad path
+        monkeypatch.setattr(caller, "forward_loop", spy)
     fus, ref = saturated_pair(torch.float64, 1.0)
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     old = torch.get_num_threads()

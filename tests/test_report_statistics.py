@@ -45,6 +45,9 @@ class FakeRun:
     state: str = "completed"  # completed | failed | running
     reason: str = ""
     extra: dict = field(default_factory=dict)  # more params (e.g. unigram_entropy_bits)
+    budget: int = BUDGET
+    factors: dict = field(default_factory=dict)  # more params that are part of the configuration (its hash)
+    metrics: dict = field(default_factory=dict)  # more final metrics (e.g. closer_bpc)
 
     @property
     def family(self) -> str:
@@ -52,7 +55,8 @@ class FakeRun:
 
     @property
     def config(self) -> dict:
-        return {"arch": self.arch, "depth": self.depth, "budget": BUDGET, "lr": self.lr, "epochs": self.epochs}
+        return {"arch": self.arch, "depth": self.depth, "budget": self.budget, "lr": self.lr, "epochs": self.epochs,
+                **self.factors}
 
     @property
     def config_hash(self) -> str:
@@ -101,7 +105,7 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
             TAG + "arch": run.arch, TAG + "depth": str(run.depth), TAG + "family": run.family,
             TAG + "config_hash": run.config_hash, TAG + "seed": str(run.seed), TAG + "trial_id": trial_id,
             TAG + "status": "running"}).info.run_id
-        sol = width_for_budget(run.arch, run.depth, BUDGET, VOCAB, EMBEDDING)
+        sol = width_for_budget(run.arch, run.depth, run.budget, VOCAB, EMBEDDING)
         params = run.config | {"width": sol.width, "embedding_dim": sol.embedding_dim, "num_params": sol.params,
                                "seed": run.seed} | run.extra
         curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
@@ -113,7 +117,7 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
             tags.append(RunTag(TAG + "fail_reason", run.reason))
             metrics = metrics[:5]
         elif run.state == "completed":
-            final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs}
+            final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs} | run.metrics
             if run.test is not None:
                 final["test_bpc"] = run.test
             metrics += [Metric(k, float(v), now + 100, 0) for k, v in final.items()]
@@ -140,6 +144,13 @@ def render(root: Path, runs: list[FakeRun], template: Path, parent_params: dict 
     return files.markdown.read_text(), pd.read_csv(tables / "arms.csv"), pd.read_csv(tables / "comparisons.csv")
 
 
+def arm(arms: pd.DataFrame, family: str, split: str = "valid") -> pd.Series:
+    """One arm's row of the long ``arms.csv`` (its arm-level columns are the same on both splits)."""
+    rows = arms[(arms["family"] == family) & (arms["split"] == split)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
 def verdicts(md: str) -> list[str]:
     section = md.split("## Nested vs stacked and single", 1)[1].split("\n## ", 1)[0]
     return [line[2:] for line in section.splitlines() if line.startswith("- ")]
@@ -162,8 +173,8 @@ def test_arms_that_did_not_learn_name_no_winner(tmp_path, empty_db):
     assert all("did not learn" in v and "no winner" in v for v in said), said
     assert all("5 of 5 (5 did not learn)" in v for v in said), said  # both arms' exclusions, in every verdict
     assert set(arms["family"]) == {"nlstm-d2", "stacked-d2", "single-d1"}
-    assert (arms["n_did_not_learn"] == 5).all() and (arms["n_seeds"] == 0).all() and arms["valid_mean"].isna().all()
-    assert (comparisons["test"] == "none").all() and comparisons["p"].isna().all()
+    assert (arms["n_did_not_learn"] == 5).all() and (arms["n_seeds"] == 0).all() and arms["bpc_mean"].isna().all()
+    assert (comparisons["test"] == "none").all() and comparisons["p_value"].isna().all()
     excluded = md.split("**Excluded runs**", 1)[1]
     assert len(re.findall(r"^\| evaluate-", excluded, flags=re.M)) == 15
     assert "valid BPC 16.000 is not below chance, 5.644 (log2(vocabulary 50, from the parameter count))" in excluded
@@ -178,7 +189,7 @@ def test_one_arm_did_not_learn_in_some_seeds(tmp_path, empty_db):
              FakeRun("evaluate", "nlstm", 2, 5, valid=math.nan, state="failed",
                      reason="did not learn: valid BPC 5.70 after epoch 1 is not below the unigram entropy 4.40")]
     md, arms, comparisons = render(tmp_path, runs, empty_db)
-    nested = arms.set_index("family").loc["nlstm-d2"]
+    nested = arm(arms, "nlstm-d2")
     assert (nested["n_seeds"], nested["n_did_not_learn"], nested["excluded"]) == (3, 2, "2 of 5 (2 did not learn)")
     said = verdicts(md)
     assert len(said) == 1 and "no winner" in said[0] and "did not learn in 2 of" in said[0], said
@@ -191,7 +202,7 @@ def test_recorded_entropy_is_the_bar(tmp_path, empty_db):
     runs = [FakeRun("evaluate", arch, 2, s, valid=v + noise(s), test=v + noise(s), extra=entropy)
             for arch, v in (("nlstm", 4.6), ("stacked", 1.5)) for s in (1, 2, 3)]
     md, arms, _ = render(tmp_path, runs, empty_db)
-    assert arms.set_index("family").loc["nlstm-d2", "n_did_not_learn"] == 3
+    assert arm(arms, "nlstm-d2")["n_did_not_learn"] == 3
     assert "not below chance, 4.400 (unigram entropy)" in md
     assert not any(" has a lower " in v for v in verdicts(md))
 
@@ -208,10 +219,11 @@ def test_arms_are_compared_within_one_protocol(tmp_path, empty_db):
     runs += [FakeRun("ablation", "stacked", 2, s, valid=1.30 + noise(s + 60), test=1.33 + noise(s + 60), epochs=3)
              for s in (11, 12, 13)]
     md, arms, comparisons = render(tmp_path, runs, empty_db)
-    assert sorted(zip(arms["protocol"], arms["family"], arms["n_seeds"], strict=True)) == [
+    valid = arms[arms["split"] == "valid"]
+    assert sorted(zip(valid["protocol"], valid["family"], valid["n_seeds"], strict=True)) == [
         ("ablation", "nlstm-d2", 3), ("ablation", "stacked-d2", 3), ("evaluate", "nlstm-d2", 5),
         ("evaluate", "stacked-d2", 5)]
-    test_rows = comparisons[comparisons["metric"] == "test BPC"].set_index("protocol")
+    test_rows = comparisons[comparisons["split"] == "test"].set_index("protocol")
     assert set(test_rows.index) == {"evaluate", "ablation"}
     assert (test_rows["test"] == "paired t-test").all()
     assert test_rows.loc["evaluate", "n_pairs"] == 5 and test_rows.loc["ablation", "n_pairs"] == 3
@@ -220,8 +232,9 @@ def test_arms_are_compared_within_one_protocol(tmp_path, empty_db):
         b = [next(r.test for r in runs if r.phase == phase and r.arch == "stacked" and r.seed == s) for s in seeds]
         res = stats.ttest_rel(a, b)
         low, high = res.confidence_interval(0.95)
-        assert test_rows.loc[phase, "p"] == pytest.approx(res.pvalue, rel=1e-9)
-        assert (test_rows.loc[phase, "diff_low"], test_rows.loc[phase, "diff_high"]) == pytest.approx((low, high))
+        assert test_rows.loc[phase, "p_value"] == pytest.approx(res.pvalue, rel=1e-9)
+        assert (test_rows.loc[phase, "nested_minus_other_bpc_ci95_low"],
+                test_rows.loc[phase, "nested_minus_other_bpc_ci95_high"]) == pytest.approx((low, high))
     assert "Note: Shows the evaluate protocol only; the runs of the ablation protocol" in md  # figures do not mix
     said = verdicts(md)
     assert any(v.startswith('nlstm-d2 has a lower test BPC than stacked-d2 at budget 20k in protocol "evaluate"')
@@ -249,21 +262,22 @@ def test_unpaired_seeds_use_welch(tmp_path, empty_db):
     runs += [FakeRun("evaluate", "stacked", 2, s, valid=math.nan, state="failed",
                      reason="ModuleNotFoundError: No module named 'nlstm'") for s in (4, 5)]
     md, arms, comparisons = render(tmp_path, runs, empty_db)
-    row = comparisons[comparisons["metric"] == "test BPC"].iloc[0]
+    row = comparisons[comparisons["split"] == "test"].iloc[0]
     a, b = [v + 0.01 for v in nested.values()], [v + 0.01 for v in stacked.values()]
     res = stats.ttest_ind(a, b, equal_var=False)
     low, high = res.confidence_interval(0.95)
-    assert row["test"] == "Welch's t-test" and (row["n_nested"], row["n_other"]) == (5, 3)
+    assert row["test"] == "Welch's t-test" and (row["n_seeds_nested"], row["n_seeds_other"]) == (5, 3)
     assert pd.isna(row["n_pairs"])
-    assert row["p"] == pytest.approx(res.pvalue, rel=1e-9) and row["df"] == pytest.approx(res.df, rel=1e-9)
-    assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
+    assert row["p_value"] == pytest.approx(res.pvalue, rel=1e-9) and row["t_df"] == pytest.approx(res.df, rel=1e-9)
+    assert (row["nested_minus_other_bpc_ci95_low"], row["nested_minus_other_bpc_ci95_high"]) == pytest.approx(
+        (low, high))
     assert row["excluded"] == "nlstm-d2: none of 5; stacked-d2: 2 of 5 (2 failed)"
     md_row = next(r for r in md.splitlines() if r.startswith("| evaluate |") and "| test BPC |" in r)
     assert "| Welch's t-test |" in md_row and "| 5 and 3 seeds |" in md_row
     said = verdicts(md)
     assert said[0].startswith("nlstm-d2 has a lower test BPC than stacked-d2") and "Welch's t-test" in said[0]
     assert "stacked-d2 2 of 5 (2 failed)" in said[0]
-    assert arms.set_index("family").loc["stacked-d2", "excluded"] == "2 of 5 (2 failed)"
+    assert arm(arms, "stacked-d2")["excluded"] == "2 of 5 (2 failed)"
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -315,11 +329,169 @@ def test_representative_configuration_is_one_whose_runs_all_learned(tmp_path, em
     runs += [FakeRun("evaluate", "nlstm", 2, s, valid=1.45 + noise(s + 5), test=1.46, lr=2e-3) for s in seeds]
     runs += [FakeRun("evaluate", "stacked", 2, s, valid=1.60 + noise(s + 9), test=1.61) for s in seeds]
     md, arms, comparisons = render(tmp_path, runs, empty_db)
-    nested = arms.set_index("family").loc["nlstm-d2"]
+    nested = arm(arms, "nlstm-d2")
     stable = next(r.config_hash for r in runs if r.lr == 2e-3)
     assert nested["config_hash"] == stable and nested["n_configs"] == 2 and nested["n_seeds"] == 4
     assert nested["excluded"] == "1 of 8 (1 did not learn)"
-    configs = pd.read_csv(tmp_path / "report" / "tables" / "configs.csv").set_index("config_hash")
-    assert configs.loc[stable, "selected"] and configs.loc[stable, "excluded"] == "none of 4"
-    assert comparisons[comparisons["metric"] == "test BPC"]["test"].tolist() == ["paired t-test"]
+    configs = pd.read_csv(tmp_path / "report" / "tables" / "configs.csv")
+    configs = configs[configs["split"] == "valid"].set_index("config_hash")
+    assert configs.loc[stable, "represents_arm"] and configs.loc[stable, "excluded"] == "none of 4"
+    assert comparisons[comparisons["split"] == "test"]["test"].tolist() == ["paired t-test"]
     assert "**Every configuration of the analysed phases**" in md
+
+
+# ---------------------------------------------------------------------------- the paper's two questions (issue 10)
+def analysed(root: Path, runs: list[FakeRun], template: Path):
+    from dashboards import load_study
+    from dashboards.stats import analysis_set
+
+    data = load_study(STUDY, make_store(root, runs, template=template))
+    return data, analysis_set(data.trials, (data.parent or {}).get("params"))
+
+
+def test_the_depth_figure_has_a_row_per_budget_with_both_families_at_both_depths(tmp_path, empty_db):
+    from dashboards.figures import figure_depth
+
+    runs = [FakeRun("ablation", arch, depth, s, valid=1.5 + 0.01 * depth + noise(s), test=1.5 + noise(s),
+                    budget=budget)
+            for budget in (20_000, 50_000) for arch in ("nlstm", "stacked") for depth in (2, 3) for s in (1, 2, 3)]
+    runs += [FakeRun("ablation", "single", 1, s, valid=1.6, test=1.6 + noise(s), budget=b)
+             for b in (20_000, 50_000) for s in (1, 2, 3)]
+    _, aset = analysed(tmp_path, runs, empty_db)
+    res = figure_depth(aset)
+    assert res.figure is not None and len(res.figure.axes) == 4, res.missing
+    assert "at budgets 20k and 50k" in res.caption and "12 seed pairs over depths 2, 3" in res.caption
+    titles = [ax.get_title() for ax in res.figure.axes]
+    assert titles[0].endswith("at budget 20k") and titles[2].endswith("at budget 50k"), titles
+    for ax in res.figure.axes[0::2]:  # nested and stacked lines at depths 2 and 3 plus the single point
+        xs = sorted({x for line in ax.get_lines() for x in np.atleast_1d(line.get_xdata()) if np.isfinite(x)})
+        assert {1.0, 2.0, 3.0} <= set(xs), xs
+
+
+def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_bound(tmp_path, empty_db):
+    from dashboards.figures import figure_long_range
+
+    runs = []
+    for length, nested_bits, stacked_bits in ((10, 0.05, 0.10), (40, 0.3, 0.9), (160, 1.2, 1.8)):
+        for arch, bits in (("nlstm", nested_bits), ("stacked", stacked_bits)):
+            runs += [FakeRun("ablation", arch, 2, s, valid=1.5 + noise(s), test=1.5 + noise(s),
+                             factors={"dependency_length": length},
+                             metrics={"closer_bpc": bits + noise(s + 7 * len(arch)), "closer_bound_bits": 2.0,
+                                      "timescale_l0": 3.0 + s, "timescale_l1": 30.0 + s})
+                     for s in (1, 2, 3)]
+    data, aset = analysed(tmp_path, runs, empty_db)
+    protocols = sorted(set(aset.selected["protocol"]), key=__import__("dashboards.stats").stats.protocol_key)
+    assert protocols == ["ablation, dependency_length 10", "ablation, dependency_length 40",
+                         "ablation, dependency_length 160"]  # one protocol per corpus, in numeric order
+    from dashboards.stats import paired_comparisons
+
+    closer = [c for c in paired_comparisons(aset) if c.metric == "closer_bpc"]
+    assert [c.protocol for c in closer] == protocols and all(c.n_pairs == 3 for c in closer)
+    from dashboards.tables import tidy_comparisons
+
+    assert set(tidy_comparisons(closer)["split"]) == {"test_closers"}
+    by_length = {int(c.protocol.rsplit(" ", 1)[1]): c.diff.mean for c in closer}
+    expected = {10: -0.05, 40: -0.6, 160: -0.6}
+    for length, diff in by_length.items():
+        a = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == length]
+        b = [r.metrics["closer_bpc"] for r in runs if r.arch == "stacked" and r.factors["dependency_length"] == length]
+        assert diff == pytest.approx(np.mean(a) - np.mean(b)) and diff == pytest.approx(expected[length], abs=0.05)
+    res = figure_long_range(data, aset)
+    assert res.figure is not None, res.missing
+    ax = res.figure.axes[0]
+    assert any(np.allclose(line.get_ydata(), 2.0) for line in ax.get_lines())  # the no-memory bound
+    assert "log2(4 bracket types) = 2 bits" in res.caption and "18 runs" in res.caption
+    assert len(res.figure.axes) == 2 and "timescale" in res.figure.axes[1].get_ylabel()
+
+
+# ---------------------------------------------------------------------------- the CSV tables (issue 12)
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "report.md"
+OUTCOME_COUNTS = ["n_learned", "n_did_not_learn", "n_failed", "n_pruned", "n_running"]
+CSV_COLUMNS = {  # trials.csv: tests/test_dashboards.py
+    "runs": ["phase", "state", "n_runs"],
+    "arms": ["protocol", "budget", "family", "arch", "depth", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
+             "bpc_ci95_high", "num_params", "n_configs", "config_hash", "tokens_per_s_mean", "train_time_s_mean",
+             "n_runs", *OUTCOME_COUNTS, "config_not_learned", "excluded"],
+    "comparisons": ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
+                    "n_seeds_nested", "n_seeds_other", "nested_minus_other_bpc_mean",
+                    "nested_minus_other_bpc_ci95_low", "nested_minus_other_bpc_ci95_high", "t_statistic", "t_df",
+                    "p_value", "excluded", "verdict"],
+    "configs": ["protocol", "budget", "family", "config_hash", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
+                "bpc_ci95_high", "excluded", "represents_arm"],
+    "excluded": ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"],
+}
+INTEGER_COLUMNS = {
+    "trials": ["depth", "budget", "num_params", "seed", "epochs_run"],
+    "runs": ["n_runs"],
+    "arms": ["budget", "depth", "n_seeds", "num_params", "n_configs", "n_runs", *OUTCOME_COUNTS, "config_not_learned"],
+    "comparisons": ["budget", "n_pairs", "n_seeds_nested", "n_seeds_other"],
+    "configs": ["budget", "n_seeds"],
+    "excluded": ["budget", "seed"],
+}
+
+
+def documented_columns(name: str) -> set[str]:
+    """The column names docs/report.md lists (first cell of each row) in its table for ``tables/<name>.csv``."""
+    lines = DOCS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#") and f"`tables/{name}.csv`" in line)
+    names: set[str] = set()
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| ") and not line.startswith("| column"):
+            names.update(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return names
+
+
+def test_csv_tables_are_long_with_units_integers_and_documented_columns(tmp_path, empty_db):
+    """Every CSV: one row per arm x split (comparison x split, phase x state, ...), units and interval level in
+    the column names, budgets and counts written as integers (20000, not 20000.0), every column in the docs."""
+    values = {("nlstm", s): (1.40 + noise(s), 1.42 + noise(s + 5)) for s in (1, 2, 3)}
+    values |= {("stacked", s): (1.60 + noise(s + 10), 1.62 + noise(s + 15)) for s in (1, 2, 3)}
+    runs = [FakeRun("evaluate", arch, 2, s, valid=v, test=t) for (arch, s), (v, t) in values.items()]
+    runs += [FakeRun("evaluate", "stacked", 2, 4, valid=math.nan, state="failed",
+                     reason="ModuleNotFoundError: No module named 'nlstm'")]
+    render(tmp_path, runs, empty_db)
+    tables = tmp_path / "report" / "tables"
+    assert sorted(p.stem for p in tables.glob("*.csv")) == sorted(INTEGER_COLUMNS)
+    frames = {name: pd.read_csv(tables / f"{name}.csv") for name in INTEGER_COLUMNS}
+    for name, frame in frames.items():
+        if name in CSV_COLUMNS:
+            assert list(frame.columns) == CSV_COLUMNS[name], name
+        text = pd.read_csv(tables / f"{name}.csv", dtype=str, keep_default_na=False)
+        for column in INTEGER_COLUMNS[name]:
+            assert text[column].str.fullmatch(r"-?\d*").all(), (name, column, text[column].tolist())
+        undocumented = {c for c in frame.columns if not c.startswith("factor.")} - documented_columns(name)
+        assert not undocumented, (name, undocumented)
+
+    counts = frames["runs"].set_index(["phase", "state"])["n_runs"].to_dict()
+    assert counts == {("evaluate", "completed"): 6, ("evaluate", "running"): 0, ("evaluate", "pruned"): 0,
+                      ("evaluate", "failed"): 1}
+    arms = frames["arms"]
+    assert list(zip(arms["family"], arms["split"], strict=True)) == [
+        ("nlstm-d2", "valid"), ("nlstm-d2", "test"), ("stacked-d2", "valid"), ("stacked-d2", "test")]
+    assert (arms["budget"] == BUDGET).all() and (arms["n_seeds"] == 3).all()
+    for arch, family in (("nlstm", "nlstm-d2"), ("stacked", "stacked-d2")):
+        for i, split in enumerate(("valid", "test")):
+            x = [values[arch, s][i] for s in (1, 2, 3)]
+            low, high = stats.t.interval(0.95, 2, loc=np.mean(x), scale=stats.sem(x))
+            row = arm(arms, family, split)
+            assert (row["bpc_mean"], row["bpc_ci95_low"], row["bpc_ci95_high"]) == pytest.approx(
+                (np.mean(x), low, high), rel=1e-9)
+    assert arm(arms, "stacked-d2", "test")["n_failed"] == 1 and arm(arms, "stacked-d2", "test")["n_runs"] == 4
+    comparisons = frames["comparisons"].set_index("split")
+    assert sorted(comparisons.index) == ["test", "valid"] and (comparisons["n_pairs"] == 3).all()
+    for i, split in enumerate(("valid", "test")):
+        d = [values["nlstm", s][i] - values["stacked", s][i] for s in (1, 2, 3)]
+        row = comparisons.loc[split]
+        assert (row["nested_family"], row["other_family"]) == ("nlstm-d2", "stacked-d2")
+        assert row["nested_minus_other_bpc_mean"] == pytest.approx(np.mean(d), rel=1e-9)
+        assert row["nested_minus_other_bpc_mean"] < 0  # the sign convention: nested (lower BPC here) minus other
+        assert row["p_value"] == pytest.approx(stats.ttest_rel(
+            [values["nlstm", s][i] for s in (1, 2, 3)], [values["stacked", s][i] for s in (1, 2, 3)]).pvalue)
+        assert row["verdict"].startswith("nlstm-d2 has a lower")
+    configs = frames["configs"]
+    assert len(configs) == 4 and configs["represents_arm"].all()
+    excluded = frames["excluded"]
+    assert excluded[["phase", "budget", "family", "seed", "outcome"]].values.tolist() == [
+        ["evaluate", BUDGET, "stacked-d2", 4, "failed"]]

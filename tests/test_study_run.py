@@ -259,3 +259,29 @@ search:
         first.stdout.close()
         for pgid in groups:  # Ray agents that outlived the killed driver, if the rerun left any
             _kill_group(pgid)
+
+
+def test_a_data_factor_trains_each_trial_on_its_own_corpus(tmp_path, monkeypatch, ray_local):
+    """The long-range study's shape: dependency_length as an ablation factor. Each cell generates its
+    corpus (checked against the driver's fingerprint) and logs closer_bpc beside the overall BPC."""
+    from nlstm.data import load_corpus
+
+    spec = study_file(tmp_path, "reach", """\
+train: {epochs: 1, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+ablation: {factors: {dependency_length: [4, 30], arch: [nlstm]}, seeds: [1]}
+""")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", str(spec)]) == 0
+    _, runs = runs_of(tmp_path, "reach")
+    trials = kind(runs, "trial", "ablation")
+    by_length = {int(r.data.params["dependency_length"]): r for r in trials}
+    assert sorted(by_length) == [4, 30] and len(trials) == 2
+    base = {"seed": 0, "train_chars": 4000, "valid_chars": 600, "test_chars": 600}
+    for length, r in by_length.items():
+        assert r.data.params["data_fingerprint"] == load_corpus("synthetic", dependency_length=length,
+                                                                **base).fingerprint
+        assert r.data.tags["nlstm.status"] == "completed"
+        assert 0 <= r.data.metrics["closer_bpc"] < 10 and r.data.metrics["closer_bound_bits"] == 2.0
+    assert len({r.data.tags["nlstm.config_hash"] for r in trials}) == 2
+    factors = sorted(r.data.tags["nlstm.factor.dependency_length"] for r in kind(runs, "config", "ablation"))
+    assert factors == ["30", "4"]

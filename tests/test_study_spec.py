@@ -5,6 +5,8 @@ solves widths from the budget; the shipped study files validate. No Ray here: al
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -359,3 +361,42 @@ def test_trials_stopped_early_are_told_to_optuna_as_pruned():
     assert trials[0].intermediate_values == {1: 2.0, 2: 1.5}
     assert trials[1].state == optuna.trial.TrialState.PRUNED and trials[1].intermediate_values == {1: 3.0}
     assert trials[2].state == optuna.trial.TrialState.FAIL
+
+
+def test_dependency_length_is_a_data_factor_with_its_own_corpus_and_hash(tmp_path):
+    spec = load_spec(write(tmp_path, BASE + "ablation: {factors: {dependency_length: [10, 40], arch: [nlstm]}, "
+                           "seeds: [1]}\n"))
+    cells = ablation_cells(spec, {})
+    assert [c.config.data for c in cells] == [{"dependency_length": 10}, {"dependency_length": 40}]
+    assert all("dependency_length" not in c.config.train and "dependency_length" not in c.config.model
+               for c in cells)
+    assert cells[0].config.config_hash != cells[1].config.config_hash  # two corpora: two configurations
+    # a study without data factors keeps the hash it had before data factors existed
+    plain = resolve(spec, "ablation", {"arch": "nlstm"})
+    assert plain.data == {} and plain.config_hash == hashlib.sha256(json.dumps(
+        {"model": plain.model, "train": plain.train, "budget": float(plain.budget)}, sort_keys=True,
+        default=str).encode()).hexdigest()[:12]
+    assert resolve(spec, "ablation", {"arch": "nlstm", "dependency_length": 40}).solve(40).mlflow_params(1)[
+        "dependency_length"] == 40
+
+
+@pytest.mark.parametrize(("factor", "problem"), [
+    ("[1]", "ablation.factors.dependency_length[0]: expected a valid dependency_length (dependency_length must be"),
+    ("['40']", "ablation.factors.dependency_length[0]: expected an integer, got '40'"),
+    ("[true]", "ablation.factors.dependency_length[0]: expected an integer, got true"),
+])
+def test_a_bad_dependency_length_is_one_line(tmp_path, factor, problem):
+    path = write(tmp_path, BASE + f"ablation: {{factors: {{dependency_length: {factor}}}, seeds: [1]}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: {problem}"), str(info.value)
+
+
+def test_dependency_length_needs_the_synthetic_corpus(tmp_path):
+    path = write(tmp_path, BASE.replace("{corpus: synthetic, options: {train_chars: 3000, valid_chars: 500, "
+                                        "test_chars: 500}}", "{corpus: ptb}")
+                 + "ablation: {factors: {dependency_length: [10, 40]}, seeds: [1]}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (f"{path}: ablation.factors.dependency_length: dependency_length is an option of the "
+                               "synthetic corpus; this study uses ptb")
