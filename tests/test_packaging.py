@@ -69,4 +69,5 @@ def test_the_console_commands_name_themselves_and_find_studies_by_name(tmp_path)
     wrong = subprocess.run([str(study), "--space", "nope"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
-        "error: nope: no such file, nor a built-in study (ablation-depth, enwik8, ptb-cpu, ptb, smoke, text8)")
+        "error: nope: no such file, nor a built-in study "
+        "(ablation-depth, enwik8, long-range, ptb-cpu, ptb, smoke, text8)")
