@@ -147,15 +147,18 @@ def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]
 
 
 def _arm_rows(arms: pd.DataFrame) -> Table:
+    probed = bool((arms["n_closer"] > 0).any())  # the long-range probe's column, where recorded
     rows = [[str(r["protocol"]), format_budget(r["budget"]), str(r["family"]), str(r["n_seeds"]),
              str(r["n_configs"]), fmt_int(r["num_params"]),
              fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),
-             fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_test"]), fmt_int(r["tokens_per_s"]),
-             fmt_seconds(r["train_time_s"]), str(r["excluded"])]
+             fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_test"]),
+             *([fmt_ci(r["closer_mean"], r["closer_low"], r["closer_high"], r["n_closer"])] if probed else []),
+             fmt_int(r["tokens_per_s"]), fmt_seconds(r["train_time_s"]), str(r["excluded"])]
             for _, r in arms.iterrows()]
     return Table("Per arm: mean and 95 % t-interval over seeds",
                  ["protocol", "budget", "family", "seeds", "configs", "parameters", "valid BPC [95 % CI]",
-                  "test BPC [95 % CI]", "tokens/s", "train time (s)", "excluded runs"], rows,
+                  "test BPC [95 % CI]", *(["closer BPC [95 % CI]"] if probed else []), "tokens/s",
+                  "train time (s)", "excluded runs"], rows,
                  note="seeds: runs that learned in the arm's representative configuration. configs > 1: the arm is "
                       "represented by a configuration in which every finished run learned, if any, then the lowest "
                       "mean valid BPC. Excluded runs: of the arm's finished runs in this protocol, how many were left "

@@ -235,7 +235,8 @@ def _sort_arms(table: pd.DataFrame) -> pd.DataFrame:
 
 ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_configs", "num_params",
                "valid_mean", "valid_low", "valid_high", "test_mean", "test_low", "test_high", "n_test",
-               "tokens_per_s", "train_time_s", "config_hash", "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
+               "closer_mean", "closer_low", "closer_high", "n_closer", "tokens_per_s", "train_time_s", "config_hash",
+               "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
                "config_not_learned", "excluded"]
 
 
@@ -248,6 +249,7 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
         group = aset.selected[(aset.selected["protocol"] == protocol) & _same(aset.selected["budget"], budget)
                               & (aset.selected["family"] == family)]
         valid, test = t_interval(group["best_valid_bpc"]), t_interval(group["test_bpc"])
+        closer = t_interval(group["closer_bpc"] if "closer_bpc" in group else [])  # the long-range probe
         counts = arm_runs["outcome"].value_counts()
         basis = group if len(group) else arm_runs
         rows.append({
@@ -257,6 +259,7 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
             "n_configs": int(_config_key(arm_runs).nunique()), "num_params": float(basis["num_params"].mean()),
             "valid_mean": valid.mean, "valid_low": valid.low, "valid_high": valid.high,
             "test_mean": test.mean, "test_low": test.low, "test_high": test.high, "n_test": test.n,
+            "closer_mean": closer.mean, "closer_low": closer.low, "closer_high": closer.high, "n_closer": closer.n,
             "tokens_per_s": float(group["tokens_per_s"].mean()) if len(group) else math.nan,
             "train_time_s": float(group["train_time_s"].mean()) if len(group) else math.nan,
             "config_hash": group["config_hash"].iloc[0] if len(group) else None, "n_runs": len(arm_runs),

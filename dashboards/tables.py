@@ -103,16 +103,21 @@ ARMS_INTEGERS = ["budget", "depth", "n_seeds", "num_params", "n_configs", "n_run
 
 
 def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
-    """``dashboards.stats.arm_table`` in long form: one row per arm x split, valid then test.
+    """``dashboards.stats.arm_table`` in long form: one row per arm x split, valid then test, then
+    ``test_closers`` (closer BPC) in a study that recorded the long-range probe.
 
-    The arm's own facts (parameters, speed, run counts, exclusions) repeat on its two rows."""
+    The arm's own facts (parameters, speed, run counts, exclusions) repeat on its rows."""
+    probed = "n_closer" in arms and bool((arms["n_closer"] > 0).any())
     rows = []
     for _, arm in arms.iterrows():
         shared = {c: arm[c] for c in ARMS_COLUMNS if c in arm.index}
         shared.update(tokens_per_s_mean=arm["tokens_per_s"], train_time_s_mean=arm["train_time_s"])
-        for split, n in (("valid", "n_seeds"), ("test", "n_test")):
-            rows.append({**shared, "split": split, "n_seeds": arm[n], "bpc_mean": arm[f"{split}_mean"],
-                         BPC[1]: arm[f"{split}_low"], BPC[2]: arm[f"{split}_high"]})
+        splits = [("valid", "valid", "n_seeds"), ("test", "test", "n_test")]
+        if probed:
+            splits.append(("test_closers", "closer", "n_closer"))
+        for split, key, n in splits:
+            rows.append({**shared, "split": split, "n_seeds": arm[n], "bpc_mean": arm[f"{key}_mean"],
+                         BPC[1]: arm[f"{key}_low"], BPC[2]: arm[f"{key}_high"]})
     table = pd.DataFrame(rows, columns=ARMS_COLUMNS)
     for column in ARMS_INTEGERS:
         table[column] = as_integers(table[column])

@@ -390,6 +390,15 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
     from dashboards.tables import tidy_comparisons
 
     assert set(tidy_comparisons(closer)["split"]) == {"test_closers"}
+    from dashboards.stats import arm_table
+    from dashboards.tables import tidy_arms
+
+    arms = tidy_arms(arm_table(aset))
+    closer_rows = arms[arms["split"] == "test_closers"].set_index(["protocol", "family"])
+    nested_40 = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == 40]
+    assert closer_rows.loc[("ablation, dependency_length 40", "nlstm-d2"), "bpc_mean"] == pytest.approx(
+        np.mean(nested_40))
+    assert len(closer_rows) == 6 and (closer_rows["n_seeds"] == 3).all()
     by_length = {int(c.protocol.rsplit(" ", 1)[1]): c.diff.mean for c in closer}
     expected = {10: -0.05, 40: -0.6, 160: -0.6}
     for length, diff in by_length.items():
