@@ -6,7 +6,8 @@ Data flows one way: MLflow (written by ``study/``, layout in ``docs/mlflow-layou
 -> :mod:`dashboards.report` (``report.html`` + ``report.md``), with the tidy CSV tables of
 :mod:`dashboards.tables`.
 Nothing here trains; torch is imported only through :mod:`nlstm.params`, to judge runs of a store that
-records neither the corpus's entropy nor its vocabulary. ``study/report.py`` is the command-line entry point.
+records neither the corpus's entropy nor its vocabulary. The layout's names come from :mod:`study.layout`
+(no Ray, MLflow or torch behind it). ``study/write_report.py`` (``nlstm-report``) is the command line.
 """
 
 from dashboards.load import StoreError, StudyData, StudyNotFoundError, default_tracking_uri, load_study

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-SLOTS_TAG = "nlstm.trial_slots"
+from study.layout import TRIAL_SLOTS_TAG
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def study_efficiency(parent: dict | None, trials: pd.DataFrame) -> Efficiency | 
     if not parent or parent.get("status") == "RUNNING" or "train_time_s" not in trials:
         return None
     start, end = parent.get("start_time"), parent.get("end_time")
-    slots = parent.get("tags", {}).get(SLOTS_TAG)
+    slots = parent.get("tags", {}).get(TRIAL_SLOTS_TAG)
     if start is None or end is None or pd.isna(start) or pd.isna(end) or not slots:
         return None
     wall_s = (end - start).total_seconds()

@@ -29,16 +29,14 @@ import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-TAG = "nlstm."
+from study.layout import EPOCH_METRICS, FINAL_METRICS, PARENT_RUN_TAG, PHASES, TAG
+
 IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_hash", "seed", "trial_id", "status",
                  "fail_reason")
-EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
-FINAL_METRICS = ("best_valid_bpc", "test_bpc", "num_params", "tokens_per_s", "train_time_s", "epochs_run")
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.
 DERIVED_PARAMS = frozenset({"seed", "width", "embedding_dim", "num_params", "trial_id", "config_hash", "parent_id",
                             "study", "phase", "family", "data_fingerprint"})
 STATES = ("completed", "running", "pruned", "failed")
-PHASES = ("search", "evaluate", "ablation")
 
 
 class StoreError(RuntimeError):
@@ -215,7 +213,7 @@ def _trial_frame(runs: list[Run], configs: pd.DataFrame) -> tuple[pd.DataFrame, 
         row: dict[str, Any] = {
             "run_id": run.info.run_id, "run_name": run.info.run_name, "mlflow_status": run.info.status,
             "start_time": _timestamp(run.info.start_time), "end_time": _timestamp(run.info.end_time),
-            "parent_run_id": tags.get("mlflow.parentRunId"),
+            "parent_run_id": tags.get(PARENT_RUN_TAG),
         }
         for key in IDENTITY_TAGS:
             row[key] = tags.get(TAG + key)

@@ -40,10 +40,6 @@ FIGURE_DPI = 110
 
 
 # ---------------------------------------------------------------------------- formatting
-def fmt_bpc(x: float) -> str:
-    return f"{x:.3f}" if x is not None and np.isfinite(x) else "n/a"
-
-
 def fmt_ci(mean: float, low: float, high: float, n: int | None = None) -> str:
     """``mean [low, high]``, or ``mean (n = 1)`` when there is no interval."""
     if mean is None or not np.isfinite(mean):
@@ -443,4 +439,3 @@ def write_report(data: StudyData, out_dir: str | Path, log_to_parent: bool = Tru
             client.log_artifact(run_id, str(path), artifact_path="report/tables")
         files.logged_to = data.parent["run_id"]
     return files
-

@@ -37,6 +37,7 @@ import pandas as pd
 from scipy import stats
 
 from dashboards.outcome import EXCLUDED, LEARNED, NOT_LEARNED, OUTCOMES, RUNNING, classify_runs, exclusion_text
+from study.layout import ARCHS
 
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
@@ -47,7 +48,7 @@ METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC", "closer_bpc": 
 PAIRED, WELCH, NO_TEST = "paired t-test", "Welch's t-test", "none"
 TEST_NAME = "paired t-test (two-sided, scipy.stats.ttest_rel)"
 WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=False)"
-ARCH_ORDER = {"nlstm": 0, "stacked": 1, "single": 2}
+ARCH_ORDER = {arch: i for i, arch in enumerate(ARCHS)}
 TRAINING_BUDGET = ("epochs", "max_steps_per_epoch", "max_train_tokens")  # params that set how long a run trains
 DATA_FACTORS = ("dependency_length",)  # params that give a run another corpus (study.spec.DATA_PARAMS)
 PROBE_MARGIN_BITS = 0.1  # below the no-memory bound by this much: the dependency was learned (the trainer's margin)
@@ -297,18 +298,6 @@ def config_table(aset: AnalysisSet) -> pd.DataFrame:
     return order.drop(columns=["_p", "_f"]).reset_index(drop=True)
 
 
-def excluded_runs(aset: AnalysisSet) -> pd.DataFrame:
-    """Every finished run of the analysed phases that the statistics leave out, with why."""
-    columns = ["run_name", "protocol", "budget", "family", "seed", "outcome", "outcome_reason"]
-    runs = aset.runs
-    if runs.empty:
-        return pd.DataFrame(columns=columns)
-    out = runs[runs["outcome"].isin(EXCLUDED)][columns]
-    order = out.assign(_p=out["protocol"].map(protocol_key), _f=out["family"].map(family_key))
-    return order.sort_values(["_p", "budget", "_f", "seed"], kind="stable").drop(columns=["_p", "_f"]).reset_index(
-        drop=True)
-
-
 # ---------------------------------------------------------------------------- comparisons
 @dataclass(frozen=True)
 class ArmRecord:
@@ -444,7 +433,7 @@ def comparison_table(comparisons: list[Comparison]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- verdicts
-def _fmt(x: float, digits: int = 3) -> str:
+def _signed(x: float, digits: int = 3) -> str:
     return f"{x:+.{digits}f}" if np.isfinite(x) else "n/a"
 
 
@@ -482,11 +471,12 @@ def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arm
     seeds = f"n = {c.n_nested} paired seeds" if paired else f"n = {c.n_nested} and {c.n_other} seeds"
     if c.test == NO_TEST or min(c.n_nested, c.n_other) < MIN_SEEDS:
         need = f"at least {MIN_SEEDS} {'paired seeds' if paired else 'seeds per arm'} needed"
-        return (f"{head}: too few seeds ({seeds}, {need}; mean difference {_fmt(c.diff.mean)} BPC), so no winner "
+        return (f"{head}: too few seeds ({seeds}, {need}; mean difference {_signed(c.diff.mean)} BPC), so no winner "
                 f"is declared.{tail}")
     p_text = f"p = {c.p:.3g}" if np.isfinite(c.p) else "p undefined: no spread"
     how = "paired t-test" if paired else "Welch's t-test over all seeds, which are not paired"
-    detail = (f"{c.nested} - {c.other} = {_fmt(c.diff.mean)} BPC, 95 % CI [{_fmt(c.diff.low)}, {_fmt(c.diff.high)}] "
+    detail = (f"{c.nested} - {c.other} = {_signed(c.diff.mean)} BPC, "
+              f"95 % CI [{_signed(c.diff.low)}, {_signed(c.diff.high)}] "
               f"({how}, {p_text}, {seeds})")
     if c.diff.covers(0.0):
         return f"No clear difference: {head}: {detail}; the interval includes 0, so no winner is declared.{tail}"

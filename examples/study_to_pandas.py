@@ -1,6 +1,6 @@
 """Load a study's trial runs from MLflow into pandas and plot one comparison: valid BPC per
 family, one point per run. The full analysis (intervals, paired tests, figures) is
-study/report.py; this is the starting point for your own.
+study/write_report.py; this is the starting point for your own.
 
     python examples/study_to_pandas.py --study smoke [--tracking-uri sqlite:///mlflow.db] [--out bpc.png]
 """

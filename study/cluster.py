@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from study.layout import CUDA_VISIBLE_DEVICES_TAG, GPU_IDS_TAG, HOSTNAME_TAG, NODE_ID_TAG, NODE_IP_TAG
 from study.store import HTTP_LIMITS, scheme_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -169,22 +170,22 @@ def where_am_i() -> dict[str, str]:
     """The node, host, Ray-assigned GPUs and CUDA devices of this process (tags of a trial run)."""
     import ray
 
-    info = {"nlstm.hostname": socket.gethostname() or platform.node()}
+    info = {HOSTNAME_TAG: socket.gethostname() or platform.node()}
     if ray.is_initialized():
         context = ray.get_runtime_context()
-        info["nlstm.node_id"] = context.get_node_id()
-        info["nlstm.node_ip"] = ray.util.get_node_ip_address()
+        info[NODE_ID_TAG] = context.get_node_id()
+        info[NODE_IP_TAG] = ray.util.get_node_ip_address()
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:
-            info["nlstm.gpu_ids"] = ",".join(str(g) for g in gpu_ids)
-            info["nlstm.cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            info[GPU_IDS_TAG] = ",".join(str(g) for g in gpu_ids)
+            info[CUDA_VISIBLE_DEVICES_TAG] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return info
 
 
 def node_name(info: dict[str, str]) -> str:
     """``host (ip, node 1a2b3c4d)`` for error messages."""
-    node = info.get("nlstm.node_id", "")
-    return f"{info.get('nlstm.hostname', '?')} ({info.get('nlstm.node_ip', '?')}, node {node[:8] or '?'})"
+    node = info.get(NODE_ID_TAG, "")
+    return f"{info.get(HOSTNAME_TAG, '?')} ({info.get(NODE_IP_TAG, '?')}, node {node[:8] or '?'})"
 
 
 def trial_device(requested: str, info: dict[str, str]) -> str:

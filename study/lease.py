@@ -27,9 +27,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from study.layout import LEASE_TAG
 from study.processes import process_start_time
-
-LEASE_TAG = "nlstm.lease"
 
 
 class LeaseHeld(RuntimeError):

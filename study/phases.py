@@ -40,10 +40,20 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from nlstm.data import Corpus
 from study.cluster import Storage
+from study.layout import (
+    CONFIG_HASH_TAG,
+    FAIL_REASON_TAG,
+    FAMILY_TAG,
+    SOURCE_TRIAL_TAG,
+    STATUS_TAG,
+    TRIAL_ID_TAG,
+    trial_key_of,
+)
+from study.schema import StudySpec
 from study.searcher import PruneAwareOptunaSearch
 from study.space import DefineByRun, TrialConfig, ablation_cells, make_sampler, num_samples, resolve
-from study.spec import StudySpec
-from study.tracking import StudyTracker, error_line, find_runs, trial_key_of
+from study.tracking import StudyTracker, find_runs
+from study.tracking_callback import error_line
 from study.trial import PlannedTrial, TrialContext, data_key, load_study_corpus, model_file_from_checkpoint, run_trial
 
 METRIC, MODE = "best_valid_bpc", "min"  # the spec's `valid_bpc`: each trial's best epoch so far
@@ -144,7 +154,7 @@ def _trial_name(trial: Any) -> str:
 def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_config: tune.TuneConfig,
          param_space: dict[str, Any] | None = None) -> tune.ResultGrid:
     from study.progress import ProgressLine
-    from study.tracking import TrackingCallback
+    from study.tracking_callback import TrackingCallback
 
     resources = {"cpu": run.cpus_per_trial} | ({"gpu": run.gpus_per_trial} if run.gpus_per_trial else {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
@@ -196,14 +206,14 @@ def outcome_of(run: StudyRun, phase: str, results: tune.ResultGrid) -> PhaseOutc
     """How the phase's trials ended; raises ``StudyFailed`` if Ray knows of trials that the store
     does not (its folder would then not be this record's cache)."""
     outcome = PhaseOutcome(phase)
-    recorded = {r.data.tags.get("nlstm.trial_id"): r
+    recorded = {r.data.tags.get(TRIAL_ID_TAG): r
                 for r in find_runs(run.tracker.client, run.tracker.experiment_id, kind="trial", phase=phase)}
     for r in results:
         m = r.metrics or {}
         key = m.get("trial_key") or trial_key_of(r.config or {}) or "?"
         if r.error is not None:
             record = recorded.get(key)
-            reason = record.data.tags.get("nlstm.fail_reason") if record is not None else None
+            reason = record.data.tags.get(FAIL_REASON_TAG) if record is not None else None
             outcome.failed[key] = reason or error_line(str(r.error)) or type(r.error).__name__
         elif m.get("finished"):
             outcome.completed.append(key)
@@ -339,7 +349,7 @@ def run_evaluate(run: StudyRun) -> None:
         cfg = resolve(spec, "evaluate", row["params"])
         if cfg.config_hash not in seen:
             seen.add(cfg.config_hash)
-            configs.append((cfg, {}, {"nlstm.source_trial": row["key"]}))
+            configs.append((cfg, {}, {SOURCE_TRIAL_TAG: row["key"]}))
     if not configs:
         raise StudyFailed("evaluate: no search trial finished, so there is no configuration to evaluate")
     _run_planned(run, "evaluate", configs, spec.evaluate.seeds)
@@ -377,7 +387,7 @@ def run_phase(run: StudyRun, phase: str) -> None:
 
 
 # ------------------------------------------------------------------ summaries
-def _fmt(values: list[float]) -> str:
+def _mean_sd(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
@@ -391,13 +401,13 @@ def phase_rows(tracker: StudyTracker, phase: str) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for r in find_runs(tracker.client, tracker.experiment_id, kind="trial", phase=phase):
         tags, metrics = r.data.tags, r.data.metrics
-        g = groups.setdefault(tags.get("nlstm.config_hash", "?"), {
-            "family": tags.get("nlstm.family"), "config_hash": tags.get("nlstm.config_hash"),
-            "num_params": metrics.get("num_params"), "key": tags.get("nlstm.trial_id"),
+        g = groups.setdefault(tags.get(CONFIG_HASH_TAG, "?"), {
+            "family": tags.get(FAMILY_TAG), "config_hash": tags.get(CONFIG_HASH_TAG),
+            "num_params": metrics.get("num_params"), "key": tags.get(TRIAL_ID_TAG),
             "lr": r.data.params.get("lr"), "valid": [], "test": [], "status": []})
         g["valid"].append(metrics.get("best_valid_bpc"))
         g["test"].append(metrics.get("test_bpc"))
-        g["status"].append(tags.get("nlstm.status"))
+        g["status"].append(tags.get(STATUS_TAG))
     rows = list(groups.values())
     rows.sort(key=lambda g: min([v for v in g["valid"] if v is not None] or [math.inf]))
     return rows
@@ -415,8 +425,8 @@ def phase_summary(run: StudyRun, phase: str, limit: int = 8) -> str:
         status = ",".join(sorted({s or "?" for s in g["status"]}))
         params = f"{int(g['num_params']):,}" if g["num_params"] else "-"
         lr = f"{float(g['lr']):.2e}" if g["lr"] not in (None, "None") else "-"
-        lines.append(f"  {name:<28} {g['family'] or '-':<12} {params:>9} {lr:>9} {_fmt(g['valid']):>15} "
-                     f"{_fmt(g['test']):>15}  {status}")
+        lines.append(f"  {name:<28} {g['family'] or '-':<12} {params:>9} {lr:>9} {_mean_sd(g['valid']):>15} "
+                     f"{_mean_sd(g['test']):>15}  {status}")
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more in MLflow")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from nlstm.data import Corpus, StreamBatches
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
+from study.layout import ARCHS
+from study.schema import MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
 from study.space import (
     TrialConfig,
     ablation_cells,
@@ -30,7 +32,7 @@ from study.space import (
     sampler_description,
     scheduler_description,
 )
-from study.spec import ARCHS, MIN_BUDGET, CategoricalEntry, FixedEntry, SpecError, StudySpec, entry_values
+from study.spec_errors import SpecError
 
 TRIAL_OVERHEAD_S = 3.0  # starting/resetting a trial, MLflow writes, checkpoints (measured: 2-4 s)
 CONCURRENCY_SLOWDOWN = 1.15  # two trials on two cores each run ~10-15 % slower than one alone
@@ -137,7 +139,7 @@ def asha_epochs(spec: StudySpec) -> float:
     return total
 
 
-def _clock(seconds: float) -> str:
+def _rough_duration(seconds: float) -> str:
     m = int(round(seconds / 60))
     return f"{m // 60} h {m % 60:02d} min" if m >= 60 else (f"{m} min" if m else f"{int(seconds)} s")
 
@@ -205,7 +207,8 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
             full = n * mean / min(concurrency, s.max_concurrent or concurrency)
             ratio = asha_epochs(spec) / t.epochs
             estimates["search"] = full * ratio + n * TRIAL_OVERHEAD_S * (1 - ratio) / concurrency
-            lines.append(f"  estimate: {_clock(estimates['search'])} ({_clock(full)} if no trial were stopped early)")
+            lines.append(f"  estimate: {_rough_duration(estimates['search'])} "
+                         f"({_rough_duration(full)} if no trial were stopped early)")
 
     if spec.evaluate is not None:
         ev = spec.evaluate
@@ -224,7 +227,7 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
             per_group = [sum(v) / len(v) for v in family_seconds.values()]
             mean = sum(per_group) / len(per_group)
             estimates["evaluate"] = n_configs * len(ev.seeds) * mean * ratio / concurrency
-            lines.append(f"  estimate: {_clock(estimates['evaluate'])}")
+            lines.append(f"  estimate: {_rough_duration(estimates['evaluate'])}")
 
     if spec.ablation is not None:
         ab = spec.ablation
@@ -251,12 +254,12 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
             lines.append("    " + _row(cfg, extra))
         if measure:
             estimates["ablation"] = total / concurrency
-            lines.append(f"  estimate: {_clock(estimates['ablation'])}")
+            lines.append(f"  estimate: {_rough_duration(estimates['ablation'])}")
 
     if measure and estimates:
         rates = ", ".join(f"{k[0]}-d{k[1]} w{k[2]} {v / 1000:.0f}k" for k, v in list(tp.cache.items())[:6])
-        lines += ["", f"estimated duration: {_clock(sum(estimates.values()) + 15)} in all "
-                      f"({', '.join(f'{k} {_clock(v)}' for k, v in estimates.items())}; +15 s start-up)",
+        lines += ["", f"estimated duration: {_rough_duration(sum(estimates.values()) + 15)} in all "
+                      f"({', '.join(f'{k} {_rough_duration(v)}' for k, v in estimates.items())}; +15 s start-up)",
                   f"  measured training tokens/s on this machine at {tp.threads} thread(s): {rates}"]
     if not measure:
         lines += ["", "no duration estimate: the study asks for GPUs and this machine has none"]

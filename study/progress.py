@@ -17,7 +17,8 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from study.tracking import error_summary, trial_key_of
+from study.layout import trial_key_of
+from study.tracking_callback import error_summary
 
 
 def _clock(seconds: float) -> str:

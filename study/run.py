@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from study.cli import invoked_as
-from study.spec import PHASES, SpecError, StudySpec, load_spec, shrink_for_smoke
+from study.layout import PHASES, TRIAL_SLOTS_TAG
+from study.schema import StudySpec
+from study.smoke import shrink_for_smoke
+from study.spec import load_spec
+from study.spec_errors import SpecError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,9 +310,8 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
     from study.optuna_store import OptunaStoreError, prepare_study
     from study.phases import StudyFailed, StudyInterrupted, StudyRun, run_phase
     from study.processes import DriverRecord
-    from study.space import num_samples, sampler_description, scheduler_description
     from study.store import limit_http_retries
-    from study.tracking import StudyConflict, StudyTracker, environment_info
+    from study.tracking import StudyConflict, StudyTracker
 
     spec, study_dir, cpus, gpus = setup.spec, setup.study_dir, setup.cpus, setup.gpus
     started = time.monotonic()
@@ -332,30 +335,11 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
             print(f"stopped the leftover Ray processes of a killed driver of this study ({study_dir})", flush=True)
         explicit_storage = bool(args.storage)
         if args.restart:
-            import shutil
-
-            for entry in study_dir.iterdir():
-                if entry.name != "driver.json":
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            if explicit_storage:
-                setup.storage.join(spec.name).delete()
+            _clear_outputs(setup, explicit_storage)
         if args.address:  # an existing cluster: check its resources before anything is recorded
             started_ray = start_ray(args)
             trial_concurrency(args, cpus, gpus)
-        corpus = setup.corpus
-        env = environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
-                                            "gpus_per_trial": gpus},
-                                "ray_address": args.address or "local", "smoke": args.smoke,
-                                "storage": setup.storage.location, "optuna_storage": setup.optuna_url,
-                                "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
-                                         "source": corpus.source, "source_sha256": corpus.checksums,
-                                         "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
-                                                    "test": len(corpus.test)}}})
-        params = {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
-                  "unigram_entropy_bits": round(corpus.unigram_entropy_bits(), 6), "metric": "valid_bpc",
-                  "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
-                  "num_samples": num_samples(spec) if spec.search else 0}
-        tracker.open(restart=args.restart, environment=env, data_params=params)
+        tracker.open(restart=args.restart, environment=_environment(args, setup), data_params=_study_params(setup))
         # With --storage, a record's Ray experiments go to <storage>/<name>/<parent run id>: another
         # record's can never be found there, and record.json there says whose they are.
         storage = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else setup.storage
@@ -373,13 +357,13 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if [p for p in setup.phases if not tracker.phase_done(p)]:
             started_ray = start_ray(args) or started_ray
             concurrency = trial_concurrency(args, cpus, gpus)
-        tracker.client.set_tag(tracker.parent_run_id, "nlstm.trial_slots", str(concurrency))  # for the efficiency
+        tracker.client.set_tag(tracker.parent_run_id, TRIAL_SLOTS_TAG, str(concurrency))  # for the efficiency
         handle_signals(signal_reasons)  # again: ray.init replaced it
         driver.write()  # after Ray started: its processes are this driver's children
         print(f"study {spec.name}: {' -> '.join(setup.phases)}; {concurrency} trial(s) at a time, "
               f"{cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''} each"
               f"{' (resuming)' if tracker.resumed else ''}", flush=True)
-        run = StudyRun(spec, study_dir, tracker, corpus, setup.data_dir, cpus, gpus, concurrency, args.verbose,
+        run = StudyRun(spec, study_dir, tracker, setup.corpus, setup.data_dir, cpus, gpus, concurrency, args.verbose,
                        sys.stdout, storage=storage, optuna_storage=optuna_storage)
         for phase in setup.phases:
             run_phase(run, phase)
@@ -419,7 +403,51 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
             driver.remove()
         signal.signal(signal.SIGTERM, previous_sigterm)
 
-    minutes, seconds = divmod(int(time.monotonic() - started), 60)
+    _print_done(args, setup, storage, time.monotonic() - started)
+    return 0
+
+
+def _clear_outputs(setup: Setup, explicit_storage: bool) -> None:
+    """``--restart``: the study folder (but the driver record) and, with ``--storage``, its Ray experiments."""
+    import shutil
+
+    for entry in setup.study_dir.iterdir():
+        if entry.name != "driver.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if explicit_storage:
+        setup.storage.join(setup.spec.name).delete()
+
+
+def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+    """environment.json of the parent run: the machine and packages, and this run's settings and data."""
+    from study.tracking import environment_info
+
+    spec, corpus, cpus, gpus = setup.spec, setup.corpus, setup.cpus, setup.gpus
+    return environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
+                                         "gpus_per_trial": gpus},
+                             "ray_address": args.address or "local", "smoke": args.smoke,
+                             "storage": setup.storage.location, "optuna_storage": setup.optuna_url,
+                             "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
+                                      "source": corpus.source, "source_sha256": corpus.checksums,
+                                      "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
+                                                 "test": len(corpus.test)}}})
+
+
+def _study_params(setup: Setup) -> dict[str, Any]:
+    """The parent run's params (docs/mlflow-layout.md)."""
+    from study.space import num_samples, sampler_description, scheduler_description
+
+    spec, corpus = setup.spec, setup.corpus
+    return {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
+            "unigram_entropy_bits": round(corpus.unigram_entropy_bits(), 6), "metric": "valid_bpc",
+            "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
+            "num_samples": num_samples(spec) if spec.search else 0}
+
+
+def _print_done(args: argparse.Namespace, setup: Setup, storage: Any, elapsed_s: float) -> None:
+    """Where everything the study wrote is."""
+    spec, study_dir = setup.spec, setup.study_dir
+    minutes, seconds = divmod(int(elapsed_s), 60)
     print(f"\nstudy {spec.name} done in {minutes}:{seconds:02d}")
     print(f"  MLflow:  {setup.tracking_uri}  (experiment {spec.name!r})")
     if setup.tracking_uri.startswith("sqlite:"):
@@ -432,7 +460,6 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         print(f"  Ray trials and checkpoints: {storage.location}")
     if "search" in setup.phases:
         print(f"  Optuna:  {setup.optuna_url}  (study {spec.name!r}; optuna-dashboard {setup.optuna_url})")
-    return 0
 
 
 def _hint(error: Exception) -> str:

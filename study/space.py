@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 
 from nlstm.params import BudgetSolution, width_for_budget
-from study.spec import (
+from study.schema import (
     DATA_PARAMS,
     MODEL_PARAMS,
     CategoricalEntry,

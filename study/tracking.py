@@ -1,4 +1,5 @@
-"""MLflow records of a study, in the layout of docs/mlflow-layout.md.
+"""The driver's MLflow records of a study, in the layout of docs/mlflow-layout.md (names in
+``study.layout``).
 
 One experiment per study; one parent run (``nlstm.kind = study``); in the evaluate and ablation
 phases one config run per configuration (``nlstm.kind = config``); one trial run per training
@@ -6,18 +7,16 @@ run (``nlstm.kind = trial``). Every run is found again by its tags, never create
 trial runs by ``nlstm.trial_id``, the config runs by phase and ``nlstm.config_hash``, the parent
 by ``nlstm.kind = study``. That is what lets a resumed study re-attach to its runs.
 
-``StudyTracker`` is the driver's side; ``TrialRun`` is what a trial (a Ray worker) writes;
-``TrackingCallback`` records, from the driver, what a worker cannot: trials that the scheduler
-stopped early (pruned) and trials whose worker died.
+``StudyTracker`` is the driver's side (the experiment, the parent and config runs, environment.json);
+a trial writes its own run with ``study.trial_run.TrialRun``, and ``study.tracking_callback``
+records from the driver what a worker cannot.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -27,39 +26,52 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
-from ray import tune
 
+from study.layout import (
+    ARCH_TAG,
+    CONFIG_HASH_TAG,
+    DEPTH_TAG,
+    EXPERIMENT_KIND_TAG,
+    FAMILY_TAG,
+    GIT_COMMIT_TAG,
+    KIND_TAG,
+    PARENT_RUN_TAG,
+    PHASE_TAG,
+    RUN_NAME_TAG,
+    STATUS_TAG,
+    STUDY_HASH_TAG,
+    STUDY_TAG,
+    TAG,
+    TRAINING_EXPERIMENT,
+    factor_tag,
+    phase_tag,
+)
 from study.lease import StudyLease
-from study.spec import StudySpec
+from study.schema import StudySpec
 from study.store import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
 PACKAGES = ("nlstm", "torch", "numpy", "ray", "optuna", "mlflow", "pandas", "pydantic", "PyYAML")
-# A pruned trial ended as its scheduler meant it to: FINISHED, so MLflow's UI does not show it as a failure.
-MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
-# MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
-EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
-MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
 
 
 def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
-def _params(values: dict[str, Any]) -> list[Param]:
+def as_params(values: dict[str, Any]) -> list[Param]:
+    """MLflow params of ``values`` (as strings, cut to MLflow's limit)."""
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list[Run]:
     """Live runs of the experiment whose ``nlstm.<key>`` tags have these values (newest first)."""
-    filters = " and ".join(f"tags.`nlstm.{k}` = '{_quote(str(v))}'" for k, v in tags.items())
+    filters = " and ".join(f"tags.`{TAG}{k}` = '{_quote(str(v))}'" for k, v in tags.items())
     return list(client.search_runs([experiment_id], filter_string=filters, order_by=["attributes.start_time DESC"]))
 
 
@@ -87,7 +99,7 @@ class StudyTracker:
                 artifacts = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
             try:
                 return self.client.create_experiment(name, artifact_location=artifacts, tags={
-                    "nlstm.study": name, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+                    STUDY_TAG: name, EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
             except MlflowException:
                 exp = self.client.get_experiment_by_name(name)  # the other driver created it first
                 if exp is None:
@@ -116,7 +128,7 @@ class StudyTracker:
             parents = []
         if parents:
             parent = parents[0]
-            old = parent.data.tags.get("nlstm.study_hash")
+            old = parent.data.tags.get(STUDY_HASH_TAG)
             if old != study_hash:
                 raise StudyConflict(
                     f"study {name!r} in {self.tracking_uri} was run from a different study file "
@@ -126,13 +138,13 @@ class StudyTracker:
             self.parent_run_id, self.resumed = parent.info.run_id, True
             self.client.update_run(self.parent_run_id, status="RUNNING")
             return self.parent_run_id
-        tags = {"nlstm.kind": "study", "nlstm.study": name, "nlstm.study_hash": study_hash,
-                "mlflow.runName": name}
+        tags = {KIND_TAG: "study", STUDY_TAG: name, STUDY_HASH_TAG: study_hash,
+                RUN_NAME_TAG: name}
         if environment and environment.get("git_commit"):
-            tags["mlflow.source.git.commit"] = environment["git_commit"]
+            tags[GIT_COMMIT_TAG] = environment["git_commit"]
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_run_id = run.info.run_id
-        self.client.log_batch(self.parent_run_id, params=_params(data_params or {}))
+        self.client.log_batch(self.parent_run_id, params=as_params(data_params or {}))
         staging = self.study_dir / "parent"
         staging.mkdir(parents=True, exist_ok=True)
         if self.spec_file.is_file():
@@ -146,13 +158,13 @@ class StudyTracker:
 
     # -- phases
     def phase_done(self, phase: str) -> bool:
-        return self.client.get_run(self.parent_run_id).data.tags.get(f"nlstm.phase.{phase}") == "done"
+        return self.client.get_run(self.parent_run_id).data.tags.get(phase_tag(phase)) == "done"
 
     def mark_phase_done(self, phase: str) -> None:
-        self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", "done")
+        self.client.set_tag(self.parent_run_id, phase_tag(phase), "done")
 
     def mark_phase_failed(self, phase: str, summary: str) -> None:
-        self.client.set_tag(self.parent_run_id, f"nlstm.phase.{phase}", f"failed: {summary}"[:5000])
+        self.client.set_tag(self.parent_run_id, phase_tag(phase), f"failed: {summary}"[:5000])
 
     def close(self, status: str = "FINISHED") -> None:
         """End the parent run; on an interruption also every run left RUNNING (re-opened on resume)."""
@@ -163,8 +175,8 @@ class StudyTracker:
                                                        max_results=50_000):
                         if run.info.run_id == self.parent_run_id:
                             continue
-                        if run.data.tags.get("nlstm.kind") == "trial":
-                            self.client.set_tag(run.info.run_id, "nlstm.status", "interrupted")
+                        if run.data.tags.get(KIND_TAG) == "trial":
+                            self.client.set_tag(run.info.run_id, STATUS_TAG, "interrupted")
                         self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.set_terminated(self.parent_run_id, status=status)
         finally:
@@ -178,13 +190,13 @@ class StudyTracker:
                              config_hash=config.config_hash)
         if existing:
             return existing[0].info.run_id
-        tags = {"mlflow.parentRunId": self.parent_run_id, "nlstm.kind": "config", "nlstm.phase": phase,
-                "nlstm.study": self.spec.name, "nlstm.config_hash": config.config_hash, "nlstm.arch": config.arch,
-                "nlstm.depth": str(config.depth), "nlstm.family": config.family, **(extra_tags or {})}
-        tags |= {f"nlstm.factor.{k}": str(v) for k, v in (factors or {}).items()}
+        tags = {PARENT_RUN_TAG: self.parent_run_id, KIND_TAG: "config", PHASE_TAG: phase,
+                STUDY_TAG: self.spec.name, CONFIG_HASH_TAG: config.config_hash, ARCH_TAG: config.arch,
+                DEPTH_TAG: str(config.depth), FAMILY_TAG: config.family, **(extra_tags or {})}
+        tags |= {factor_tag(k): str(v) for k, v in (factors or {}).items()}
         name = f"{phase}-{config.family}-{config.config_hash[:6]}"
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self.client.log_batch(run.info.run_id, params=_params(params))
+        self.client.log_batch(run.info.run_id, params=as_params(params))
         return run.info.run_id
 
     def finish_config_runs(self, phase: str) -> None:
@@ -196,200 +208,6 @@ class StudyTracker:
     def trial_run(self, key: str) -> Run | None:
         runs = find_runs(self.client, self.experiment_id, kind="trial", trial_id=key)
         return runs[0] if runs else None
-
-
-# ------------------------------------------------------------------ a trial (in a Ray worker)
-class TrialRun:
-    """A trial's MLflow run, created once and re-attached when the trial runs again."""
-
-    def __init__(self, client: MlflowClient, run: Run) -> None:
-        self.client, self.run_id = client, run.info.run_id
-        self.tags = dict(run.data.tags)
-        self.logged_epochs = 0
-        if run.data.metrics.get("valid_bpc") is not None:
-            history = client.get_metric_history(self.run_id, "valid_bpc")
-            self.logged_epochs = max((m.step for m in history), default=0)
-
-    @property
-    def status(self) -> str:
-        return self.tags.get("nlstm.status", "running")
-
-    @property
-    def attempts(self) -> int:
-        return int(self.tags.get("nlstm.attempts", "1"))
-
-    def retry(self) -> None:
-        """Run a trial again that failed for a reason other than divergence (a locked store, a lost
-        worker, out of memory), counting the attempts."""
-        attempts = str(self.attempts + 1)
-        self.client.log_batch(self.run_id, tags=[RunTag("nlstm.status", "running"), RunTag("nlstm.attempts", attempts)])
-        self.client.update_run(self.run_id, status="RUNNING")
-        self.tags |= {"nlstm.status": "running", "nlstm.attempts": attempts}
-
-    @classmethod
-    def attach(cls, tracking_uri: str, experiment_id: str, key: str, tags: dict[str, str],
-               params: dict[str, Any]) -> TrialRun:
-        client = MlflowClient(tracking_uri)
-        runs = find_runs(client, experiment_id, kind="trial", trial_id=key)
-        wanted = {p.key: p.value for p in _params(params)}
-        if runs:
-            run = runs[0]
-            if not run.data.params:  # a placeholder the driver recorded for a trial that died before starting
-                client.log_batch(run.info.run_id, params=_params(params), tags=[RunTag(k, v) for k, v in tags.items()])
-                return cls(client, client.get_run(run.info.run_id))
-            if all(run.data.params.get(k) == v for k, v in wanted.items()):
-                if run.data.tags.get("nlstm.status", "running") in ("running", "interrupted"):
-                    client.log_batch(run.info.run_id, tags=[RunTag("nlstm.status", "running")])
-                    client.update_run(run.info.run_id, status="RUNNING")
-                    run = client.get_run(run.info.run_id)
-                return cls(client, run)
-            # The resumed study re-sampled this trial differently (its first start was never
-            # recorded by Tune): keep the old run, out of the way, and start a new one.
-            client.log_batch(run.info.run_id, tags=[
-                RunTag("nlstm.trial_id", f"{key}-superseded-{run.info.run_id[:8]}"),
-                RunTag("nlstm.status", "failed"),
-                RunTag("nlstm.fail_reason", "superseded: the resumed study sampled this trial again differently")])
-            client.set_terminated(run.info.run_id, status="FAILED")
-        run = client.create_run(experiment_id, run_name=trial_run_name(key, tags),
-                                tags=tags | {"nlstm.trial_id": key, "nlstm.status": "running"})
-        client.log_batch(run.info.run_id, params=_params(params))
-        return cls(client, client.get_run(run.info.run_id))
-
-    def log_epoch(self, result: Any) -> None:
-        """One epoch's metrics at ``step = epoch``; epochs logged before a restart are skipped."""
-        if result.epoch <= self.logged_epochs:
-            return
-        ts = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(getattr(result, k)), ts, result.epoch) for k in EPOCH_METRICS])
-        self.logged_epochs = result.epoch
-
-    def log_metrics(self, values: dict[str, float]) -> None:
-        ts = _now_ms()
-        metrics = [Metric(k, float(v), ts, 0) for k, v in values.items() if v is not None]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-    def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
-
-    def final_metrics(self) -> dict[str, float]:
-        return dict(self.client.get_run(self.run_id).data.metrics)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Where this attempt runs (node, host, device, threads): the latest attempt's."""
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        self.tags |= tags
-
-    def set_status(self, status: str, reason: str | None = None) -> None:
-        tags = [RunTag("nlstm.status", status)]
-        if reason:
-            tags.append(RunTag("nlstm.fail_reason", reason[:1000]))
-        self.client.log_batch(self.run_id, tags=tags)
-        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[status])
-        self.tags["nlstm.status"] = status
-
-
-# ------------------------------------------------------------------ driver-side Tune callback
-class TrackingCallback(tune.Callback):
-    """Marks the runs of trials that ended without saying so themselves: stopped early by the
-    scheduler (``pruned``, with their last metrics as final ones) or dead workers (``failed``).
-
-    Picklable (Tune stores its callbacks with the experiment); the client is made on first use.
-    """
-
-    def __init__(self, tracking_uri: str, experiment_id: str, study: str = "", phase: str = "",
-                 parents: dict[str, str] | None = None) -> None:
-        self.tracking_uri, self.experiment_id, self.study, self.phase = tracking_uri, experiment_id, study, phase
-        self.parents = parents or {}  # trial key (or "*" for every trial) -> the MLflow run it belongs under
-        self._client: MlflowClient | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def _run(self, trial: Any) -> Run | None:
-        key = (trial.last_result or {}).get("trial_key") or trial_key_of(trial.config)
-        runs = find_runs(self.client, self.experiment_id, kind="trial", trial_id=key) if key else []
-        return runs[0] if runs else None
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        if result.get("finished"):
-            return
-        run = self._run(trial)
-        if run is None or run.data.tags.get("nlstm.status") not in (None, "running"):
-            return
-        final = {"best_valid_bpc": result.get("best_valid_bpc"), "epochs_run": result.get("epoch"),
-                 "num_params": result.get("num_params")}
-        ts = _now_ms()
-        self.client.log_batch(run.info.run_id, metrics=[
-            Metric(k, float(v), ts, 0) for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)],
-            tags=[RunTag("nlstm.status", "pruned")])
-        self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["pruned"])
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run = self._run(trial)
-        if run is not None and run.data.tags.get("nlstm.status") == "failed":
-            return
-        reason = error_summary(trial)
-        tags = [RunTag("nlstm.status", "failed"), RunTag("nlstm.fail_reason", reason[:1000])]
-        if run is None:  # it died before it could record itself (an import error on the worker, say)
-            key = trial_key_of(trial.config)
-            parent = self.parents.get(key or "", self.parents.get("*"))
-            if key is None or parent is None:
-                return
-            run = self.client.create_run(self.experiment_id, run_name=key, tags={
-                "mlflow.parentRunId": parent, "nlstm.kind": "trial", "nlstm.phase": self.phase,
-                "nlstm.study": self.study, "nlstm.trial_id": key})
-        self.client.log_batch(run.info.run_id, tags=tags)
-        self.client.set_terminated(run.info.run_id, status="FAILED")
-
-
-def trial_run_name(key: str, tags: dict[str, str]) -> str:
-    """A run name that says what the run is, in the UI's narrow column: ``search-0003-nlstm-d2``,
-    ``evaluate-nlstm-d2-s1-3fa2c1`` (the config hash's start tells two configurations of one
-    family apart). The run's identity is its ``nlstm.trial_id`` tag, never its name."""
-    family = tags.get("nlstm.family")
-    if not family:
-        return key
-    if key.startswith("search-"):
-        return f"{key}-{family}"
-    phase, seed, config = tags.get("nlstm.phase", ""), tags.get("nlstm.seed", ""), tags.get("nlstm.config_hash", "")
-    return f"{phase}-{family}-s{seed}-{config[:6]}" if phase and seed else key
-
-
-def trial_key_of(config: dict[str, Any]) -> str | None:
-    """A trial's stable identity from its Tune config (see study.trial)."""
-    if "trial_key" in config:
-        return config["trial_key"]
-    if "trial_number" in config:
-        return f"search-{int(config['trial_number']):04d}"
-    return None
-
-
-def error_summary(trial: Any) -> str:
-    """The last line of a failed trial's error (the exception), not the whole traceback."""
-    text = ""
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        if path and os.path.exists(path):
-            text = Path(path).read_text(errors="replace")
-    except OSError:
-        pass
-    return error_line(text or str(getattr(trial, "error_msg", "") or ""))
-
-
-def error_line(text: str) -> str:
-    """The exception line of an error text or traceback, without its module path."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    line = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
-    return re.sub(r"^[\w.]+\.(\w+: )", r"\1", line) or "unknown error"  # nlstm.trainer.DivergenceError -> ...
 
 
 # ------------------------------------------------------------------ environment.json

@@ -37,9 +37,24 @@ from nlstm.model import CharLM, ModelConfig
 from nlstm.probes import closer_bpc, no_memory_bound
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
 from study.cluster import node_name, trial_device, where_am_i
+from study.layout import (
+    ARCH_TAG,
+    CONFIG_HASH_TAG,
+    DEPTH_TAG,
+    DEVICE_TAG,
+    FAIL_REASON_TAG,
+    FAMILY_TAG,
+    KIND_TAG,
+    PARENT_RUN_TAG,
+    PHASE_TAG,
+    SEED_TAG,
+    STUDY_TAG,
+    THREADS_TAG,
+    trial_key_of,
+)
+from study.schema import StudySpec
 from study.space import TRIAL_NUMBER, TrialConfig, resolve
-from study.spec import StudySpec
-from study.tracking import MAX_ATTEMPTS, TrialRun, trial_key_of
+from study.trial_run import MAX_ATTEMPTS, TrialRun
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
 
@@ -134,9 +149,9 @@ def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, 
 
 
 def trial_tags(spec: StudySpec, phase: str, cfg: TrialConfig, seed: int, parent: str) -> dict[str, str]:
-    return {"mlflow.parentRunId": parent, "nlstm.kind": "trial", "nlstm.phase": phase, "nlstm.study": spec.name,
-            "nlstm.arch": cfg.arch, "nlstm.depth": str(cfg.depth), "nlstm.family": cfg.family,
-            "nlstm.config_hash": cfg.config_hash, "nlstm.seed": str(seed)}
+    return {PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: phase, STUDY_TAG: spec.name,
+            ARCH_TAG: cfg.arch, DEPTH_TAG: str(cfg.depth), FAMILY_TAG: cfg.family,
+            CONFIG_HASH_TAG: cfg.config_hash, SEED_TAG: str(seed)}
 
 
 def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, Any], vocab: Vocabulary,
@@ -269,7 +284,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
                      "best_valid_bpc": m.get("best_valid_bpc", math.inf), "valid_bpc": m.get("valid_bpc", math.inf)})
         return
     if run.status == "failed":
-        reason = run.tags.get("nlstm.fail_reason", "unknown error")
+        reason = run.tags.get(FAIL_REASON_TAG, "unknown error")
         if reason.startswith("diverged"):
             raise DivergenceError(reason.removeprefix("diverged: "))  # deterministic: it would diverge again
         if run.attempts >= MAX_ATTEMPTS:
@@ -280,7 +295,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
 
     # where this attempt trains (a trial that finished earlier keeps the tags of where it did)
-    run.set_tags(where | {"nlstm.device": _device_name(device), "nlstm.threads": str(torch.get_num_threads())})
+    run.set_tags(where | {DEVICE_TAG: _device_name(device), THREADS_TAG: str(torch.get_num_threads())})
     seed_everything(seed)
     model = CharLM(ModelConfig(**model_config))
     train_cfg = TrainConfig(**cfg.train, seed=seed, device=device)
@@ -306,12 +321,3 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 def _device_name(device: str) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
-
-
-def describe(cfg: TrialConfig) -> dict[str, Any]:
-    """A compact summary of a solved configuration (the dry-run plan)."""
-    s = cfg.solution
-    return {"family": cfg.family, "budget": int(cfg.budget), "width": s.width, "embedding_dim": s.embedding_dim,
-            "num_params": s.params, "error": f"{100 * s.relative_error:+.2f}%"} | {
-        k: v for k, v in cfg.params.items() if k not in ("arch", "depth", "layers", "budget")}
-

@@ -16,6 +16,7 @@ import os
 import sys
 
 from study.cli import invoked_as
+from study.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,6 @@ def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dashboards.load import StoreError, default_tracking_uri, open_store
-    from study.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
 
     uri = args.tracking_uri or default_tracking_uri()
     try:

@@ -236,8 +236,8 @@ def store(tmp_path_factory) -> str:
 
 def run_report_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, str(ROOT / "study" / "report.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "study" / "write_report.py"), *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -474,7 +474,7 @@ def test_html_renders_every_figure_in_headless_chromium(report, tmp_path):
 
 # ---------------------------------------------------------------------------- errors and thin data
 def test_cli_refuses_unknown_study_and_store(store, tmp_path, capsys):
-    from study.report import main  # in-process; the subprocess below checks the script itself
+    from study.write_report import main  # in-process; the subprocess below checks the script itself
 
     assert main(["--study", "no-such-study", "--tracking-uri", store, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

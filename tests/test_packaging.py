@@ -38,7 +38,8 @@ def installed(tmp_path_factory) -> Path:
 def test_the_wheel_ships_the_built_in_studies_and_the_commands(installed):
     assert {p.name for p in (installed / "search_spaces").glob("*.yaml")} >= {"smoke.yaml", "ptb.yaml"}
     entry_points = next(installed.glob("nlstm-*.dist-info/entry_points.txt")).read_text()
-    for command in ("nlstm-study = study.run:main", "nlstm-report = study.report:main", "nlstm-ui = study.ui:main"):
+    commands = ("nlstm-study = study.run:main", "nlstm-report = study.write_report:main", "nlstm-ui = study.ui:main")
+    for command in commands:
         assert command in entry_points
 
 
@@ -68,4 +69,5 @@ def test_the_console_commands_name_themselves_and_find_studies_by_name(tmp_path)
     wrong = subprocess.run([str(study), "--space", "nope"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
-        "error: nope: no such file, nor a built-in study (ablation-depth, enwik8, ptb-cpu, ptb, smoke, text8)")
+        "error: nope: no such file, nor a built-in study "
+        "(ablation-depth, enwik8, long-range, ptb-cpu, ptb, smoke, text8)")

@@ -16,9 +16,12 @@ import pytest
 
 from nlstm import CharLM, ModelConfig
 from nlstm.trainer import TrainConfig
+from study.schema import ModelDefaults, TrainDefaults
 from study.searcher import PruneAwareOptunaSearch
+from study.smoke import shrink_for_smoke
 from study.space import ablation_cells, grid_space, make_sampler, preview_search, resolve
-from study.spec import ModelDefaults, SpecError, TrainDefaults, load_spec, shrink_for_smoke, validate_spec
+from study.spec import load_spec, validate_spec
+from study.spec_errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = """\

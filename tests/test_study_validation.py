@@ -15,7 +15,8 @@ from test_study_spec import ABLATION, BASE, REPO
 
 from nlstm.params import width_for_budget
 from study.plan import check_budgets, minimum_budget
-from study.spec import MAX_YAML_VALUES, SpecError, load_spec
+from study.spec import MAX_YAML_VALUES, load_spec
+from study.spec_errors import SpecError
 
 SEARCH = ("search: {space: {arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true},"
           " layers: {type: int, low: 2, high: 2, when: {arch: stacked}}}}\n")
@@ -41,7 +42,7 @@ def _bomb(levels: int = 9, merge: bool = False) -> str:
 def load_in_subprocess(path: Path) -> str:
     """The one-line error of loading ``path``, in a child process: if a regression made the load
     exponential again, the timeout fails this test instead of hanging the suite."""
-    code = ("import sys\nfrom study.spec import SpecError, load_spec\n"
+    code = ("import sys\nfrom study.spec import load_spec\nfrom study.spec_errors import SpecError\n"
             "try:\n    load_spec(sys.argv[1])\nexcept SpecError as e:\n    print(e)\n    sys.exit(2)\n")
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
                          timeout=60)

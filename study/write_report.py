@@ -1,6 +1,6 @@
 """Write a study's report from its MLflow runs (also while the study is still running).
 
-    python study/report.py --study NAME [--tracking-uri URI] [--out DIR] [--no-log]
+    python study/write_report.py --study NAME [--tracking-uri URI] [--out DIR] [--no-log]
 
 Writes ``DIR/report.html`` (self-contained: opens offline in any browser), ``DIR/report.md`` with
 the same tables, ``DIR/figures/*.png`` and ``DIR/tables/*.csv``, and logs them under ``report/``

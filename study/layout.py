@@ -1,0 +1,91 @@
+"""The names of a study's MLflow layout (docs/mlflow-layout.md) in one place: ``study`` writes
+them, ``dashboards`` reads them. Plain constants and string functions only: importing this module
+imports neither Ray, MLflow nor torch, so the report reads a store without them.
+
+Values of the tags: ``nlstm.kind`` is ``study | config | trial``; ``nlstm.status`` is ``running``,
+then ``completed | pruned | failed`` (``interrupted`` when the driver was stopped); ``nlstm.phase``
+is one of :data:`PHASES`; ``nlstm.arch`` one of :data:`ARCHS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PHASES = ("search", "evaluate", "ablation")
+ARCHS = ("nlstm", "stacked", "single")
+
+# ------------------------------------------------------------------ tags (ours all start with TAG)
+TAG = "nlstm."
+KIND_TAG = "nlstm.kind"
+STUDY_TAG = "nlstm.study"  # on the experiment and on every run
+STUDY_HASH_TAG = "nlstm.study_hash"  # parent run: the validated spec's hash
+PHASE_TAG = "nlstm.phase"
+CONFIG_HASH_TAG = "nlstm.config_hash"  # the configuration without the seed
+ARCH_TAG = "nlstm.arch"
+DEPTH_TAG = "nlstm.depth"
+FAMILY_TAG = "nlstm.family"  # arch and depth: nlstm-d2, stacked-d2, single-d1, ...
+SEED_TAG = "nlstm.seed"
+TRIAL_ID_TAG = "nlstm.trial_id"  # a trial run's identity (its name is only a label)
+STATUS_TAG = "nlstm.status"
+FAIL_REASON_TAG = "nlstm.fail_reason"
+ATTEMPTS_TAG = "nlstm.attempts"
+SOURCE_TRIAL_TAG = "nlstm.source_trial"  # evaluate config runs: the search trial they re-run
+TRIAL_SLOTS_TAG = "nlstm.trial_slots"  # parent run: trials at a time in the last driver run
+LEASE_TAG = "nlstm.lease"  # experiment: the driver that holds the study (study.lease)
+# Where a trial's latest attempt trained.
+HOSTNAME_TAG = "nlstm.hostname"
+NODE_ID_TAG = "nlstm.node_id"
+NODE_IP_TAG = "nlstm.node_ip"
+GPU_IDS_TAG = "nlstm.gpu_ids"
+CUDA_VISIBLE_DEVICES_TAG = "nlstm.cuda_visible_devices"
+DEVICE_TAG = "nlstm.device"
+THREADS_TAG = "nlstm.threads"
+FACTOR_TAG_PREFIX = "nlstm.factor."  # ablation config runs: nlstm.factor.<name> = <value>
+
+
+def phase_tag(phase: str) -> str:
+    """The parent run's tag saying how a phase ended: ``done``, or ``failed: <why>``."""
+    return f"nlstm.phase.{phase}"
+
+
+def factor_tag(name: str) -> str:
+    return FACTOR_TAG_PREFIX + name
+
+
+# MLflow's own tags that a study sets.
+PARENT_RUN_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
+EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_model_development"
+# A pruned trial ended as its scheduler meant it to: FINISHED, so MLflow's UI does not show it as a failure.
+MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+# ------------------------------------------------------------------ metrics
+EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
+FINAL_METRICS = ("best_valid_bpc", "test_bpc", "num_params", "tokens_per_s", "train_time_s", "epochs_run")
+
+
+# ------------------------------------------------------------------ run names and trial keys
+def trial_run_name(key: str, tags: dict[str, str]) -> str:
+    """A run name that says what the run is, in the UI's narrow column: ``search-0003-nlstm-d2``,
+    ``evaluate-nlstm-d2-s1-3fa2c1`` (the config hash's start tells two configurations of one
+    family apart). The run's identity is its ``nlstm.trial_id`` tag, never its name."""
+    family = tags.get("nlstm.family")
+    if not family:
+        return key
+    if key.startswith("search-"):
+        return f"{key}-{family}"
+    phase, seed, config = tags.get("nlstm.phase", ""), tags.get("nlstm.seed", ""), tags.get("nlstm.config_hash", "")
+    return f"{phase}-{family}-s{seed}-{config[:6]}" if phase and seed else key
+
+
+def trial_key_of(config: dict[str, Any]) -> str | None:
+    """A trial's stable identity from its Tune config (see study.trial)."""
+    if "trial_key" in config:
+        return config["trial_key"]
+    if "trial_number" in config:
+        return f"search-{int(config['trial_number']):04d}"
+    return None
+
+

@@ -1,0 +1,106 @@
+"""The driver's Tune callback that records in MLflow what a trial's worker cannot: trials that the
+scheduler stopped early (pruned) and trials whose worker died; and the one-line error of a failed trial."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run, RunTag
+from ray import tune
+
+from study.layout import (
+    FAIL_REASON_TAG,
+    KIND_TAG,
+    MLFLOW_STATUS,
+    PARENT_RUN_TAG,
+    PHASE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    trial_key_of,
+)
+from study.tracking import find_runs, now_ms
+
+
+class TrackingCallback(tune.Callback):
+    """Marks the runs of trials that ended without saying so themselves: stopped early by the
+    scheduler (``pruned``, with their last metrics as final ones) or dead workers (``failed``).
+
+    Picklable (Tune stores its callbacks with the experiment); the client is made on first use.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, study: str = "", phase: str = "",
+                 parents: dict[str, str] | None = None) -> None:
+        self.tracking_uri, self.experiment_id, self.study, self.phase = tracking_uri, experiment_id, study, phase
+        self.parents = parents or {}  # trial key (or "*" for every trial) -> the MLflow run it belongs under
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _run(self, trial: Any) -> Run | None:
+        key = (trial.last_result or {}).get("trial_key") or trial_key_of(trial.config)
+        runs = find_runs(self.client, self.experiment_id, kind="trial", trial_id=key) if key else []
+        return runs[0] if runs else None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if result.get("finished"):
+            return
+        run = self._run(trial)
+        if run is None or run.data.tags.get(STATUS_TAG) not in (None, "running"):
+            return
+        final = {"best_valid_bpc": result.get("best_valid_bpc"), "epochs_run": result.get("epoch"),
+                 "num_params": result.get("num_params")}
+        ts = now_ms()
+        self.client.log_batch(run.info.run_id, metrics=[
+            Metric(k, float(v), ts, 0) for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)],
+            tags=[RunTag(STATUS_TAG, "pruned")])
+        self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["pruned"])
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self._run(trial)
+        if run is not None and run.data.tags.get(STATUS_TAG) == "failed":
+            return
+        reason = error_summary(trial)
+        tags = [RunTag(STATUS_TAG, "failed"), RunTag(FAIL_REASON_TAG, reason[:1000])]
+        if run is None:  # it died before it could record itself (an import error on the worker, say)
+            key = trial_key_of(trial.config)
+            parent = self.parents.get(key or "", self.parents.get("*"))
+            if key is None or parent is None:
+                return
+            run = self.client.create_run(self.experiment_id, run_name=key, tags={
+                PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: self.phase,
+                STUDY_TAG: self.study, TRIAL_ID_TAG: key})
+        self.client.log_batch(run.info.run_id, tags=tags)
+        self.client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def error_summary(trial: Any) -> str:
+    """The last line of a failed trial's error (the exception), not the whole traceback."""
+    text = ""
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        if path and os.path.exists(path):
+            text = Path(path).read_text(errors="replace")
+    except OSError:
+        pass
+    return error_line(text or str(getattr(trial, "error_msg", "") or ""))
+
+
+def error_line(text: str) -> str:
+    """The exception line of an error text or traceback, without its module path."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
+    return re.sub(r"^[\w.]+\.(\w+: )", r"\1", line) or "unknown error"  # nlstm.trainer.DivergenceError -> ...
