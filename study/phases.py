@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -162,8 +163,13 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
     path = storage.join(phase)
     if tune.Tuner.can_restore(path.path, storage_filesystem=storage.filesystem):
         run.say(f"[{phase}] resuming the trials in {path.location}")
-        tuner = tune.Tuner.restore(path.path, trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=True, storage_filesystem=storage.filesystem)
+        try:
+            tuner = tune.Tuner.restore(path.path, trainable=trainable, param_space=param_space, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage.filesystem)
+        except (AttributeError, ImportError, pickle.UnpicklingError) as e:  # Tune pickles objects by module path
+            raise StudyFailed(f"{phase}: the trial state in {path.location} was saved by another version of this code "
+                              f"and cannot be read ({type(e).__name__}: {e}); finish the study with that version, or "
+                              "rerun with --restart, which discards this study's earlier runs") from None
     else:
         parents = {"*": context.parent_run_id} if phase == "search" else {
             key: context.config_runs[p.config_hash] for key, p in context.planned.items()}

@@ -285,3 +285,28 @@ ablation: {factors: {dependency_length: [4, 30], arch: [nlstm]}, seeds: [1]}
     assert len({r.data.tags["nlstm.config_hash"] for r in trials}) == 2
     factors = sorted(r.data.tags["nlstm.factor.dependency_length"] for r in kind(runs, "config", "ablation"))
     assert factors == ["30", "4"]
+
+
+def test_a_phase_saved_by_another_code_version_fails_in_one_line(tmp_path, monkeypatch, ray_local, capsys):
+    """Tune pickles the search space and callbacks by module path: a phase folder written before
+    a module moved cannot be restored. That is one line naming the folder and the way out."""
+    from ray import tune
+
+    from study import phases
+
+    spec = study_file(tmp_path, "moved", """\
+train: {epochs: 1, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+ablation: {factors: {arch: [single]}, seeds: [1]}
+""")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune.Tuner, "can_restore", classmethod(lambda cls, *a, **k: True))
+
+    def old_pickle(*args, **kwargs):
+        raise AttributeError("Can't get attribute 'CategoricalEntry' on <module 'study.spec'>")
+
+    monkeypatch.setattr(phases.tune.Tuner, "restore", old_pickle)
+    assert main(["--space", str(spec)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "ablation: the trial state in" in err[0] and "saved by another version of this code" in err[0]
+    assert "AttributeError: Can't get attribute 'CategoricalEntry'" in err[0] and "--restart" in err[0]
