@@ -176,7 +176,8 @@ def _fit(run: StudyRun, phase: str, context: TrialContext, total: int, tune_conf
         callbacks: list[tune.Callback] = [TrackingCallback(run.tracker.tracking_uri, run.tracker.experiment_id,
                                                            run.spec.name, phase, parents)]
         if not run.verbose:
-            callbacks.append(ProgressLine(phase, total))
+            prunes = phase == "search" and run.spec.search.scheduler.type != "none"
+            callbacks.append(ProgressLine(phase, total, can_prune=prunes))
         tuner = tune.Tuner(
             trainable, param_space=param_space, tune_config=tune_config,
             run_config=tune.RunConfig(

@@ -28,15 +28,21 @@ def _clock(seconds: float) -> str:
 
 
 class ProgressLine(tune.Callback):
-    def __init__(self, phase: str, total: int, stream: TextIO | None = None, summary_every_s: float = 60.0) -> None:
-        self.phase, self.total, self.summary_every_s = phase, total, summary_every_s
+    """``can_prune``: the phase has a scheduler that stops trials early. Tune marks a trial it stopped
+    TERMINATED, pruned or interrupted (Ctrl+C, SIGTERM) alike; in a phase that cannot prune, such a
+    trial was interrupted, and the line says so rather than "pruned"."""
+
+    def __init__(self, phase: str, total: int, stream: TextIO | None = None, summary_every_s: float = 60.0,
+                 can_prune: bool = True) -> None:
+        self.phase, self.total, self.summary_every_s, self.can_prune = phase, total, summary_every_s, can_prune
         self._stream = stream
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._last_summary = self._start
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
-        return {"phase": self.phase, "total": self.total, "summary_every_s": self.summary_every_s, "_stream": None,
+        return {"phase": self.phase, "total": self.total, "summary_every_s": self.summary_every_s,
+                "can_prune": getattr(self, "can_prune", True), "_stream": None,
                 "_start": 0.0, "_last_draw": 0.0, "_last_summary": 0.0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -51,13 +57,13 @@ class ProgressLine(tune.Callback):
         self._start = time.monotonic()
 
     def text(self, trials: list[Any]) -> str:
-        done = pruned = failed = running = 0
+        done = stopped = failed = running = 0
         best, best_label = math.inf, ""
         for t in trials:
             result = t.last_result or {}
             if t.status == "TERMINATED":
                 done += 1
-                pruned += not result.get("finished", False)
+                stopped += not result.get("finished", False)
             elif t.status == "ERROR":
                 done += 1
                 failed += 1
@@ -68,13 +74,21 @@ class ProgressLine(tune.Callback):
                 best, best_label = value, f"{result.get('trial_key', t.trial_id)} {result.get('family', '')}".strip()
         total = max(self.total, len(trials))
         pending = max(total - done - running, 0)
-        notes = ", ".join(f"{n} {w}" for n, w in ((pruned, "pruned"), (failed, "failed")) if n)
+        notes = ", ".join(f"{n} {w}" for n, w in ((stopped, self._stopped_word), (failed, "failed")) if n)
         parts = [f"[{self.phase}] {done}/{total} done" + (f" ({notes})" if notes else ""),
                  f"{running} running", f"{pending} pending"]
         if math.isfinite(best):
             parts.append(f"best {best:.3f} bpc {best_label}")
         parts.append(_clock(time.monotonic() - self._start))
         return " | ".join(parts)
+
+    @property
+    def _can_prune(self) -> bool:
+        return getattr(self, "can_prune", True)  # a callback pickled before can_prune existed
+
+    @property
+    def _stopped_word(self) -> str:
+        return "pruned" if self._can_prune else "interrupted"
 
     def draw(self, trials: list[Any], force: bool = False) -> None:
         now = time.monotonic()
@@ -115,7 +129,8 @@ class ProgressLine(tune.Callback):
         self.draw(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ended(trial, "completed" if (trial.last_result or {}).get("finished") else "stopped early (pruned)")
+        self.ended(trial, "completed" if (trial.last_result or {}).get("finished") else
+                   "stopped early (pruned)" if self._can_prune else "stopped (interrupted)")
         self.draw(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

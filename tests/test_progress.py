@@ -42,3 +42,20 @@ def test_a_log_gets_a_periodic_summary_while_trials_run():
     trials = [trial("evaluate-a-s1"), trial("evaluate-a-s2", status="PENDING")]
     progress.on_step_end(0, trials)
     assert log.getvalue().splitlines() == ["[evaluate] 0/2 done | 1 running | 1 pending | 0:00"]
+
+
+def test_a_trial_stopped_in_a_phase_that_cannot_prune_was_interrupted():
+    """Tune marks the trials it stops on Ctrl+C/SIGTERM TERMINATED, as it marks pruned ones: in an
+    evaluate phase (no scheduler) they were interrupted, and the log must not call them pruned."""
+    log = io.StringIO()
+    progress = ProgressLine("evaluate", total=3, stream=log, summary_every_s=3600, can_prune=False)
+    trials = [trial(f"evaluate-a-s{i}", epoch=1, best_valid_bpc=2.0) for i in (1, 2, 3)]
+    trials[0].status, trials[0].last_result["finished"] = "TERMINATED", True
+    progress.on_trial_complete(0, trials, trials[0])
+    trials[1].status = "TERMINATED"  # stopped mid-run by the interruption
+    progress.on_trial_complete(0, trials, trials[1])
+    progress.on_experiment_end(trials)
+    lines = log.getvalue().splitlines()
+    assert lines[1] == "  [evaluate] evaluate-a-s2 nlstm-d2 stopped (interrupted) after 1 epoch(s), best 2.000 bpc"
+    assert lines[-1].startswith("[evaluate] 2/3 done (1 interrupted) | 1 running | 0 pending")
+    assert "pruned" not in log.getvalue()
