@@ -85,7 +85,7 @@ def outputs_and_grads(model, x):
 
 
 @pytest.mark.parametrize("flush", ["1", "0"])
-def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatch):
+def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatch, fused_loops):
     monkeypatch.setenv("NLSTM_FLUSH_DENORMALS", flush)
     fus, ref = saturated_pair(torch.float64, 1.0)
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -94,9 +94,10 @@ def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatc
     with torch.no_grad():
         for xs in (x, x[:, :1]):
             torch.testing.assert_close(fus(xs)[0], ref(xs)[0], **TIGHT)
+    fused_loops.assert_used()
 
 
-def test_saturated_float32_model_agrees_with_reference():
+def test_saturated_float32_model_agrees_with_reference(fused_loops):
     """Weights scaled up until gates saturate and denormals appear: the flush changes nothing
     visible (values below 1.2e-38 become zero)."""
     fus, ref = saturated_pair(torch.float32, 40.0)
@@ -105,6 +106,7 @@ def test_saturated_float32_model_agrees_with_reference():
     for a, b in zip(outputs_and_grads(fus, x), outputs_and_grads(ref, x), strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    fused_loops.assert_used()
 
 
 @pytest.mark.parametrize("serial", ["1", "0"])
