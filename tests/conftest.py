@@ -48,7 +48,7 @@ def fused_loops(request, monkeypatch):
     if request.param == "cpp":
         if cpp_compiler() is None:
             pytest.skip("no C++ compiler: the C++ loops cannot be built here")
-        assert cpp.kernels() is not None, f"the C++ loops failed to build: {cpp._STATE.get('failed')}"
+        assert cpp.kernels() is not None, f"the C++ loops failed to build: {cpp.build_failure()}"
     monkeypatch.setenv("NLSTM_CPP", "1" if request.param == "cpp" else "0")
 
     def spy(x, n):

@@ -26,7 +26,7 @@ needs_cpp = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler: 
 @pytest.fixture
 def built():
     ops = cpp.kernels()
-    assert ops is not None, f"the C++ loops failed to build: {cpp._STATE.get('failed')}"
+    assert ops is not None, f"the C++ loops failed to build: {cpp.build_failure()}"
     return ops
 
 

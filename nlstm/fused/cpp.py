@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "CPP_CHOICES", "MAX_AUTO_WIDTH", "MIN_ONEDNN_WIDTH", "SOURCE", "backward_loop_cpp", "build_dir",
+    "CPP_CHOICES", "MAX_AUTO_WIDTH", "MIN_ONEDNN_WIDTH", "SOURCE", "backward_loop_cpp", "build_dir", "build_failure",
     "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
 ]
 
@@ -108,6 +108,11 @@ def _onednn_works(ops) -> bool:
             return False
         outs.append(buf.out)
     return torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def build_failure() -> str | None:
+    """Why the library could not be built in this process (None if it was not tried or it loaded)."""
+    return _STATE.get("failed")  # type: ignore[return-value]
 
 
 def onednn_in_cpp(n: int) -> bool:
