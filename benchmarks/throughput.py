@@ -334,8 +334,8 @@ def fused_loops() -> str:
     dt = time.perf_counter() - t0
     if ops is None:
         return f"Python (the C++ loops failed to build: {cpp.build_failure()})"
-    return (f"C++ (nlstm/csrc/fused_cpu.cpp, built or loaded in {dt:.1f} s; NLSTM_CPP={cpp.setting()}, "
-            f"oneDNN GEMMs from width {cpp.MIN_ONEDNN_WIDTH})")
+    return (f"C++ (nlstm/csrc/fused_cpu.cpp, built or loaded in {dt:.1f} s; "
+            f"oneDNN GEMMs from {cpp.MIN_ONEDNN_STEP_MACS:,} multiply-adds per step)")
 
 
 def isa_flags() -> str:

@@ -96,9 +96,9 @@ def test_cpp_inference_equals_reference_float64(depth, built, monkeypatch):
 def test_cpp_with_onednn_gemms_float32(depth, built, monkeypatch):
     """float32 at widths where the C++ loops call oneDNN's packed GEMMs (threshold lowered to reach
     them at a test's size): against the reference and the C++ loops on ATen's GEMMs."""
-    assert cpp.onednn_in_cpp(10**6), "the library's oneDNN calls failed their check"
+    assert cpp.onednn_in_cpp(64, 10**4), "the library's oneDNN calls failed their check"
     monkeypatch.setenv("NLSTM_CPP", "1")
-    monkeypatch.setattr(cpp, "MIN_ONEDNN_WIDTH", 1)
+    monkeypatch.setattr(cpp, "MIN_ONEDNN_STEP_MACS", 1)
     seen = spy_forward(monkeypatch)
     ref, fus = pair(depth, dtype=torch.float32, input_size=24, hidden=40)
     x, state = make_inputs(depth, True, 9, B=5, input_size=24, hidden=40, dtype=torch.float32)
@@ -106,7 +106,7 @@ def test_cpp_with_onednn_gemms_float32(depth, built, monkeypatch):
     want_out, want_grads = run(ref, x, state, True)
     assert_all_close(got_out, want_out, atol=2e-5, rtol=1e-4)
     assert_all_close(got_grads, want_grads, atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(cpp, "MIN_ONEDNN_WIDTH", 10**6)
+    monkeypatch.setattr(cpp, "MIN_ONEDNN_STEP_MACS", 10**15)
     gen_out, gen_grads = run(fus, x, state, True)
     assert seen == [True, False]
     assert_all_close(got_out, gen_out, atol=2e-5, rtol=1e-4)
@@ -133,11 +133,14 @@ def test_cpp_off_runs_the_python_loops_without_building(monkeypatch):
     assert cpp._STATE == {}
 
 
-@pytest.mark.parametrize("setting", ["auto", "1"])
+@pytest.mark.parametrize("setting", [None, "1"])
 def test_failed_build_falls_back_with_one_warning(setting, monkeypatch):
     """A build that fails (no compiler, a compile error) leaves the Python loops running, with one
     warning line that says why, once per process; the library is not tried again."""
-    monkeypatch.setenv("NLSTM_CPP", setting)
+    if setting is None:  # the default
+        monkeypatch.delenv("NLSTM_CPP", raising=False)
+    else:
+        monkeypatch.setenv("NLSTM_CPP", setting)
     monkeypatch.setattr(cpp, "_STATE", {})
     attempts = []
 
@@ -165,15 +168,15 @@ def test_failed_build_falls_back_with_one_warning(setting, monkeypatch):
 def test_bad_cpp_setting_is_rejected(monkeypatch):
     monkeypatch.setenv("NLSTM_CPP", "yes")
     with pytest.raises(ValueError, match="NLSTM_CPP must be one of"):
-        cpp.use_cpp(torch.zeros(1), 4)
+        cpp.use_cpp(torch.zeros(1))
 
 
 def test_only_cpu_float_tensors_are_eligible(monkeypatch):
     """Other dtypes (and CUDA tensors, checked by device type first) never ask for the library."""
     monkeypatch.setenv("NLSTM_CPP", "1")
     monkeypatch.setattr(cpp, "kernels", lambda: pytest.fail("must not be asked"))
-    assert cpp.use_cpp(torch.zeros(1, dtype=torch.bfloat16), 4) is None
-    assert cpp.use_cpp(torch.zeros(1, device="meta"), 4) is None
+    assert cpp.use_cpp(torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert cpp.use_cpp(torch.zeros(1, device="meta")) is None
 
 
 def test_build_folder_follows_the_cache_setting(monkeypatch, tmp_path):

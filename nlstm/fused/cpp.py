@@ -11,9 +11,9 @@ first time a CPU call wants it (about a minute on 2 cores), into ``$NLSTM_CACHE_
 ``~/.cache/nlstm``)/``torch_extensions``, one folder per torch version and CPU feature set (it is
 compiled with ``-march=native``); later processes load the built library. A fresh install needs
 no compiler: if the build fails for any reason the Python loops run and one warning line says
-why, once per process. ``NLSTM_CPP=0`` always runs the Python loops; ``NLSTM_CPP=1`` runs the C++
-loops at every width (the default, ``auto``, only where they were measured to win: see
-:func:`use_cpp`). CUDA tensors never come here.
+why, once per process. ``NLSTM_CPP=0`` runs the Python loops. The C++ loops are the default at
+every width: they were measured faster than (or, at large widths where the GEMMs dominate, as
+fast as) the Python loops at every size tried (docs/benchmarks.md). CUDA tensors never come here.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "CPP_CHOICES", "MAX_AUTO_WIDTH", "MIN_ONEDNN_WIDTH", "SOURCE", "backward_loop_cpp", "build_dir", "build_failure",
-    "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
+    "CPP_CHOICES", "MIN_ONEDNN_STEP_MACS", "SOURCE", "backward_loop_cpp", "build_dir",
+    "build_failure", "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
 ]
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_cpu.cpp"
 NAME = "nlstm_fused_cpu"
-CPP_CHOICES = ("auto", "0", "1")
-MAX_AUTO_WIDTH = 1 << 30  # widths above this run the Python loops under NLSTM_CPP=auto
-MIN_ONEDNN_WIDTH = 128  # narrower: the C++ loops use ATen's GEMMs (oneDNN's per-call cost dominates)
+CPP_CHOICES = ("1", "0")
+MIN_ONEDNN_STEP_MACS = 6_000_000  # smaller per-step GEMMs: the C++ loops use ATen's (see onednn_in_cpp)
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "ops": the loaded op namespace, or "failed": the reason
@@ -115,12 +114,15 @@ def build_failure() -> str | None:
     return _STATE.get("failed")  # type: ignore[return-value]
 
 
-def onednn_in_cpp(n: int) -> bool:
-    """Whether the C++ loops use oneDNN's GEMMs at width ``n``: only where the library's oneDNN
-    calls were checked to work (once, after it loaded) and from :data:`MIN_ONEDNN_WIDTH` up; below,
-    oneDNN's fixed cost per call (a fresh output, the primitive's lookup) outweighs its faster
-    kernels (measured in docs/benchmarks.md)."""
-    return bool(_STATE.get("onednn")) and n >= MIN_ONEDNN_WIDTH
+def onednn_in_cpp(B: int, n: int) -> bool:
+    """Whether the C++ loops use oneDNN's prepacked GEMMs for batch ``B`` and width ``n``: only
+    where the library's oneDNN calls were checked to work (once, after it loaded), and where the
+    largest per-step GEMM (B x 2n x 4n) has at least :data:`MIN_ONEDNN_STEP_MACS` multiply-adds.
+    Below that, oneDNN's fixed cost per call (a fresh output, the primitive's lookup) outweighs its
+    faster kernel and ATen's GEMM into the buffer wins (measured on the 2-core EPYC, one thread:
+    B=32 at widths 64 and 128 and B=64 at 96 faster on ATen, B=64/W=121 and B=32/W=256 on oneDNN,
+    B=32/W=176 even; docs/benchmarks.md)."""
+    return bool(_STATE.get("onednn")) and B * 8 * n * n >= MIN_ONEDNN_STEP_MACS
 
 
 def kernels():
@@ -143,23 +145,19 @@ def kernels():
 
 
 def setting() -> str:
-    """``NLSTM_CPP``: auto (default), 0 or 1; anything else is a one-line error."""
-    choice = os.environ.get("NLSTM_CPP", "auto")
+    """``NLSTM_CPP``: 1 (default: the C++ loops where they build) or 0; anything else is a one-line error."""
+    choice = os.environ.get("NLSTM_CPP", "1")
     if choice not in CPP_CHOICES:
         raise ValueError(f"NLSTM_CPP must be one of {CPP_CHOICES}, got {choice!r}")
     return choice
 
 
-def use_cpp(x: Tensor, n: int):
-    """The op namespace if this call (input ``x``, width ``n``) runs the C++ loops, else None.
-
-    Only CPU float32/float64; under ``auto`` only widths up to :data:`MAX_AUTO_WIDTH`."""
+def use_cpp(x: Tensor):
+    """The op namespace if this call (input ``x``) runs the C++ loops, else None: CPU float32 and
+    float64 only, unless ``NLSTM_CPP=0`` or the library could not be built."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    choice = setting()
-    if choice == "0" or (choice == "auto" and n > MAX_AUTO_WIDTH):
-        return None
-    return kernels()
+    return None if setting() == "0" else kernels()
 
 
 def forward_loop_cpp(ops, x: Tensor, h0: Tensor, c0, w, buf, train: bool) -> None:

@@ -31,8 +31,8 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         check_inputs(x, h0, c0, w_ih, w_hh, b)
         T, B, _ = x.shape
         n = h0.shape[1]
-        ops = use_cpp(x, n)
-        mk = gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(n))
+        ops = use_cpp(x)
+        mk = gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(B, n))
         with threads_for(B, n), FlushDenormals(x):
             w = prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
             lease = lease_forward(T, B, n, depth, x, train=True)

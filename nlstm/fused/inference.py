@@ -77,8 +77,8 @@ def inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
         return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
     # Packing the step weights for oneDNN (~0.5 ms quiet, tens of ms when other processes hold the
     # cores: the reorder is a parallel region) pays over a long sequence, not over a few steps.
-    ops = use_cpp(x, n)
-    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(n))
+    ops = use_cpp(x)
+    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(B, n))
     with threads_for(B, n), FlushDenormals(x):
         w = prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
         lease = lease_forward(T, B, n, depth, x, train=False)  # its out is a fresh tensor
