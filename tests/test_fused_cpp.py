@@ -184,3 +184,17 @@ def test_build_folder_follows_the_cache_setting(monkeypatch, tmp_path):
     folder = cpp.build_dir()
     assert folder.parent == tmp_path / "torch_extensions" and folder.name.startswith("nlstm_fused_cpu-")
     assert cpp.SOURCE.is_file()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A lock left by a process killed mid-build would make every later process wait forever."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not cpp.clear_stale_lock(tmp_path) and lock.exists()  # a build may be running
+    old = time.time() - cpp.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    assert cpp.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not cpp.clear_stale_lock(tmp_path)  # nothing to remove

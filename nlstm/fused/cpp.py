@@ -22,6 +22,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "CPP_CHOICES", "MIN_ONEDNN_STEP_MACS", "SOURCE", "backward_loop_cpp", "build_dir",
-    "build_failure", "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
+    "build_failure", "clear_stale_lock", "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
 ]
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_cpu.cpp"
@@ -38,6 +39,7 @@ NAME = "nlstm_fused_cpu"
 CPP_CHOICES = ("1", "0")
 MIN_ONEDNN_STEP_MACS = 6_000_000  # smaller per-step GEMMs: the C++ loops use ATen's (see onednn_in_cpp)
 
+STALE_LOCK_SECONDS = 1800  # a build lock older than this was left by a process killed mid-build
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "ops": the loaded op namespace, or "failed": the reason
 
@@ -64,12 +66,29 @@ def build_dir() -> Path:
     return default_cache_dir() / "torch_extensions" / f"{NAME}-{_cpu_tag()}"
 
 
+def clear_stale_lock(folder: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove ``folder/lock`` if it is older than ``max_age`` seconds; True if removed.
+
+    torch's build holds that file while it compiles, and every other process waits (with no time
+    limit) until it disappears; a process killed mid-build (a trial stopped by its scheduler)
+    leaves it behind, and every later process would hang. A build takes about a minute here."""
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age:
+            lock.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
 def _build():
     """Compile (or load the already compiled) library; returns ``torch.ops.nlstm_fused_cpu``."""
     from torch.utils import cpp_extension
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     cpp_extension.load(
         name=NAME,
         sources=[str(SOURCE)],
