@@ -13,6 +13,7 @@ import torch
 import nlstm.fused.function
 import nlstm.fused.inference
 from nlstm import NestedLSTM
+from nlstm.fused.cpp import forward_loop_cpp
 from nlstm.fused.cpu_env import FlushDenormals, fenv
 from nlstm.fused.forward import forward_loop
 
@@ -110,14 +111,19 @@ def test_saturated_float32_model_agrees_with_reference(fused_loops):
 
 
 @pytest.mark.parametrize("serial", ["1", "0"])
-def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch):
+def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch, fused_loops):
     """Below MAX_SERIAL_STEP_MACS a call runs at one thread (NLSTM_SERIAL_SMALL=0: at all of them);
-    either way the result equals the reference in float64 and the caller's thread count is kept."""
+    either way, on either loops, the result equals the reference in float64 and the caller's
+    thread count is kept."""
     monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
     seen = []
-    spy = lambda *a: (seen.append(torch.get_num_threads()), forward_loop(*a))[1]
+
+    def spying(loop):
+        return lambda *a, **kw: (seen.append(torch.get_num_threads()), loop(*a, **kw))[1]
+
     for caller in (nlstm.fused.function, nlstm.fused.inference):  # the training and the no-grad path
-        monkeypatch.setattr(caller, "forward_loop", spy)
+        monkeypatch.setattr(caller, "forward_loop", spying(forward_loop))
+        monkeypatch.setattr(caller, "forward_loop_cpp", spying(forward_loop_cpp))
     fus, ref = saturated_pair(torch.float64, 1.0)
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     old = torch.get_num_threads()
@@ -133,3 +139,4 @@ def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, mon
     assert seen == ([1, 1] if serial == "1" else [2, 2])
     for a, b in zip(got, outputs_and_grads(ref, x), strict=True):
         torch.testing.assert_close(a, b, **TIGHT)
+    fused_loops.assert_used()
