@@ -151,7 +151,8 @@ def test_failed_build_falls_back_with_one_warning(setting, monkeypatch):
     monkeypatch.setattr(cpp, "_build", failing_build)
     ref, fus = pair(2)
     x, state = make_inputs(2, True, 5)
-    with pytest.warns(RuntimeWarning, match=r"could not be built, using the Python loops \(RuntimeError: Error") as w:
+    with pytest.warns(RuntimeWarning, match=r"could not be built, using the Python loops \(RuntimeError: Error "
+                      r"building extension 'nlstm_fused_cpu' \.\.\. c\+\+: not found\)") as w:
         got_out, got_grads = run(fus, x, state, False)
     assert len(w) == 1 and "\n" not in str(w[0].message)
     with warnings.catch_warnings():
@@ -163,6 +164,20 @@ def test_failed_build_falls_back_with_one_warning(setting, monkeypatch):
     want_out, want_grads = run(ref, x, state, False)
     assert_all_close(got_out, want_out, **TIGHT)
     assert_all_close(got_grads, want_grads, **TIGHT)
+
+
+def test_no_compiler_fails_the_build_with_a_short_reason(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(RuntimeError, match=r"^no C\+\+ compiler found \('/nonexistent/c\+\+'"):
+        cpp._build()
+
+
+def test_failure_reason_is_one_line_naming_the_problem():
+    e = RuntimeError("Error building extension 'nlstm_fused_cpu': [1/2] c++ -MMD -O3 fused_cpu.cpp\n"
+                     "FAILED: fused_cpu.o\nfused_cpu.cpp:9:10: fatal error: ATen/ops/mm.h: No such file\n")
+    assert cpp.failure_reason(e) == ("RuntimeError: Error building extension 'nlstm_fused_cpu' ... "
+                                     "fused_cpu.cpp:9:10: fatal error: ATen/ops/mm.h: No such file")
+    assert cpp.failure_reason(OSError("x" * 1000)) == "OSError: " + "x" * 291
 
 
 def test_bad_cpp_setting_is_rejected(monkeypatch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import threading
 import time
 import warnings
@@ -86,6 +87,9 @@ def _build():
     """Compile (or load the already compiled) library; returns ``torch.ops.nlstm_fused_cpu``."""
     from torch.utils import cpp_extension
 
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:  # checked first: torch would log a screenful before failing
+        raise RuntimeError(f"no C++ compiler found ({compiler!r}; set CXX to use another)")
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(folder)
@@ -128,6 +132,17 @@ def _onednn_works(ops) -> bool:
     return torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
+def failure_reason(e: BaseException) -> str:
+    """One line for the warning: the error's first line (up to the compiler output torch appends to
+    it) and, for a compiler's output, its last line, which usually names the problem."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    head = lines[0]
+    if head.startswith("Error building extension"):
+        head = head.split(":", 1)[0]
+    tail = f" ... {lines[-1]}" if len(lines) > 1 else ""
+    return " ".join(f"{type(e).__name__}: {head}{tail}".split())[:300]
+
+
 def build_failure() -> str | None:
     """Why the library could not be built in this process (None if it was not tried or it loaded)."""
     return _STATE.get("failed")  # type: ignore[return-value]
@@ -156,7 +171,7 @@ def kernels():
                 _STATE["onednn"] = _onednn_works(ops)
                 _STATE["ops"] = ops
             except Exception as e:  # noqa: BLE001 - any build failure means: run the Python loops
-                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                reason = failure_reason(e)
                 _STATE["failed"] = reason
                 warnings.warn(f"nlstm: the C++ CPU loops could not be built, using the Python loops ({reason})",
                               RuntimeWarning, stacklevel=3)
