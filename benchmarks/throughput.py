@@ -7,8 +7,10 @@
 For each size (B = batch, T = steps, H = width) it times, interleaved in one process so that every
 ratio compares runs made under the same conditions:
 
-- ``nlstm fused``: ``NestedLSTM(impl="fused")``, depth D (the default implementation); on a GPU
-  also ``nlstm fused + CUDA graphs`` (``NLSTM_CUDA_GRAPHS=1``, :mod:`nlstm.fused_cuda`);
+- ``nlstm fused``: ``NestedLSTM(impl="fused")``, depth D (the default implementation: on CPU the
+  C++ time loops where they are built, see the header line "fused loops"); on a GPU also
+  ``nlstm fused + CUDA graphs`` (``NLSTM_CUDA_GRAPHS=1``, :mod:`nlstm.fused_cuda`); with
+  ``--compare-loops`` also ``nlstm fused, Python loops`` (``NLSTM_CPP=0``, the fallback);
 - ``nlstm reference``: ``NestedLSTM(impl="reference")``, the per-step autograd loop (fewer repeats);
 - ``torch LSTM xD``: ``nlstm.StackedLSTM``, i.e. ``torch.nn.LSTM(num_layers=D)`` with one bias per
   layer, so exactly the Nested LSTM's parameter count; oneDNN on CPU, cuDNN on GPU. The ratios are
@@ -77,7 +79,7 @@ def matched_single_width(depth: int, width: int, input_size: int) -> int:
 
 
 def build(kind: str, depth: int, width: int, input_size: int, device: str) -> nn.Module:
-    if kind in ("fused", "fused-graphs"):
+    if kind in ("fused", "fused-graphs", "fused-python"):
         m: nn.Module = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="fused")
     elif kind == "reference":
         m = NestedLSTM(input_size, width, depth=depth, batch_first=False, impl="reference")
@@ -90,10 +92,12 @@ def build(kind: str, depth: int, width: int, input_size: int, device: str) -> nn
     return m.to(device)
 
 
-def contenders(depth: int, width: int, input_size: int, device: str = "cpu") -> list[Row]:
+def contenders(depth: int, width: int, input_size: int, device: str = "cpu", compare_loops: bool = False) -> list[Row]:
     single = matched_single_width(depth, width, input_size)
     params = core_parameters("nlstm", depth, width, input_size)
     graphs = [Row("nlstm fused + CUDA graphs", "fused-graphs", width, params)] if device == "cuda" else []
+    if compare_loops and device == "cpu":
+        graphs.append(Row("nlstm fused, Python loops", "fused-python", width, params))
     return [
         Row("nlstm fused", "fused", width, params),
         *graphs,
@@ -120,6 +124,7 @@ class Runner:
         self.x.requires_grad_(True)
         self.device = device
         self.graphs = kind == "fused-graphs"
+        self.python_loops = kind == "fused-python"
         self.flush = flush
 
     def train(self) -> float:
@@ -146,9 +151,11 @@ class Runner:
     @contextlib.contextmanager
     def env(self):
         """The CUDA-graph row switches nlstm.fused_cuda on, the no-flush row the kernel's
-        flush-to-zero off, for their own calls only."""
+        flush-to-zero off, the Python-loops row the C++ loops off, for their own calls only."""
         settings = {"NLSTM_CUDA_GRAPHS": "1" if self.graphs else "0",
                     "NLSTM_FLUSH_DENORMALS": "1" if self.flush else "0"}
+        if self.python_loops:
+            settings["NLSTM_CPP"] = "0"
         old = {k: os.environ.get(k) for k in settings}
         os.environ.update(settings)
         try:
@@ -188,7 +195,7 @@ def time_rows(rows: list[Row], runners: dict[str, Runner], tokens: int, repeats:
 
 
 def time_trained(depth: int, width: int, B: int, T: int, steps: int, repeats: int, warmup: int,
-                 threads: int) -> tuple[list[Row], str]:
+                 threads: int, compare_loops: bool = False) -> tuple[list[Row], str]:
     """Fused NLSTM against nn.LSTM on trained weights (and on fresh ones, same inputs' source),
     ``threads`` torch threads; also the fused kernel with its flush-to-zero off."""
     from trained import trained_cores
@@ -205,9 +212,13 @@ def time_trained(depth: int, width: int, B: int, T: int, steps: int, repeats: in
             specs = [(f"nlstm fused, {label}", "nlstm", True), (lstm, "stacked", True)]
             if label == "trained":
                 specs.insert(1, ("nlstm fused, trained, flush off", "nlstm", False))
+                if compare_loops:
+                    specs.insert(1, ("nlstm fused, trained, Python loops", "nlstm-python", True))
             for name, arch, flush in specs:
-                rows.append(Row(name, "fused" if arch == "nlstm" else "stacked", width, params, base=lstm))
-                runners[name] = Runner(rows[-1].kind, depth, B, T, width, "cpu", model=setup.cores[arch],
+                kind = {"nlstm": "fused", "nlstm-python": "fused-python"}.get(arch, "stacked")
+                rows.append(Row(name, kind, width, params, base=lstm))
+                arch = "nlstm" if arch == "nlstm-python" else arch
+                runners[name] = Runner(kind, depth, B, T, width, "cpu", model=setup.cores[arch],
                                        x=setup.inputs[arch], flush=flush)
         time_rows(rows, runners, B * T, repeats, warmup)
     finally:
@@ -311,6 +322,22 @@ def machine(device: str, threads: int) -> str:
     return "; ".join(parts)
 
 
+def fused_loops() -> str:
+    """Which time loops the fused rows run on CPU, and how long loading (or first building) the C++
+    ones took in this process."""
+    from nlstm.fused import cpp
+
+    if cpp.setting() == "0":
+        return "Python (NLSTM_CPP=0)"
+    t0 = time.perf_counter()
+    ops = cpp.kernels()
+    dt = time.perf_counter() - t0
+    if ops is None:
+        return f"Python (the C++ loops failed to build: {cpp.build_failure()})"
+    return (f"C++ (nlstm/csrc/fused_cpu.cpp, built or loaded in {dt:.1f} s; "
+            f"oneDNN GEMMs from {cpp.MIN_ONEDNN_STEP_MACS:,} multiply-adds per step)")
+
+
 def isa_flags() -> str:
     """The vector ISA extensions that decide which kernels oneDNN, MKL and ATen pick."""
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
@@ -403,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables (fused vs LSTM)")
     p.add_argument("--trained", default=TRAINED, metavar="B,T,W,STEPS",
                    help=f"trained-weights comparison at {TRAINED_THREADS} thread (default {TRAINED}); 'none' skips it")
+    p.add_argument("--compare-loops", action="store_true",
+                   help="CPU: also time the fused kernel on its Python loops (NLSTM_CPP=0), interleaved")
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory:
@@ -426,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--trained must be B,T,W,STEPS (four positive integers) or 'none', got {args.trained!r}")
     print(f"# NLSTM throughput, depth {args.depth}, device {device}")
     print(machine(device, args.threads))
+    if device == "cpu":
+        print(f"fused loops: {fused_loops()}")
     print(f"command: python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"timing: median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds "
           f"(reference: 1 warm-up, <= 3 rounds); memory: "
@@ -437,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     labels: dict = {}
     for size in sizes:
         B, T, H = size
-        rows = contenders(args.depth, H, H, device)
+        rows = contenders(args.depth, H, H, device, args.compare_loops)
         time_size(rows, args.depth, B, T, H, device, args.repeats, args.warmup)
         if not args.no_memory:
             for r in rows:
@@ -449,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
             print(profile_rows(rows, args.depth, B, T, H, device), flush=True)
     if trained is not None:
         B, T, W, steps = trained
-        rows, how = time_trained(args.depth, W, B, T, steps, args.repeats, args.warmup, TRAINED_THREADS)
+        rows, how = time_trained(args.depth, W, B, T, steps, args.repeats, args.warmup, TRAINED_THREADS,
+                                 args.compare_loops)
         print(f"Trained vs fresh weights, {TRAINED_THREADS} thread; {how}; ratios against the torch LSTM "
               "row with the same kind of weights")
         print()

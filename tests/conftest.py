@@ -16,3 +16,46 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+class FusedLoops:
+    """Which time loops the fused kernel's calls ran, recorded by spying on its path choice."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.choices = path, []
+
+    def assert_used(self) -> None:
+        """Every call of the test ran the loops asked for (and there was at least one)."""
+        assert self.choices, "no fused whole-sequence call was made"
+        want = self.path == "cpp"
+        assert all(c == want for c in self.choices), f"asked for {self.path}, ran C++: {self.choices}"
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.utils.cpp_extension would use, or None (the C++ tests then skip)."""
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+@pytest.fixture(params=["python", "cpp"])
+def fused_loops(request, monkeypatch):
+    """Run the test once on the Python loops (``NLSTM_CPP=0``) and once on the C++ loops
+    (``NLSTM_CPP=1``; skipped without a C++ compiler, failed if the build fails)."""
+    from nlstm.fused import cpp, function, inference
+
+    loops = FusedLoops(request.param)
+    if request.param == "cpp":
+        if cpp_compiler() is None:
+            pytest.skip("no C++ compiler: the C++ loops cannot be built here")
+        assert cpp.kernels() is not None, f"the C++ loops failed to build: {cpp.build_failure()}"
+    monkeypatch.setenv("NLSTM_CPP", "1" if request.param == "cpp" else "0")
+
+    def spy(x):
+        ops = cpp.use_cpp(x)
+        loops.choices.append(ops is not None)
+        return ops
+
+    monkeypatch.setattr(function, "use_cpp", spy)
+    monkeypatch.setattr(inference, "use_cpp", spy)
+    return loops

@@ -13,6 +13,7 @@ import torch
 import nlstm.fused.function
 import nlstm.fused.inference
 from nlstm import NestedLSTM
+from nlstm.fused.cpp import forward_loop_cpp
 from nlstm.fused.cpu_env import FlushDenormals, fenv
 from nlstm.fused.forward import forward_loop
 
@@ -85,7 +86,7 @@ def outputs_and_grads(model, x):
 
 
 @pytest.mark.parametrize("flush", ["1", "0"])
-def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatch):
+def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatch, fused_loops):
     monkeypatch.setenv("NLSTM_FLUSH_DENORMALS", flush)
     fus, ref = saturated_pair(torch.float64, 1.0)
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -94,9 +95,10 @@ def test_fused_equals_reference_float64_with_and_without_flush(flush, monkeypatc
     with torch.no_grad():
         for xs in (x, x[:, :1]):
             torch.testing.assert_close(fus(xs)[0], ref(xs)[0], **TIGHT)
+    fused_loops.assert_used()
 
 
-def test_saturated_float32_model_agrees_with_reference():
+def test_saturated_float32_model_agrees_with_reference(fused_loops):
     """Weights scaled up until gates saturate and denormals appear: the flush changes nothing
     visible (values below 1.2e-38 become zero)."""
     fus, ref = saturated_pair(torch.float32, 40.0)
@@ -105,17 +107,23 @@ def test_saturated_float32_model_agrees_with_reference():
     for a, b in zip(outputs_and_grads(fus, x), outputs_and_grads(ref, x), strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    fused_loops.assert_used()
 
 
 @pytest.mark.parametrize("serial", ["1", "0"])
-def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch):
+def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch, fused_loops):
     """Below MAX_SERIAL_STEP_MACS a call runs at one thread (NLSTM_SERIAL_SMALL=0: at all of them);
-    either way the result equals the reference in float64 and the caller's thread count is kept."""
+    either way, on either loops, the result equals the reference in float64 and the caller's
+    thread count is kept."""
     monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
     seen = []
-    spy = lambda *a: (seen.append(torch.get_num_threads()), forward_loop(*a))[1]
+
+    def spying(loop):
+        return lambda *a, **kw: (seen.append(torch.get_num_threads()), loop(*a, **kw))[1]
+
     for caller in (nlstm.fused.function, nlstm.fused.inference):  # the training and the no-grad path
-        monkeypatch.setattr(caller, "forward_loop", spy)
+        monkeypatch.setattr(caller, "forward_loop", spying(forward_loop))
+        monkeypatch.setattr(caller, "forward_loop_cpp", spying(forward_loop_cpp))
     fus, ref = saturated_pair(torch.float64, 1.0)
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     old = torch.get_num_threads()
@@ -131,3 +139,4 @@ def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, mon
     assert seen == ([1, 1] if serial == "1" else [2, 2])
     for a, b in zip(got, outputs_and_grads(ref, x), strict=True):
         torch.testing.assert_close(a, b, **TIGHT)
+    fused_loops.assert_used()

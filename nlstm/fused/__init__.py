@@ -31,6 +31,8 @@ One concern per module, in the order a call uses them:
 - ``buffers``: the per-call buffers with their per-step views, the lock-protected pool and leases;
 - ``cpu_env``: flush-to-zero and the serial small-width path;
 - ``forward`` and ``backward``: the two time loops (and the gradients after the backward one);
+- ``cpp``: the same two loops in C++ (``nlstm/csrc/fused_cpu.cpp``) for CPU tensors, compiled on
+  first use where a compiler exists, the Python loops otherwise (``NLSTM_CPP``);
 - ``inference``: the no-grad paths;
 - ``function``: the autograd Function and :func:`fused_nested_lstm`, the entry the model calls.
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from nlstm.fused.backward import backward_loop, param_and_input_grads
 from nlstm.fused.buffers import lease_forward, lease_grads
+from nlstm.fused.cpp import backward_loop_cpp, forward_loop_cpp, onednn_in_cpp, use_cpp
 from nlstm.fused.cpu_env import FlushDenormals, threads_for
 from nlstm.fused.forward import forward_loop
 from nlstm.fused.gemm import gemm_backend
@@ -30,15 +31,19 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
         check_inputs(x, h0, c0, w_ih, w_hh, b)
         T, B, _ = x.shape
         n = h0.shape[1]
-        mk = gemm_backend(x) == "mkldnn"
+        ops = use_cpp(x)
+        mk = gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(B, n))
         with threads_for(B, n), FlushDenormals(x):
             w = prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
             lease = lease_forward(T, B, n, depth, x, train=True)
             buf = lease.item
-            forward_loop(x, h0, c0, w, buf)
+            if ops is not None:
+                forward_loop_cpp(ops, x, h0, c0, w, buf, train=True)
+            else:
+                forward_loop(x, h0, c0, w, buf)
         w.ph0 = None  # the forward's packed weights are not needed any more
         w.pcat = []
-        ctx.depth, ctx.return_memories = depth, return_memories
+        ctx.depth, ctx.return_memories, ctx.ops = depth, return_memories, ops
         ctx.w, ctx.buf, ctx.lease, ctx.generation = w, buf, lease, buf.generation
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, buf.out)  # out is an output: autograd checks it is not modified
@@ -68,7 +73,10 @@ class FusedNestedLSTMFunction(torch.autograd.Function):
             packed_t = pack_transposed(w, B) if w.mkldnn else None
             da_lease = lease_grads(T, B, n, depth, out)
             dA = da_lease.item.dA
-            dc0 = backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
+            if ctx.ops is not None:
+                dc0 = backward_loop_cpp(ctx.ops, dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
+            else:
+                dc0 = backward_loop(dout, dh_last, dc_last, dmem, w, buf, da_lease.item, packed_t)
             dx, dh0, dw_ih, dw_hh, db = param_and_input_grads(ctx.needs_input_grad[3:5], x, h0, out, w, dA,
                                                               buf.UR)
         dc0 = [dc0[k].clone() if ctx.needs_input_grad[5 + k] else None for k in range(depth)]

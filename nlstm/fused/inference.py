@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from nlstm.fused.buffers import lease_forward, lease_step
+from nlstm.fused.cpp import forward_loop_cpp, onednn_in_cpp, use_cpp
 from nlstm.fused.cpu_env import FlushDenormals, threads_for
 from nlstm.fused.forward import forward_loop
 from nlstm.fused.gemm import gemm_backend
@@ -76,12 +77,16 @@ def inference(x, h0, c0, w_ih, w_hh, b, outer_identity, return_memories):
         return out, state, (tuple(c.unsqueeze(0).clone() for c in state[1]) if return_memories else None)
     # Packing the step weights for oneDNN (~0.5 ms quiet, tens of ms when other processes hold the
     # cores: the reorder is a parallel region) pays over a long sequence, not over a few steps.
-    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn"
+    ops = use_cpp(x)
+    mk = T >= MIN_PACKED_STEPS and gemm_backend(x) == "mkldnn" and (ops is None or onednn_in_cpp(B, n))
     with threads_for(B, n), FlushDenormals(x):
         w = prepare_weights(w_ih, w_hh, b, outer_identity, mk, B)
         lease = lease_forward(T, B, n, depth, x, train=False)  # its out is a fresh tensor
         buf = lease.item
-        forward_loop(x, h0, c0, w, buf)
+        if ops is not None:
+            forward_loop_cpp(ops, x, h0, c0, w, buf, train=False)
+        else:
+            forward_loop(x, h0, c0, w, buf)
     out = buf.out
     c_last = tuple(buf.G[k][T, :, 4 * n :].clone() for k in range(depth))
     mems = tuple(buf.G[k][1:, :, 4 * n :].clone() for k in range(depth)) if return_memories else None
