@@ -29,6 +29,7 @@ from nlstm.checkpoint import (
     set_rng_states,
 )
 from nlstm.data import StreamBatches, unigram_entropy_bits
+from nlstm.fused.cpp import prepare as prepare_cpu_loops
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -282,6 +283,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train until the epochs, the patience or the time budget run out (resumes mid-epoch)."""
+        if str(self.cfg.device).startswith("cpu") and any(getattr(m, "impl", None) == "fused"
+                                                          for m in self.model.modules()):
+            prepare_cpu_loops()  # a first-use build of the C++ loops is not training time
         stop_reason = "epochs"
         while self.epoch < self.cfg.epochs:
             if self._out_of_time():

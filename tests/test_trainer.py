@@ -251,3 +251,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     proc = run_cli(*args, "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+@pytest.mark.parametrize(("arch", "prepared"), [("nlstm", True), ("stacked", False)])
+def test_the_cpu_loops_are_built_before_the_training_clock_starts(corpus, monkeypatch, arch, prepared):
+    """A first-use build of the C++ loops takes up to a minute: inside the first step it would be
+    counted as training time (and tokens/s) of whichever trial came first."""
+    import nlstm.trainer as trainer_module
+
+    events = []
+    monkeypatch.setattr(trainer_module, "prepare_cpu_loops", lambda: events.append("prepare") or True)
+    trainer = make_trainer(corpus, arch=arch, epochs=1, max_steps_per_epoch=2)
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda x, y: events.append("step") or step(x, y))
+    trainer.fit()
+    assert events == (["prepare"] if prepared else []) + ["step", "step"]

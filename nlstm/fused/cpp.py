@@ -32,7 +32,8 @@ from torch import Tensor
 
 __all__ = [
     "CPP_CHOICES", "MIN_ONEDNN_STEP_MACS", "SOURCE", "backward_loop_cpp", "build_dir",
-    "build_failure", "clear_stale_lock", "forward_loop_cpp", "kernels", "onednn_in_cpp", "setting", "use_cpp",
+    "build_failure", "clear_stale_lock", "forward_loop_cpp", "kernels", "onednn_in_cpp", "prepare", "setting",
+    "use_cpp",
 ]
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_cpu.cpp"
@@ -184,6 +185,12 @@ def setting() -> str:
     if choice not in CPP_CHOICES:
         raise ValueError(f"NLSTM_CPP must be one of {CPP_CHOICES}, got {choice!r}")
     return choice
+
+
+def prepare() -> bool:
+    """Build or load the C++ loops now rather than inside the first call, so that a first-use build
+    (up to a minute) is not timed as training. True if the C++ loops will run (``NLSTM_CPP``)."""
+    return setting() != "0" and kernels() is not None
 
 
 def use_cpp(x: Tensor):
