@@ -36,7 +36,7 @@ ui: $(STAMP)
 	$(PY) study/ui.py $(if $(STUDY),--study $(STUDY)) $(if $(STORE),--tracking-uri $(STORE)) --host $(or $(UI_HOST),127.0.0.1) --port $(or $(UI_PORT),5000)
 
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --compare-loops
 
 clean:
 	rm -rf runs studies mlflow.db ray_results .pytest_cache
