@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from nlstm import NestedLSTM  # noqa: E402
-from nlstm.fused import cpp  # noqa: E402
+from nlstm import NestedLSTM
+from nlstm.fused import cpp
 
 SIZES = [(32, 100, 64), (32, 100, 256), (64, 100, 121)]
 

@@ -41,13 +41,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from nlstm import NestedLSTM, StackedLSTM, core_parameters  # noqa: E402
+from nlstm import NestedLSTM, StackedLSTM, core_parameters
 
 CPU_SIZES = [(32, 100, 64), (32, 100, 256), (64, 100, 512)]
 TRAINED = "64,100,121,150"  # B, T, width, training steps: the CPU studies' size (issue 11)
