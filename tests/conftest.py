@@ -6,6 +6,13 @@ import os
 
 import pytest
 
+# Everything but the kernel tests runs the fused kernel's Python loops: the C++ loops are built on a
+# process's first call (15-60 s on 2 cores), and the study and cluster tests start fresh worker
+# processes and nodes (the cluster's worker cannot see the checkout's build cache) whose first call
+# would build them again. The C++ loops are bound by tests/test_fused_cpp.py and the `fused_loops`
+# fixture below, which set NLSTM_CPP themselves.
+os.environ.setdefault("NLSTM_CPP", "0")
+
 
 @pytest.fixture(scope="session")
 def ray_local():
