@@ -29,6 +29,7 @@ from dashboards.stats import (
     family_key,
     format_budget,
     protocol_key,
+    same_value,
     sorted_families,
     t_errorbar,
 )
@@ -245,7 +246,7 @@ def figure_depth(aset: AnalysisSet) -> FigureResult:
         return res
     left_out = []
     if len(rows) > MAX_DEPTH_ROWS:  # keep the budgets with the most depths, then the most runs
-        size = {b: (len(d), int(_same_budget(sel, b).sum())) for b, d in rows}
+        size = {b: (len(d), int(same_value(sel["budget"], b).sum())) for b, d in rows}
         kept = sorted(sorted(rows, key=lambda r: size[r[0]], reverse=True)[:MAX_DEPTH_ROWS], key=lambda r: r[0])
         left_out = [format_budget(b) for b, _ in rows if all(b != k for k, _ in kept)]
         rows = kept
@@ -256,8 +257,8 @@ def figure_depth(aset: AnalysisSet) -> FigureResult:
     n_pairs = 0
     with quiet():
         for i, (budget, depths) in enumerate(rows):
-            n_pairs += _depth_row(axes[i, 0], axes[i, 1], sel[_same_budget(sel, budget)], depths, budget, metric,
-                                  legend=i == 0)
+            at = sel[same_value(sel["budget"], budget)]
+            n_pairs += _depth_row(axes[i, 0], axes[i, 1], at, depths, budget, metric, legend=i == 0)
     budgets = " and ".join(format_budget(b) for b, _ in rows)
     all_depths = sorted({d for _, depths in rows for d in depths})
     res.figure = fig
@@ -278,10 +279,6 @@ def figure_depth(aset: AnalysisSet) -> FigureResult:
     if note:
         res.notes.append(note)
     return res
-
-
-def _same_budget(frame: pd.DataFrame, budget: float) -> pd.Series:
-    return frame["budget"].isna() if pd.isna(budget) else frame["budget"] == budget
 
 
 # ---------------------------------------------------------------------------- 3. time-matched
@@ -534,7 +531,7 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
                        "evaluate and ablation trials after training).")
         return res
     budget = _timescale_budget(ts)
-    ts_at = ts[(ts["budget"] == budget) if pd.notna(budget) else ts["budget"].isna()]
+    ts_at = ts[same_value(ts["budget"], budget)]
     families = sorted_families(ts_at["family"])
     palette = family_palette(families)
     at_runs = sel[sel["run_id"].isin(ts_at["run_id"])]

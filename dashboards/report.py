@@ -32,6 +32,7 @@ from dashboards.stats import (
     comparison_table,
     config_table,
     format_budget,
+    has_probe,
     paired_comparisons,
 )
 from dashboards.tables import tidy_arms, tidy_comparisons, tidy_configs, tidy_excluded, tidy_runs, trials_table
@@ -147,7 +148,7 @@ def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]
 
 
 def _arm_rows(arms: pd.DataFrame) -> Table:
-    probed = bool((arms["n_closer"] > 0).any())  # the long-range probe's column, where recorded
+    probed = has_probe(arms)  # the long-range probe's column, where recorded
     rows = [[str(r["protocol"]), format_budget(r["budget"]), str(r["family"]), str(r["n_seeds"]),
              str(r["n_configs"]), fmt_int(r["num_params"]),
              fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),

@@ -119,7 +119,8 @@ def format_budget(budget: float) -> str:
     return f"{budget:.4g}"
 
 
-def _same(column: pd.Series, value: Any) -> pd.Series:
+def same_value(column: pd.Series, value: Any) -> pd.Series:
+    """``column == value``, where a missing value matches missing entries (a budget never recorded)."""
     return column.isna() if pd.isna(value) else column == value
 
 
@@ -241,13 +242,18 @@ ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_co
                "config_not_learned", "excluded"]
 
 
+def has_probe(arms: pd.DataFrame) -> bool:
+    """Whether any arm of ``arm_table`` has closer BPC (the long-range probe was recorded)."""
+    return "n_closer" in arms and bool((arms["n_closer"] > 0).any())
+
+
 def arm_table(aset: AnalysisSet) -> pd.DataFrame:
     """One row per arm (protocol x budget x family), also for arms none of whose runs learned: seeds that
     learned, parameters, valid/test BPC mean and 95 % CI, tokens/s, and the runs excluded (how many, why)."""
     rows = []
     for key, arm_runs in aset.runs.groupby(ARM, dropna=False, sort=False):
         protocol, budget, family = key
-        group = aset.selected[(aset.selected["protocol"] == protocol) & _same(aset.selected["budget"], budget)
+        group = aset.selected[(aset.selected["protocol"] == protocol) & same_value(aset.selected["budget"], budget)
                               & (aset.selected["family"] == family)]
         valid, test = t_interval(group["best_valid_bpc"]), t_interval(group["test_bpc"])
         closer = t_interval(group["closer_bpc"] if "closer_bpc" in group else [])  # the long-range probe
@@ -341,7 +347,7 @@ class Comparison:
 
 def _per_seed(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str) -> pd.Series:
     rows = selected[(selected["protocol"] == protocol) & (selected["family"] == family)
-                    & _same(selected["budget"], budget)]
+                    & same_value(selected["budget"], budget)]
     rows = rows[np.isfinite(rows[metric].astype(float)) & rows["seed"].notna()]
     return rows.groupby("seed")[metric].mean()
 
@@ -379,7 +385,7 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
     out = []
     for _, nested_row in arms[arms["arch"] == "nlstm"].iterrows():
         protocol, budget, nested = nested_row["protocol"], nested_row["budget"], nested_row["family"]
-        at_budget = arms[_same(arms["budget"], budget)]
+        at_budget = arms[same_value(arms["budget"], budget)]
         depth = nested.removeprefix("nlstm-d")
         wanted = sorted_families(f for f in at_budget["family"] if f == f"stacked-d{depth}" or f.startswith("single"))
         for other in wanted:

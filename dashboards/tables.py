@@ -31,7 +31,7 @@ import pandas as pd
 
 from dashboards.load import STATES
 from dashboards.outcome import OUTCOMES
-from dashboards.stats import CONFIDENCE, PAIRED, Comparison
+from dashboards.stats import CONFIDENCE, PAIRED, Comparison, has_probe
 
 IDENTITY = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "trial_id", "run_id"]
 ENDING = ["status", "outcome", "outcome_reason"]
@@ -107,7 +107,7 @@ def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
     ``test_closers`` (closer BPC) in a study that recorded the long-range probe.
 
     The arm's own facts (parameters, speed, run counts, exclusions) repeat on its rows."""
-    probed = "n_closer" in arms and bool((arms["n_closer"] > 0).any())
+    probed = has_probe(arms)
     rows = []
     for _, arm in arms.iterrows():
         shared = {c: arm[c] for c in ARMS_COLUMNS if c in arm.index}

@@ -42,7 +42,7 @@ class ProgressLine(tune.Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
         return {"phase": self.phase, "total": self.total, "summary_every_s": self.summary_every_s,
-                "can_prune": getattr(self, "can_prune", True), "_stream": None,
+                "can_prune": self._can_prune, "_stream": None,
                 "_start": 0.0, "_last_draw": 0.0, "_last_summary": 0.0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
