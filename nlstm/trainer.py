@@ -72,7 +72,10 @@ class TrainConfig:
     lr_decay: float = 0.5  # 'plateau': factor applied when valid BPC stops improving
     patience: int | None = 3  # early stopping after this many epochs without improvement; None: never
     min_delta: float = 1e-4  # an improvement smaller than this (in BPC) does not count
-    max_steps_per_epoch: int | None = None  # shrink epochs (smoke runs, quick searches)
+    # Shrink epochs to this many windows (smoke runs, quick searches, several validations per pass). Shortened
+    # epochs continue along the training stream where the previous one stopped (wrapping at its end), so N of
+    # them see N x steps distinct windows and the state carries across their boundaries, as within an epoch.
+    max_steps_per_epoch: int | None = None
     max_eval_tokens: int | None = None  # evaluate on a prefix of valid/test (quick searches)
     time_budget_s: float | None = None  # stop after this much training time (time-matched comparisons)
     seed: int = 0
@@ -217,6 +220,7 @@ class Trainer:
         # Progress: everything a checkpoint must restore to continue identically.
         self.epoch = 0  # completed epochs
         self.batch_index = 0  # next batch within the current epoch
+        self.stream_position = 0  # next window of the training stream (shortened epochs continue from it)
         self.global_step = 0
         self.state: Any = None  # recurrent state carried across training windows
         self.history: list[EpochResult] = []
@@ -293,11 +297,12 @@ class Trainer:
                 break
             while self.batch_index < self.steps_per_epoch and not self._out_of_time():
                 start = time.perf_counter()
-                x, y = self.train_batches[self.batch_index]
+                x, y = self.train_batches[self.stream_position]
                 loss = self.train_step(x, y)
                 self.train_time_s += time.perf_counter() - start
                 self.tokens_seen += y.numel()
                 self.batch_index += 1
+                self._advance_stream()
                 self.global_step += 1
                 self._epoch_loss_sum += loss
                 self._epoch_windows += 1
@@ -308,6 +313,12 @@ class Trainer:
                 stop_reason = "early stopping"
                 break
         return self._finish(stop_reason)
+
+    def _advance_stream(self) -> None:
+        """Next window; at the stream's end start it again with a fresh state (its first window follows no text)."""
+        self.stream_position = (self.stream_position + 1) % len(self.train_batches)
+        if self.stream_position == 0:
+            self.state = None
 
     def _out_of_time(self) -> bool:
         return self.cfg.time_budget_s is not None and self.train_time_s >= self.cfg.time_budget_s
@@ -336,7 +347,6 @@ class Trainer:
         )
         self.history.append(result)
         self.batch_index, self._epoch_loss_sum, self._epoch_windows = 0, 0.0, 0
-        self.state = None  # each epoch starts the stream from the beginning
         self._emit("on_epoch_end", result)
         return result
 
@@ -377,6 +387,7 @@ class Trainer:
             "rng": rng_states(),
             "progress": {
                 "epoch": self.epoch, "batch_index": self.batch_index, "global_step": self.global_step,
+                "stream_position": self.stream_position,
                 "best_valid_bpc": self.best_valid_bpc, "best_epoch": self.best_epoch,
                 "epochs_without_improvement": self.epochs_without_improvement,
                 "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
@@ -399,6 +410,9 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         p = ckpt["progress"]
         self.epoch, self.batch_index, self.global_step = p["epoch"], p["batch_index"], p["global_step"]
+        # Checkpoints from before shortened epochs continued the stream: with full epochs both agree (the
+        # position is the batch index); _changed_settings refuses the others.
+        self.stream_position = p.get("stream_position", p["batch_index"])
         self.best_valid_bpc, self.best_epoch = p["best_valid_bpc"], p["best_epoch"]
         self.epochs_without_improvement = p["epochs_without_improvement"]
         self.train_time_s, self.wall_time_s, self.tokens_seen = p["train_time_s"], p["wall_time_s"], p["tokens_seen"]
@@ -451,6 +465,8 @@ class Trainer:
         for key in sorted(set(saved_model) | set(now_model)):
             if saved_model.get(key, "<unset>") != now_model.get(key, "<unset>"):
                 refused.append(f"{key} {saved_model.get(key, '<unset>')} -> {now_model.get(key, '<unset>')}")
+        if "stream_position" not in ckpt["progress"] and self.steps_per_epoch < len(self.train_batches):
+            refused.append("shortened epochs restarting the stream (older code) -> continuing it")
         old_data, new_data = ckpt["data_fingerprint"], getattr(self.data, "fingerprint", None)
         if old_data is not None and new_data is not None and old_data != new_data:
             refused.append(f"data fingerprint {old_data[:12]} -> {new_data[:12]}")

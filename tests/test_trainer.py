@@ -44,13 +44,16 @@ def make_trainer(corpus, arch="nlstm", depth=2, callbacks=None, seed=0, init_see
 @pytest.mark.parametrize("arch,depth", [("nlstm", 2), ("stacked", 2)])
 def test_learns_well_below_unigram_entropy(corpus, arch, depth):
     # learn_after_steps=1: the unigram bar of the "did not learn" rule applies from the first epoch on
-    result = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40, learn_after_steps=1).fit()
+    trainer = make_trainer(corpus, arch, depth, epochs=3, max_steps_per_epoch=40, learn_after_steps=1)
+    result = trainer.fit()
     unigram = corpus.unigram_entropy_bits()
     assert result.best_valid_bpc < 0.7 * unigram, (result.best_valid_bpc, unigram)
     assert result.test_bpc is not None and result.test_bpc < 0.7 * unigram
     assert [r.epoch for r in result.history] == [1, 2, 3]
     assert result.history[-1].train_bpc < result.history[0].train_bpc
-    assert result.tokens_seen == 3 * 40 * 16 * 32 and result.tokens_per_s > 0
+    windows = trainer.train_batches  # 120 steps over 78 windows: the stream wraps once, past its shorter last window
+    assert result.tokens_seen == sum(windows[i % len(windows)][1].numel() for i in range(120)) > 0
+    assert result.tokens_per_s > 0
 
 
 class StopAt:
@@ -83,6 +86,66 @@ def test_resume_mid_epoch_is_bit_identical(corpus, tmp_path):
     assert [r.valid_bpc for r in resumed_result.history] == [r.valid_bpc for r in straight_result.history]
     assert [r.train_bpc for r in resumed_result.history] == [r.train_bpc for r in straight_result.history]
     assert resumed_result.test_bpc == straight_result.test_bpc
+
+
+class WindowSpy(Trainer):
+    """Records which window of the training stream each step gets and whether it starts from a fresh state."""
+
+    def train_step(self, x, y):
+        self.fed = [*getattr(self, "fed", []), (self.stream_position, self.state is None)]
+        assert torch.equal(x, self.train_batches[self.stream_position][0])
+        return super().train_step(x, y)
+
+
+def spy_trainer(corpus, **train):
+    trainer = make_trainer(corpus, **train)
+    trainer.__class__ = WindowSpy
+    return trainer
+
+
+def test_shortened_epochs_continue_along_the_stream(corpus):
+    trainer = spy_trainer(corpus, epochs=3, max_steps_per_epoch=5)
+    trainer.fit()
+    assert [position for position, _ in trainer.fed] == list(range(15))  # not 0-4 three times
+    assert [fresh for _, fresh in trainer.fed] == [True] + [False] * 14  # the state crosses epoch boundaries
+
+    n = len(trainer.train_batches)  # 78 windows: epochs of 50 wrap once, restarting the stream with a fresh state
+    wrapping = spy_trainer(corpus, epochs=2, max_steps_per_epoch=50)
+    wrapping.fit()
+    positions = [position for position, _ in wrapping.fed]
+    assert positions == [*range(n), *range(100 - n)]
+    assert [i for i, (_, fresh) in enumerate(wrapping.fed) if fresh] == [0, n]
+
+
+def test_shortened_epochs_train_exactly_as_one_epoch_of_their_steps(corpus):
+    """Validating after every 3 windows changes nothing about training: the same windows, states and updates."""
+    split = make_trainer(corpus, epochs=2, max_steps_per_epoch=3)
+    split.fit()
+    whole = make_trainer(corpus, epochs=1, max_steps_per_epoch=6)
+    whole.fit()
+    for (name, a), b in zip(split.model.state_dict().items(), whole.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_from_before_the_continuing_stream(corpus, tmp_path):
+    """Older checkpoints lack the stream position: exact with full epochs, refused with shortened ones."""
+    ckpt = tmp_path / "ckpt.pt"
+    first = make_trainer(corpus, epochs=2, max_steps_per_epoch=4)
+    first.fit()
+    state = first.state_dict()
+    del state["progress"]["stream_position"]
+    torch.save(state, ckpt)
+    with pytest.raises(SettingsMismatchError, match="shortened epochs restarting the stream"):
+        make_trainer(corpus, epochs=3, max_steps_per_epoch=4).load_checkpoint(ckpt)
+
+    full = make_trainer(corpus, epochs=1, max_steps_per_epoch=None)
+    full.fit()
+    state = full.state_dict()
+    del state["progress"]["stream_position"]
+    torch.save(state, ckpt)
+    resumed = make_trainer(corpus, epochs=2, max_steps_per_epoch=None)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.stream_position == 0 and resumed.epoch == 1
 
 
 def test_resume_refuses_other_settings_and_records_new_stopping_rules(corpus, tmp_path):
