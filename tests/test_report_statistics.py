@@ -48,6 +48,7 @@ class FakeRun:
     budget: int = BUDGET
     factors: dict = field(default_factory=dict)  # more params that are part of the configuration (its hash)
     metrics: dict = field(default_factory=dict)  # more final metrics (e.g. closer_bpc)
+    seconds_per_epoch: float = 10.0  # cumulative train_time_s after epoch e: e * seconds_per_epoch
 
     @property
     def family(self) -> str:
@@ -110,8 +111,8 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
                                "seed": run.seed} | run.extra
         curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
         metrics = [Metric(k, v, now + e, e) for e, bpc in enumerate(curve, start=1) for k, v in (
-            ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", 10.0 * e), ("tokens_seen", 1e4 * e),
-            ("tokens_per_s", 1000.0))]
+            ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", run.seconds_per_epoch * e),
+            ("tokens_seen", 1e4 * e), ("tokens_per_s", 1000.0))]
         tags = [RunTag(TAG + "status", run.state)]
         if run.state == "failed":
             tags.append(RunTag(TAG + "fail_reason", run.reason))
