@@ -332,11 +332,11 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval).",
         f"Differences: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the {WELCH_NAME} "
         "over all their seeds, with its interval of the difference of means.",
-        "Equal training time: per protocol and budget, T* is the smallest final cumulative training time "
-        "(evaluation excluded) among the runs in the statistics, so every one of them trained at least T* seconds; "
-        "each run's valid BPC at T* is the linear interpolation (numpy.interp) of its per-epoch (training time, "
-        "valid BPC) history, and a run whose first evaluation came after T* is counted, not extrapolated. These "
-        "values are compared between arms like the others.",
+        *(["Equal training time: per protocol and budget, T* is the smallest final cumulative training time "
+           "(evaluation excluded) among the runs in the statistics, so every one of them trained at least T* "
+           "seconds; each run's valid BPC at T* is the linear interpolation (numpy.interp) of its per-epoch "
+           "(training time, valid BPC) history, and a run whose first evaluation came after T* is counted, not "
+           "extrapolated. These values are compared between arms like the others."] if has_equal_time(arms) else []),
         "Memory timescale: the first lag where a unit's autocorrelation drops below 1/e, averaged over units, and "
         "the mean |c_t - c_(t-1)|, both measured on held-out text after training (nlstm.analysis).",
     ])

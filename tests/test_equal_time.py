@@ -114,6 +114,7 @@ def test_the_equal_time_comparison_is_paired_by_seed_and_a_run_that_did_not_lear
     assert row["verdict"] in section  # at 32 s nested (valid + 0.4 = 1.8) is behind stacked (1.6)
     assert row["verdict"].startswith("stacked-d2 has a lower valid BPC at equal training time than nlstm-d2")
     assert "Dashed vertical line: T* (32.0 s)" in md  # figure 3's caption names the line it draws
+    assert "Equal training time: per protocol and budget, T* is the smallest final cumulative training time" in md
 
 
 def test_a_single_evaluation_per_run_is_counted_not_extrapolated(tmp_path, template):
@@ -135,6 +136,6 @@ def test_runs_without_history_have_no_equal_time_rows_or_paragraph(tmp_path, tem
     data = dataclasses.replace(data, histories=data.histories.iloc[0:0])
     doc, frames = build_report(data)
     assert "valid_equal_time" not in set(frames["arms"]["split"]) | set(frames["comparisons"]["split"])
-    assert "At equal training time" not in render_markdown(doc)
+    assert "At equal training time" not in render_markdown(doc) and "T*" not in render_markdown(doc)
     aset = add_equal_time(analysis_set(data.trials), data.histories)
     assert EQUAL_TIME not in aset.selected and not any(c.metric == EQUAL_TIME for c in paired_comparisons(aset))
