@@ -21,9 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter, ScalarFormatter
 
+from dashboards.equal_time import add_equal_time
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
 from dashboards.outcome import NOT_LEARNED
 from dashboards.stats import (
+    EQUAL_TIME_S,
     AnalysisSet,
     analysis_set,
     family_key,
@@ -309,6 +311,7 @@ def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
     # Token counts in the hundreds of thousands ran into each other as plain integers: 100k, 1.5M.
     axes[1].xaxis.set_major_locator(MaxNLocator(5))
     axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
+    t_stars = _mark_equal_times(axes[0], sel)
     if axes[-1].get_legend() is not None:
         sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     n_runs = epochs["run_id"].nunique()
@@ -316,9 +319,28 @@ def figure_time_matched(data: StudyData, aset: AnalysisSet) -> FigureResult:
     res.caption = (f"Validation BPC after each epoch against cumulative training time (left) and tokens seen (right), "
                    f"one line per run ({n_runs} runs, {len(families)} families): at equal time the faster core "
                    "gets more updates.")
+    if t_stars:
+        at = "; ".join(f"{format_budget(b)}: {t:,.1f} s" if multi_budget else f"{t:,.1f} s" for b, t in t_stars)
+        res.caption += (f" Dashed vertical line{'s' if len(t_stars) > 1 else ''}: T* ({at}), the shortest run's "
+                        "training time per budget, where the report compares valid BPC at equal training time.")
     if note:
         res.notes.append(note)
     return res
+
+
+def _mark_equal_times(ax, sel: pd.DataFrame) -> list[tuple[float, float]]:
+    """A dashed vertical line at each budget's T* (``dashboards.equal_time``), labelled with the budget when there
+    are several; returns the (budget, T*) pairs drawn."""
+    if EQUAL_TIME_S not in sel:
+        return []
+    t_stars = sel.dropna(subset=[EQUAL_TIME_S]).groupby("budget")[EQUAL_TIME_S].first().sort_index()
+    for budget, t_star in t_stars.items():
+        ax.axvline(t_star, color="0.35", lw=1, ls="--", zorder=0)
+        if len(t_stars) > 1:
+            ax.annotate(f"T* {format_budget(budget)}", (t_star, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(2, -2), textcoords="offset points", ha="left", va="top", fontsize=7, color="0.35",
+                        rotation=90)
+    return [(float(b), float(t)) for b, t in t_stars.items()]
 
 
 # ---------------------------------------------------------------------------- 4. learning curves
@@ -651,7 +673,7 @@ def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
 
 
 def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[FigureResult]:
-    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
+    aset = aset or add_equal_time(analysis_set(data.trials, (data.parent or {}).get("params")), data.histories)
     builders = (lambda: figure_parameter_matched(aset), lambda: figure_depth(aset),
                 lambda: figure_time_matched(data, aset), lambda: figure_learning_curves(data, aset),
                 lambda: figure_search(data, aset), lambda: figure_timescales(data, aset),

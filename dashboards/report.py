@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 
 from dashboards.efficiency import study_efficiency
+from dashboards.equal_time import add_equal_time
 from dashboards.figures import FigureResult, all_figures
 from dashboards.load import STATES, StudyData
 from dashboards.outcome import EXCLUDED, FAILED, NOT_LEARNED, PRUNED
 from dashboards.stats import (
+    EQUAL_TIME,
     MIN_SEEDS,
     TEST_NAME,
     WELCH,
@@ -32,6 +34,7 @@ from dashboards.stats import (
     comparison_table,
     config_table,
     format_budget,
+    has_equal_time,
     has_probe,
     paired_comparisons,
 )
@@ -149,21 +152,58 @@ def _runs_summary(data: StudyData, aset: AnalysisSet) -> tuple[Table, list[str]]
 
 def _arm_rows(arms: pd.DataFrame) -> Table:
     probed = has_probe(arms)  # the long-range probe's column, where recorded
+    timed = has_equal_time(arms)  # valid BPC at equal training time T*, where runs have an epoch history
     rows = [[str(r["protocol"]), format_budget(r["budget"]), str(r["family"]), str(r["n_seeds"]),
              str(r["n_configs"]), fmt_int(r["num_params"]),
              fmt_ci(r["valid_mean"], r["valid_low"], r["valid_high"], r["n_seeds"]),
              fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_test"]),
              *([fmt_ci(r["closer_mean"], r["closer_low"], r["closer_high"], r["n_closer"])] if probed else []),
+             *([_equal_time_cell(r)] if timed else []),
              fmt_int(r["tokens_per_s"]), fmt_seconds(r["train_time_s"]), str(r["excluded"])]
             for _, r in arms.iterrows()]
     return Table("Per arm: mean and 95 % t-interval over seeds",
                  ["protocol", "budget", "family", "seeds", "configs", "parameters", "valid BPC [95 % CI]",
-                  "test BPC [95 % CI]", *(["closer BPC [95 % CI]"] if probed else []), "tokens/s",
+                  "test BPC [95 % CI]", *(["closer BPC [95 % CI]"] if probed else []),
+                  *(["valid BPC at T* [95 % CI]"] if timed else []), "tokens/s",
                   "train time (s)", "excluded runs"], rows,
                  note="seeds: runs that learned in the arm's representative configuration. configs > 1: the arm is "
                       "represented by a configuration in which every finished run learned, if any, then the lowest "
                       "mean valid BPC. Excluded runs: of the arm's finished runs in this protocol, how many were left "
-                      "out and why (did not learn: diverged, or BPC not below chance).")
+                      "out and why (did not learn: diverged, or BPC not below chance)."
+                      + (" Valid BPC at T*: interpolated at equal training time (the shortest selected run's "
+                         "training time at the budget); runs with no evaluation before T* are counted, not "
+                         "extrapolated." if timed else ""))
+
+
+def _equal_time_cell(r: pd.Series) -> str:
+    cell = fmt_ci(r["equal_time_mean"], r["equal_time_low"], r["equal_time_high"], r["n_equal_time"])
+    missing = int(r["n_no_eval_before_equal_time"])
+    return cell + (f" ({missing} run{'s' if missing > 1 else ''}: no evaluation before T*)" if missing else "")
+
+
+def _equal_time_paragraphs(doc: Report, arms: pd.DataFrame, comparisons: list) -> None:
+    """Per protocol and budget with a T* and a comparison: what the arms say at equal training time."""
+    if not has_equal_time(arms):
+        return
+    several = arms["protocol"].nunique() > 1
+    for (protocol, budget), at in arms.groupby(["protocol", "budget"], sort=False):
+        t_star = float(at["equal_time_s"].iloc[0])
+        here = [c for c in comparisons if c.protocol == protocol and c.budget == budget]
+        if not np.isfinite(t_star) or not here:
+            continue
+        where = f" in protocol \"{protocol}\"" if several else ""
+        head = (f"At equal training time (T* = {fmt_seconds(t_star)} s, the shortest run's training time at this "
+                f"budget, {format_budget(budget)}{where}), valid BPC interpolated at T*:")
+        late = [f"{r['family']} {int(r['n_no_eval_before_equal_time'])}" for _, r in at.iterrows()
+                if r["n_no_eval_before_equal_time"]]
+        note = (f" Runs with no evaluation before T* (left out, not extrapolated; the equal-time view needs several "
+                f"evaluations per run): {', '.join(late)}." if late else "")
+        verdicts = [c.verdict for c in here if c.metric == EQUAL_TIME]
+        if not verdicts:
+            doc.p(f"{head} no comparison has runs evaluated before T* in both arms.{note}")
+            continue
+        doc.p(head + note)
+        doc.ul(verdicts)
 
 
 def _seeds_cell(r: pd.Series) -> str:
@@ -227,7 +267,7 @@ def _excluded_rows(excluded: pd.DataFrame) -> Table | None:
 
 def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Report, dict[str, pd.DataFrame]]:
     """The document and the tidy full-precision tables behind it (:mod:`dashboards.tables`), by CSV name."""
-    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
+    aset = add_equal_time(aset or analysis_set(data.trials, (data.parent or {}).get("params")), data.histories)
     arms = arm_table(aset)
     comparisons = paired_comparisons(aset, arms) if len(arms) else []
     comp_frame = comparison_table(comparisons)
@@ -265,6 +305,7 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
               f"when both arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the "
               "difference that excludes 0, and no run of the winner's configuration that did not learn):")
         doc.ul([c.verdict for c in comparisons if c.metric in (primary, "closer_bpc")])
+        _equal_time_paragraphs(doc, arms, comparisons)
 
     doc.h2("Figures")
     for result in all_figures(data, aset):
@@ -291,6 +332,11 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval).",
         f"Differences: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the {WELCH_NAME} "
         "over all their seeds, with its interval of the difference of means.",
+        *(["Equal training time: per protocol and budget, T* is the smallest final cumulative training time "
+           "(evaluation excluded) among the runs in the statistics, so every one of them trained at least T* "
+           "seconds; each run's valid BPC at T* is the linear interpolation (numpy.interp) of its per-epoch "
+           "(training time, valid BPC) history, and a run whose first evaluation came after T* is counted, not "
+           "extrapolated. These values are compared between arms like the others."] if has_equal_time(arms) else []),
         "Memory timescale: the first lag where a unit's autocorrelation drops below 1/e, averaged over units, and "
         "the mean |c_t - c_(t-1)|, both measured on held-out text after training (nlstm.analysis).",
     ])

@@ -18,6 +18,10 @@ Methods (the report states them too):
   seeds) the seeds are not truly paired: Welch's t-test over all seeds of both arms
   (``scipy.stats.ttest_ind(equal_var=False)``) and its interval of the difference of means.
   Negative means the Nested LSTM has the lower (better) BPC. No correction for multiple comparisons.
+- Equal training time (:mod:`dashboards.equal_time`): per protocol and budget, T* is the smallest final
+  cumulative training time among the selected runs; each run's valid BPC at T* is the linear interpolation of its
+  (train_time_s, valid_bpc) epoch history, NaN when T* precedes its first evaluation (counted per arm, never
+  extrapolated). It is compared like the other metrics, where recorded.
 - Verdict: a winner is named only when both arms learned, with at least :data:`MIN_SEEDS` seeds
   (pairs) per arm, a 95 % interval of the difference that excludes 0, and no run of the winner's
   configuration that did not learn (its surviving seeds would be a biased sample); otherwise the
@@ -43,8 +47,11 @@ CONFIDENCE = 0.95
 MIN_SEEDS = 3
 FINAL_PHASES = ("evaluate", "ablation")
 PHASE_ORDER = {"evaluate": 0, "ablation": 1, "search": 2}
+EQUAL_TIME = "valid_bpc_equal_time"  # valid BPC at equal training time T* (dashboards.equal_time adds it to selected)
+EQUAL_TIME_S = "equal_time_s"  # T*, seconds, per protocol and budget
 # compared between arms where recorded; closer_bpc: the long-range probe of the synthetic corpus (nlstm.probes)
-METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC", "closer_bpc": "closer BPC"}
+METRICS = {"test_bpc": "test BPC", "best_valid_bpc": "valid BPC", "closer_bpc": "closer BPC",
+           EQUAL_TIME: "valid BPC at equal training time"}
 PAIRED, WELCH, NO_TEST = "paired t-test", "Welch's t-test", "none"
 TEST_NAME = "paired t-test (two-sided, scipy.stats.ttest_rel)"
 WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=False)"
@@ -237,7 +244,9 @@ def _sort_arms(table: pd.DataFrame) -> pd.DataFrame:
 
 ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_configs", "num_params",
                "valid_mean", "valid_low", "valid_high", "test_mean", "test_low", "test_high", "n_test",
-               "closer_mean", "closer_low", "closer_high", "n_closer", "tokens_per_s", "train_time_s", "config_hash",
+               "closer_mean", "closer_low", "closer_high", "n_closer", "equal_time_mean", "equal_time_low",
+               "equal_time_high", "n_equal_time", "equal_time_s", "n_no_eval_before_equal_time", "tokens_per_s",
+               "train_time_s", "config_hash",
                "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
                "config_not_learned", "excluded"]
 
@@ -245,6 +254,11 @@ ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_co
 def has_probe(arms: pd.DataFrame) -> bool:
     """Whether any arm of ``arm_table`` has closer BPC (the long-range probe was recorded)."""
     return "n_closer" in arms and bool((arms["n_closer"] > 0).any())
+
+
+def has_equal_time(arms: pd.DataFrame) -> bool:
+    """Whether any arm of ``arm_table`` has a T* (its runs have an epoch history: the equal-time view applies)."""
+    return "equal_time_s" in arms and bool(arms["equal_time_s"].notna().any())
 
 
 def arm_table(aset: AnalysisSet) -> pd.DataFrame:
@@ -257,6 +271,8 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
                               & (aset.selected["family"] == family)]
         valid, test = t_interval(group["best_valid_bpc"]), t_interval(group["test_bpc"])
         closer = t_interval(group["closer_bpc"] if "closer_bpc" in group else [])  # the long-range probe
+        at_equal = t_interval(group[EQUAL_TIME] if EQUAL_TIME in group else [])
+        t_star = equal_time_at(aset.selected, protocol, budget)
         counts = arm_runs["outcome"].value_counts()
         basis = group if len(group) else arm_runs
         rows.append({
@@ -267,6 +283,9 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
             "valid_mean": valid.mean, "valid_low": valid.low, "valid_high": valid.high,
             "test_mean": test.mean, "test_low": test.low, "test_high": test.high, "n_test": test.n,
             "closer_mean": closer.mean, "closer_low": closer.low, "closer_high": closer.high, "n_closer": closer.n,
+            "equal_time_mean": at_equal.mean, "equal_time_low": at_equal.low, "equal_time_high": at_equal.high,
+            "n_equal_time": at_equal.n, "equal_time_s": t_star,
+            "n_no_eval_before_equal_time": len(group) - at_equal.n if np.isfinite(t_star) else 0,
             "tokens_per_s": float(group["tokens_per_s"].mean()) if len(group) else math.nan,
             "train_time_s": float(group["train_time_s"].mean()) if len(group) else math.nan,
             "config_hash": group["config_hash"].iloc[0] if len(group) else None, "n_runs": len(arm_runs),
@@ -339,6 +358,7 @@ class Comparison:
     p: float
     excluded: str  # "nested: ...; other: ..."
     verdict: str
+    equal_time_s: float = math.nan  # T* of the protocol and budget, for the equal-time metric only
 
     @property
     def n_pairs(self) -> int | None:
@@ -396,6 +416,8 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
             for metric, label in METRICS.items():
                 if metric == "closer_bpc" and (metric not in aset.runs or aset.runs[metric].isna().all()):
                     continue  # the long-range probe is recorded on the synthetic corpus only
+                if metric == EQUAL_TIME and (metric not in aset.selected or aset.selected[metric].isna().all()):
+                    continue  # no epoch history, or no run evaluated before T*
                 a = _per_seed(aset.selected, protocol, nested, budget, metric)
                 b = _per_seed(aset.selected, protocol, other, budget, metric) if b_arm else pd.Series(dtype=float)
                 if b_arm and a_arm.n_learned and b_arm.n_learned and a.empty and b.empty:
@@ -412,8 +434,18 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
                     text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)),
                                    bar=_probe_bar(aset.selected) if metric == "closer_bpc" else None,
                                    means=(float(a.mean()), float(b.mean())))
-                out.append(dataclasses.replace(c, verdict=text))
+                out.append(dataclasses.replace(c, verdict=text, equal_time_s=equal_time_at(
+                    aset.selected, protocol, budget) if metric == EQUAL_TIME else math.nan))
     return out
+
+
+def equal_time_at(selected: pd.DataFrame, protocol: str, budget: float) -> float:
+    """T* of a protocol and budget (``dashboards.equal_time``), NaN where it was not computed."""
+    if EQUAL_TIME_S not in selected:
+        return math.nan
+    rows = selected[(selected["protocol"] == protocol) & same_value(selected["budget"], budget)]
+    times = rows[EQUAL_TIME_S].dropna()
+    return float(times.iloc[0]) if len(times) else math.nan
 
 
 def _probe_bar(selected: pd.DataFrame) -> float:

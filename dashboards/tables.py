@@ -31,7 +31,7 @@ import pandas as pd
 
 from dashboards.load import STATES
 from dashboards.outcome import OUTCOMES
-from dashboards.stats import CONFIDENCE, PAIRED, Comparison, has_probe
+from dashboards.stats import CONFIDENCE, EQUAL_TIME, PAIRED, Comparison, has_equal_time, has_probe
 
 IDENTITY = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "trial_id", "run_id"]
 ENDING = ["status", "outcome", "outcome_reason"]
@@ -62,7 +62,8 @@ def trials_table(judged: pd.DataFrame, hyper_parameters: list[str] | None = None
 
 CI = f"ci{round(CONFIDENCE * 100)}"  # the interval level in column names: ci95
 # stats' metric -> the split column's value; closer_bpc: the test split's dependent closers only (long-range probe)
-SPLIT = {"best_valid_bpc": "valid", "test_bpc": "test", "closer_bpc": "test_closers"}
+# valid_equal_time: valid BPC at equal training time T* (dashboards.equal_time)
+SPLIT = {"best_valid_bpc": "valid", "test_bpc": "test", "closer_bpc": "test_closers", EQUAL_TIME: "valid_equal_time"}
 BPC = ["bpc_mean", f"bpc_{CI}_low", f"bpc_{CI}_high"]
 OUTCOME_COUNTS = [f"n_{o.replace(' ', '_')}" for o in OUTCOMES]  # n_learned, n_did_not_learn, ...
 
@@ -95,29 +96,37 @@ def tidy_runs(counts: pd.DataFrame) -> pd.DataFrame:
 
 
 ARM_IDENTITY = ["protocol", "budget", "family", "arch", "depth"]
-ARMS_COLUMNS = [*ARM_IDENTITY, "split", "n_seeds", *BPC, "num_params", "n_configs", "config_hash",
-                "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS, "config_not_learned",
-                "excluded"]
-ARMS_INTEGERS = ["budget", "depth", "n_seeds", "num_params", "n_configs", "n_runs", *OUTCOME_COUNTS,
-                 "config_not_learned"]
+ARMS_COLUMNS = [*ARM_IDENTITY, "split", "n_seeds", *BPC, "equal_time_s", "n_no_eval_before_equal_time", "num_params",
+                "n_configs", "config_hash", "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS,
+                "config_not_learned", "excluded"]
+ARMS_INTEGERS = ["budget", "depth", "n_seeds", "n_no_eval_before_equal_time", "num_params", "n_configs", "n_runs",
+                 *OUTCOME_COUNTS, "config_not_learned"]
 
 
 def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
     """``dashboards.stats.arm_table`` in long form: one row per arm x split, valid then test, then
-    ``test_closers`` (closer BPC) in a study that recorded the long-range probe.
+    ``test_closers`` (closer BPC) in a study that recorded the long-range probe, then ``valid_equal_time``
+    (valid BPC at T*, with ``equal_time_s`` and ``n_no_eval_before_equal_time``) where runs have an epoch history.
 
     The arm's own facts (parameters, speed, run counts, exclusions) repeat on its rows."""
-    probed = has_probe(arms)
+    probed, timed = has_probe(arms), has_equal_time(arms)
     rows = []
     for _, arm in arms.iterrows():
         shared = {c: arm[c] for c in ARMS_COLUMNS if c in arm.index}
-        shared.update(tokens_per_s_mean=arm["tokens_per_s"], train_time_s_mean=arm["train_time_s"])
+        shared.update(tokens_per_s_mean=arm["tokens_per_s"], train_time_s_mean=arm["train_time_s"],
+                      equal_time_s=np.nan, n_no_eval_before_equal_time=pd.NA)
         splits = [("valid", "valid", "n_seeds"), ("test", "test", "n_test")]
         if probed:
             splits.append(("test_closers", "closer", "n_closer"))
+        if timed:
+            splits.append(("valid_equal_time", "equal_time", "n_equal_time"))
         for split, key, n in splits:
-            rows.append({**shared, "split": split, "n_seeds": arm[n], "bpc_mean": arm[f"{key}_mean"],
-                         BPC[1]: arm[f"{key}_low"], BPC[2]: arm[f"{key}_high"]})
+            row = {**shared, "split": split, "n_seeds": arm[n], "bpc_mean": arm[f"{key}_mean"],
+                   BPC[1]: arm[f"{key}_low"], BPC[2]: arm[f"{key}_high"]}
+            if split == "valid_equal_time":
+                row.update(equal_time_s=arm["equal_time_s"],
+                           n_no_eval_before_equal_time=arm["n_no_eval_before_equal_time"])
+            rows.append(row)
     table = pd.DataFrame(rows, columns=ARMS_COLUMNS)
     for column in ARMS_INTEGERS:
         table[column] = as_integers(table[column])
@@ -126,8 +135,8 @@ def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
 
 DIFF = ["nested_minus_other_bpc_mean", f"nested_minus_other_bpc_{CI}_low", f"nested_minus_other_bpc_{CI}_high"]
 COMPARISONS_COLUMNS = ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
-                       "n_seeds_nested", "n_seeds_other", *DIFF, "t_statistic", "t_df", "p_value", "excluded",
-                       "verdict"]
+                       "n_seeds_nested", "n_seeds_other", *DIFF, "t_statistic", "t_df", "p_value", "equal_time_s",
+                       "excluded", "verdict"]
 
 
 def tidy_comparisons(comparisons: list[Comparison]) -> pd.DataFrame:
@@ -137,7 +146,8 @@ def tidy_comparisons(comparisons: list[Comparison]) -> pd.DataFrame:
         "protocol": c.protocol, "budget": c.budget, "split": SPLIT[c.metric], "nested_family": c.nested,
         "other_family": c.other, "test": c.test, "n_pairs": c.n_nested if c.test == PAIRED else None,
         "n_seeds_nested": c.n_nested, "n_seeds_other": c.n_other, DIFF[0]: c.diff.mean, DIFF[1]: c.diff.low,
-        DIFF[2]: c.diff.high, "t_statistic": c.t, "t_df": c.df, "p_value": c.p, "excluded": c.excluded,
+        DIFF[2]: c.diff.high, "t_statistic": c.t, "t_df": c.df, "p_value": c.p,
+        "equal_time_s": c.equal_time_s, "excluded": c.excluded,
         "verdict": c.verdict,
     } for c in comparisons], columns=COMPARISONS_COLUMNS)
     for column in ("budget", "n_pairs", "n_seeds_nested", "n_seeds_other"):

@@ -359,7 +359,7 @@ def test_arm_table_matches_the_runs(report, client):
     md_rows = md_table((report / "report.md").read_text(), "Per arm: mean and 95 % t-interval over seeds")
     # the study runner's store is on the synthetic corpus, so its trials have the long-range probe too
     probed = any("closer_bpc" in r.data.metrics for r in completed_runs(client))
-    splits = ["valid", "test", "test_closers"] if probed else ["valid", "test"]
+    splits = (["valid", "test", "test_closers"] if probed else ["valid", "test"]) + ["valid_equal_time"]
     assert len(long) == len(splits) * len(md_rows) == len(splits) * 4  # nesting and stacking at depths 2 and 3
     assert list(long["split"]) == splits * 4
     assert set(long["protocol"]) == {"ablation"} and (long["n_did_not_learn"] == 0).all()
@@ -384,6 +384,25 @@ def test_arm_table_matches_the_runs(report, client):
         assert row["excluded runs"] == arm["excluded"] == f"none of {len(SEEDS)}{still}"
         assert row["parameters"] == f"{runs[0].data.metrics['num_params']:,.0f}"
         assert row["tokens/s"] == f"{np.mean([r.data.metrics['tokens_per_s'] for r in runs]):,.0f}"
+    # Equal training time, recomputed from MLflow's own metric histories: T* is the shortest run's final training
+    # time over every arm's runs (one protocol, one budget here), each run's valid BPC interpolated there.
+    curves = {}
+    for _, arm in arms.iterrows():
+        for r in completed_runs(client, family=arm["family"], config_hash=arm["config_hash"]):
+            if r.data.tags["nlstm.phase"] in ("evaluate", "ablation"):
+                times, bpc = ([m.value for m in sorted(client.get_metric_history(r.info.run_id, key),
+                                                       key=lambda m: m.step) if m.step >= 1]
+                              for key in ("train_time_s", "valid_bpc"))
+                curves.setdefault(arm["family"], []).append((np.array(times), np.array(bpc)))
+    t_star = min(times[-1] for runs in curves.values() for times, _ in runs)
+    timed = long[long["split"] == "valid_equal_time"].set_index("family")
+    assert timed["equal_time_s"].to_numpy() == pytest.approx(t_star)
+    for family, runs in curves.items():
+        at = [np.interp(t_star, times, bpc) for times, bpc in runs if times[0] <= t_star]
+        assert timed.loc[family, "n_seeds"] == len(at)
+        assert timed.loc[family, "n_no_eval_before_equal_time"] == len(runs) - len(at)
+        if at:
+            assert timed.loc[family, "bpc_mean"] == pytest.approx(np.mean(at), abs=1e-9)
 
 
 def test_paired_differences_match_the_runs(report, client):

@@ -48,6 +48,7 @@ class FakeRun:
     budget: int = BUDGET
     factors: dict = field(default_factory=dict)  # more params that are part of the configuration (its hash)
     metrics: dict = field(default_factory=dict)  # more final metrics (e.g. closer_bpc)
+    seconds_per_epoch: float = 10.0  # cumulative train_time_s after epoch e: e * seconds_per_epoch
 
     @property
     def family(self) -> str:
@@ -110,8 +111,8 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
                                "seed": run.seed} | run.extra
         curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
         metrics = [Metric(k, v, now + e, e) for e, bpc in enumerate(curve, start=1) for k, v in (
-            ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", 10.0 * e), ("tokens_seen", 1e4 * e),
-            ("tokens_per_s", 1000.0))]
+            ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", run.seconds_per_epoch * e),
+            ("tokens_seen", 1e4 * e), ("tokens_per_s", 1000.0))]
         tags = [RunTag(TAG + "status", run.state)]
         if run.state == "failed":
             tags.append(RunTag(TAG + "fail_reason", run.reason))
@@ -153,6 +154,7 @@ def arm(arms: pd.DataFrame, family: str, split: str = "valid") -> pd.Series:
 
 def verdicts(md: str) -> list[str]:
     section = md.split("## Nested vs stacked and single", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\nAt equal training time", 1)[0]  # its own verdicts: tests/test_equal_time.py
     return [line[2:] for line in section.splitlines() if line.startswith("- ")]
 
 
@@ -423,12 +425,12 @@ OUTCOME_COUNTS = ["n_learned", "n_did_not_learn", "n_failed", "n_pruned", "n_run
 CSV_COLUMNS = {  # trials.csv: tests/test_dashboards.py
     "runs": ["phase", "state", "n_runs"],
     "arms": ["protocol", "budget", "family", "arch", "depth", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
-             "bpc_ci95_high", "num_params", "n_configs", "config_hash", "tokens_per_s_mean", "train_time_s_mean",
-             "n_runs", *OUTCOME_COUNTS, "config_not_learned", "excluded"],
+             "bpc_ci95_high", "equal_time_s", "n_no_eval_before_equal_time", "num_params", "n_configs", "config_hash",
+             "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS, "config_not_learned", "excluded"],
     "comparisons": ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
                     "n_seeds_nested", "n_seeds_other", "nested_minus_other_bpc_mean",
                     "nested_minus_other_bpc_ci95_low", "nested_minus_other_bpc_ci95_high", "t_statistic", "t_df",
-                    "p_value", "excluded", "verdict"],
+                    "p_value", "equal_time_s", "excluded", "verdict"],
     "configs": ["protocol", "budget", "family", "config_hash", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
                 "bpc_ci95_high", "excluded", "represents_arm"],
     "excluded": ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"],
@@ -436,7 +438,8 @@ CSV_COLUMNS = {  # trials.csv: tests/test_dashboards.py
 INTEGER_COLUMNS = {
     "trials": ["depth", "budget", "num_params", "seed", "epochs_run"],
     "runs": ["n_runs"],
-    "arms": ["budget", "depth", "n_seeds", "num_params", "n_configs", "n_runs", *OUTCOME_COUNTS, "config_not_learned"],
+    "arms": ["budget", "depth", "n_seeds", "n_no_eval_before_equal_time", "num_params", "n_configs", "n_runs",
+             *OUTCOME_COUNTS, "config_not_learned"],
     "comparisons": ["budget", "n_pairs", "n_seeds_nested", "n_seeds_other"],
     "configs": ["budget", "n_seeds"],
     "excluded": ["budget", "seed"],
@@ -482,7 +485,12 @@ def test_csv_tables_are_long_with_units_integers_and_documented_columns(tmp_path
                       ("evaluate", "failed"): 1}
     arms = frames["arms"]
     assert list(zip(arms["family"], arms["split"], strict=True)) == [
-        ("nlstm-d2", "valid"), ("nlstm-d2", "test"), ("stacked-d2", "valid"), ("stacked-d2", "test")]
+        (family, split) for family in ("nlstm-d2", "stacked-d2") for split in ("valid", "test", "valid_equal_time")]
+    # every run trained 40 s (4 epochs of 10 s), so T* = 40 s and the BPC there is the last, best valid BPC
+    for family in ("nlstm-d2", "stacked-d2"):
+        at_t, valid = arm(arms, family, "valid_equal_time"), arm(arms, family, "valid")
+        assert at_t["equal_time_s"] == 40.0 and at_t["n_no_eval_before_equal_time"] == 0
+        assert (at_t["bpc_mean"], at_t["bpc_ci95_low"]) == pytest.approx((valid["bpc_mean"], valid["bpc_ci95_low"]))
     assert (arms["budget"] == BUDGET).all() and (arms["n_seeds"] == 3).all()
     for arch, family in (("nlstm", "nlstm-d2"), ("stacked", "stacked-d2")):
         for i, split in enumerate(("valid", "test")):
@@ -493,7 +501,7 @@ def test_csv_tables_are_long_with_units_integers_and_documented_columns(tmp_path
                 (np.mean(x), low, high), rel=1e-9)
     assert arm(arms, "stacked-d2", "test")["n_failed"] == 1 and arm(arms, "stacked-d2", "test")["n_runs"] == 4
     comparisons = frames["comparisons"].set_index("split")
-    assert sorted(comparisons.index) == ["test", "valid"] and (comparisons["n_pairs"] == 3).all()
+    assert sorted(comparisons.index) == ["test", "valid", "valid_equal_time"] and (comparisons["n_pairs"] == 3).all()
     for i, split in enumerate(("valid", "test")):
         d = [values["nlstm", s][i] - values["stacked", s][i] for s in (1, 2, 3)]
         row = comparisons.loc[split]
