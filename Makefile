@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_C) torch
 	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	@# Compile the fused kernel's C++ loops now (15-60 s, once per machine and torch), not inside the first
+	@# study's wall time; without a compiler this prints one warning and the Python loops run instead.
+	$(PY) -c "import nlstm.fused.cpp as cpp; print('C++ loops:', 'ready' if cpp.prepare() else 'unavailable (Python loops)')"
 	@touch $(STAMP)
 
 install: $(STAMP)
