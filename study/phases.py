@@ -43,6 +43,7 @@ from nlstm.data import Corpus
 from study.cluster import Storage
 from study.layout import (
     CONFIG_HASH_TAG,
+    FACTOR_TAG_PREFIX,
     FAIL_REASON_TAG,
     FAMILY_TAG,
     SOURCE_TRIAL_TAG,
@@ -403,15 +404,27 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _factor_text(tracker: StudyTracker, phase: str) -> dict[str, str]:
+    """config_hash -> its ablation factors other than those the family names ("budget=50000 dependency_length=10")."""
+    out = {}
+    for r in find_runs(tracker.client, tracker.experiment_id, kind="config", phase=phase):
+        factors = {k.removeprefix(FACTOR_TAG_PREFIX): v for k, v in r.data.tags.items()
+                   if k.startswith(FACTOR_TAG_PREFIX) and k.removeprefix(FACTOR_TAG_PREFIX) not in ("arch", "depth")}
+        out[r.data.tags.get(CONFIG_HASH_TAG, "?")] = " ".join(f"{k}={v}" for k, v in sorted(factors.items()))
+    return out
+
+
 def phase_rows(tracker: StudyTracker, phase: str) -> list[dict[str, Any]]:
     """One row per configuration of a phase, from its MLflow trial runs."""
     groups: dict[str, dict[str, Any]] = {}
+    factors = _factor_text(tracker, phase) if phase == "ablation" else {}
     for r in find_runs(tracker.client, tracker.experiment_id, kind="trial", phase=phase):
         tags, metrics = r.data.tags, r.data.metrics
         g = groups.setdefault(tags.get(CONFIG_HASH_TAG, "?"), {
             "family": tags.get(FAMILY_TAG), "config_hash": tags.get(CONFIG_HASH_TAG),
             "num_params": metrics.get("num_params"), "key": tags.get(TRIAL_ID_TAG),
-            "lr": r.data.params.get("lr"), "valid": [], "test": [], "status": []})
+            "lr": r.data.params.get("lr"), "valid": [], "test": [], "status": [],
+            "factors": factors.get(tags.get(CONFIG_HASH_TAG, "?"), "")})
         g["valid"].append(metrics.get("best_valid_bpc"))
         g["test"].append(metrics.get("test_bpc"))
         g["status"].append(tags.get(STATUS_TAG))
@@ -427,13 +440,15 @@ def phase_summary(run: StudyRun, phase: str, limit: int = 8) -> str:
     header = "trial" if phase == "search" else "configuration (seeds)"
     lines = [f"[{phase}] {'best trials' if phase == 'search' else 'results, mean ± sd over seeds'}:",
              f"  {header:<28} {'family':<12} {'params':>9} {'lr':>9} {'valid bpc':>15} {'test bpc':>15}  status"]
+    if any(g["factors"] for g in rows[:limit]):
+        lines[-1] += "  factors"
     for g in rows[:limit]:
         name = g["key"] if phase == "search" else f"{g['config_hash']} ({len(g['valid'])})"
         status = ",".join(sorted({s or "?" for s in g["status"]}))
         params = f"{int(g['num_params']):,}" if g["num_params"] else "-"
         lr = f"{float(g['lr']):.2e}" if g["lr"] not in (None, "None") else "-"
         lines.append(f"  {name:<28} {g['family'] or '-':<12} {params:>9} {lr:>9} {_mean_sd(g['valid']):>15} "
-                     f"{_mean_sd(g['test']):>15}  {status}")
+                     f"{_mean_sd(g['test']):>15}  {status}" + (f"  {g['factors']}" if g["factors"] else ""))
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more in MLflow")
     return "\n".join(lines)
