@@ -272,6 +272,30 @@ def start_ray(args: argparse.Namespace) -> bool:
     return True
 
 
+def may_use_fused_cpu(args: argparse.Namespace, setup: Setup) -> bool:
+    """Whether this study's trials run the fused kernel on this machine's CPUs: a private local Ray, no GPU
+    per trial, and the fused kernel as the default or as a value searched or ablated."""
+    spec = setup.spec
+    varied = [*(spec.search.space if spec.search else {}), *(spec.ablation.factors if spec.ablation else {})]
+    return not args.address and setup.gpus == 0 and (spec.model.impl == "fused" or "impl" in varied)
+
+
+def build_cpu_loops(args: argparse.Namespace, setup: Setup) -> None:
+    """Compile the fused kernel's C++ loops in the driver, before the study's wall time starts: a one-time cost of
+    the machine (15-60 s), not of the study, whose first trials would otherwise build it while the others wait
+    on its lock. Trials then load it in about 0.4 s. A cluster's nodes (other CPUs, other flags) each build
+    their own, outside a trial's training time (``Trainer.fit``)."""
+    if not may_use_fused_cpu(args, setup):
+        return
+    from nlstm.fused import cpp
+
+    start = time.monotonic()
+    ready = cpp.prepare()
+    if time.monotonic() - start > 2:
+        outcome = "built its C++ loops" if ready else "could not build its C++ loops (the Python loops run)"
+        print(f"fused kernel: {outcome} in {time.monotonic() - start:.0f} s, once per machine", flush=True)
+
+
 def trial_concurrency(args: argparse.Namespace, cpus: float, gpus: float) -> int:
     """Trials at a time on the cluster; a trial asking for more than it has would wait forever."""
     import ray
@@ -320,6 +344,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
     limit_http_retries()
     tracker, started_ray, driver = None, False, None
     try:
+        build_cpu_loops(args, setup)  # before the study's record (and its wall time) starts
         tracker = StudyTracker(setup.tracking_uri, spec, args.space.resolve(), study_dir)
 
         def lost(reason: str) -> None:
