@@ -110,12 +110,16 @@ def test_saturated_float32_model_agrees_with_reference(fused_loops):
     fused_loops.assert_used()
 
 
-@pytest.mark.parametrize("serial", ["1", "0"])
-def test_small_widths_run_on_one_thread_and_restore_the_thread_count(serial, monkeypatch, fused_loops):
-    """Below MAX_SERIAL_STEP_MACS a call runs at one thread (NLSTM_SERIAL_SMALL=0: at all of them);
-    either way, on either loops, the result equals the reference in float64 and the caller's
-    thread count is kept."""
-    monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
+@pytest.mark.parametrize("serial", ["1", "0", None])
+def test_small_widths_run_on_one_thread_only_when_asked_and_restore_the_thread_count(serial, monkeypatch,
+                                                                                    fused_loops):
+    """With NLSTM_SERIAL_SMALL=1 a call below MAX_SERIAL_STEP_MACS runs at one thread; by default (and
+    with 0) at the caller's. Either way, on either loops, the result equals the reference in float64
+    and the caller's thread count is kept."""
+    if serial is None:
+        monkeypatch.delenv("NLSTM_SERIAL_SMALL", raising=False)
+    else:
+        monkeypatch.setenv("NLSTM_SERIAL_SMALL", serial)
     seen = []
 
     def spying(loop):

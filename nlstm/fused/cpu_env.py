@@ -12,13 +12,14 @@ C library's ``fesetenv`` on every thread of the caller's team, no Python and no 
 involved. Where that is not available (no libgomp, not glibc), only the calling thread is
 flushed: enough with one thread, and the workers keep the slow path.
 
-Threads. Per-step GEMMs below ``MAX_SERIAL_STEP_MACS`` multiply-adds run on the calling thread
-alone (B=32: widths up to 125, B=64: 88). Each parallel GEMM is an OpenMP fork/join; at small
-widths the join costs about as much as the work it splits, and when other processes hold the
-cores (a shared machine, parallel trials) every join waits for a descheduled worker: measured on
-the 2-core EPYC under load, B=32/T=100/H=64 took 843 ms per training step with 2 threads against
-219 ms for nn.LSTM. The few GEMMs outside the loops (input projection, weight gradients) lose
-little at that size.
+Threads. A call uses the caller's torch threads, as ``nn.LSTM`` does. ``NLSTM_SERIAL_SMALL=1``
+runs calls whose per-step GEMMs are below ``MAX_SERIAL_STEP_MACS`` multiply-adds (B=32: widths up to
+125, B=64: 88) on the calling thread alone: for a machine shared beyond its cores, where every
+OpenMP join waits for a descheduled worker (the 2-core EPYC under load: B=32/T=100/H=64 took 843
+ms per training step with 2 threads against 219 ms on one). It was the default before the C++
+loops; with them, on the quiet 2-core EPYC, 2 threads are faster at B=32/T=100/H=64 (training
+19.1 against 27.2 ms a step, 0.72x against 0.55x of ``nn.LSTM``'s 2 threads), so a user's thread
+count is kept unless asked. Study trials run one thread per CPU of their allotment anyway.
 """
 
 from __future__ import annotations
@@ -107,16 +108,16 @@ class FlushDenormals:
 
 
 class threads_for:  # noqa: N801 - used like a function in a ``with``
-    """Context: one torch thread inside when the per-step GEMMs are small (the whole call then
-    runs on the calling thread: its few large GEMMs lose little, and nothing waits for workers).
-    ``NLSTM_SERIAL_SMALL=0`` keeps all threads."""
+    """Context: with ``NLSTM_SERIAL_SMALL=1``, one torch thread inside when the per-step GEMMs are
+    small (the whole call then runs on the calling thread: nothing waits for a descheduled worker
+    on an oversubscribed machine). By default the caller's threads are kept."""
 
     __slots__ = ("old",)
 
     def __init__(self, B: int, n: int) -> None:
         """The largest per-step GEMM, either direction: (B, 2n) x (2n, 4n) at a level k >= 1."""
         self.old = 0
-        if B * 8 * n * n < MAX_SERIAL_STEP_MACS and os.environ.get("NLSTM_SERIAL_SMALL", "1") != "0":
+        if B * 8 * n * n < MAX_SERIAL_STEP_MACS and os.environ.get("NLSTM_SERIAL_SMALL", "0") == "1":
             self.old = torch.get_num_threads()
 
     def __enter__(self):
