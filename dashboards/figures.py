@@ -592,7 +592,7 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
         res.notes.append("No memories.npz artifact could be read, so no example traces are shown.")
     if ts["budget"].nunique() > 1:
         res.notes.append(f"Timescales are shown for one budget ({format_budget(budget)}) of "
-                         f"{ts['budget'].nunique()}; the tables hold all budgets' numbers.")
+                         f"{ts['budget'].nunique()}; tables/timescales.csv holds every run's.")
     if note:
         res.notes.append(note)
     return res

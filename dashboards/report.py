@@ -38,7 +38,15 @@ from dashboards.stats import (
     has_probe,
     paired_comparisons,
 )
-from dashboards.tables import tidy_arms, tidy_comparisons, tidy_configs, tidy_excluded, tidy_runs, trials_table
+from dashboards.tables import (
+    tidy_arms,
+    tidy_comparisons,
+    tidy_configs,
+    tidy_excluded,
+    tidy_runs,
+    tidy_timescales,
+    trials_table,
+)
 
 FIGURE_DPI = 110
 
@@ -342,7 +350,8 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
     ])
     frames = {"trials": trials_table(aset.trials, data.param_names), "runs": tidy_runs(data.state_counts()),
               "arms": tidy_arms(arms), "comparisons": tidy_comparisons(comparisons),
-              "configs": tidy_configs(configs), "excluded": tidy_excluded(excluded)}
+              "configs": tidy_configs(configs), "excluded": tidy_excluded(excluded),
+              "timescales": tidy_timescales(aset.trials)}
     return doc, frames
 
 

@@ -7,7 +7,8 @@ One row per observation, one column per variable, every column documented in doc
 - ``arms.csv``: one row per arm x split (the BPC of an arm on validation and on test);
 - ``comparisons.csv``: one row per comparison x split (``nested - other``);
 - ``configs.csv``: one row per configuration x split;
-- ``excluded.csv``: one row per run left out of the statistics.
+- ``excluded.csv``: one row per run left out of the statistics;
+- ``timescales.csv``: one row per trial run x memory level/layer (the memory timescales of figure 6).
 
 Column names carry the unit (``_bpc`` bits per symbol, ``_s`` seconds, ``_per_s``) and the interval
 level (``ci95``: two-sided 95 % Student-t); the sign of a difference is in its name
@@ -32,6 +33,7 @@ import pandas as pd
 from dashboards.load import STATES
 from dashboards.outcome import OUTCOMES
 from dashboards.stats import CONFIDENCE, EQUAL_TIME, PAIRED, Comparison, has_equal_time, has_probe
+from dashboards.timescales import timescale_frame
 
 IDENTITY = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "trial_id", "run_id"]
 ENDING = ["status", "outcome", "outcome_reason"]
@@ -184,3 +186,22 @@ def tidy_excluded(excluded: pd.DataFrame) -> pd.DataFrame:
     for column in ("budget", "seed"):
         table[column] = as_integers(table[column])
     return table
+
+
+TIMESCALE_COLUMNS = ["phase", "family", "arch", "depth", "budget", "seed", "run_id", "outcome", "level",
+                     "timescale_steps", "mean_abs_step_change"]
+
+
+def tidy_timescales(judged: pd.DataFrame) -> pd.DataFrame:
+    """Every trial run's memory timescales (``timescale_l{k}``, ``step_change_l{k}``), one row per run x level
+    (NLSTM: 0 = outer memory; stacked: 0 = bottom layer), with the run's phase and outcome so that a reader
+    can keep to the runs the statistics use (outcome ``learned`` in the analysed phases)."""
+    if judged.empty:
+        return pd.DataFrame(columns=TIMESCALE_COLUMNS)
+    frame = timescale_frame(judged).rename(columns={"timescale": "timescale_steps",
+                                                    "step_change": "mean_abs_step_change"})
+    frame = frame.merge(judged[["run_id", "phase", "outcome"]].drop_duplicates("run_id"), on="run_id", how="left")
+    table = frame.reindex(columns=TIMESCALE_COLUMNS)
+    for column in ("depth", "budget", "seed", "level"):
+        table[column] = as_integers(table[column])
+    return table.sort_values(["phase", "budget", "family", "level", "seed"], kind="stable").reset_index(drop=True)

@@ -411,6 +411,13 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
         a = [r.metrics["closer_bpc"] for r in runs if r.arch == "nlstm" and r.factors["dependency_length"] == length]
         b = [r.metrics["closer_bpc"] for r in runs if r.arch == "stacked" and r.factors["dependency_length"] == length]
         assert diff == pytest.approx(np.mean(a) - np.mean(b)) and diff == pytest.approx(expected[length], abs=0.05)
+    from dashboards.tables import tidy_timescales
+
+    timescales = tidy_timescales(aset.trials)  # every run x level, as recorded: 24 runs x 2 levels
+    assert len(timescales) == 48 and set(timescales["level"]) == {0, 1}
+    assert sorted(timescales.loc[timescales["level"] == 1, "timescale_steps"]) == sorted(
+        [30.0 + s for s in (1, 2, 3)] * 8)
+    assert (timescales["outcome"] == "learned").all() and timescales["mean_abs_step_change"].isna().all()
     res = figure_long_range(data, aset)
     assert res.figure is not None, res.missing
     ax = res.figure.axes[0]
@@ -434,6 +441,8 @@ CSV_COLUMNS = {  # trials.csv: tests/test_dashboards.py
     "configs": ["protocol", "budget", "family", "config_hash", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
                 "bpc_ci95_high", "excluded", "represents_arm"],
     "excluded": ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"],
+    "timescales": ["phase", "family", "arch", "depth", "budget", "seed", "run_id", "outcome", "level",
+                   "timescale_steps", "mean_abs_step_change"],
 }
 INTEGER_COLUMNS = {
     "trials": ["depth", "budget", "num_params", "seed", "epochs_run"],
@@ -443,6 +452,7 @@ INTEGER_COLUMNS = {
     "comparisons": ["budget", "n_pairs", "n_seeds_nested", "n_seeds_other"],
     "configs": ["budget", "n_seeds"],
     "excluded": ["budget", "seed"],
+    "timescales": ["depth", "budget", "seed", "level"],
 }
 
 
