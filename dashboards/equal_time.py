@@ -24,6 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from dashboards.load import pivot_epochs
 from dashboards.stats import EQUAL_TIME, EQUAL_TIME_S, AnalysisSet
 
 POINTS = ("train_time_s", "valid_bpc")
@@ -32,19 +33,11 @@ POINTS = ("train_time_s", "valid_bpc")
 def epoch_points(history: pd.DataFrame, run_ids) -> pd.DataFrame:
     """``run_id, train_time_s, valid_bpc``: one row per evaluation of the runs ``run_ids`` with both values finite.
 
-    ``history`` is the long frame ``run_id, metric, step, value, timestamp`` (:func:`dashboards.load.load_histories`);
-    a step logged twice (a resumed trial) keeps its last value, as :func:`dashboards.load.epoch_frame` does."""
-    columns = ["run_id", *POINTS]
-    if history.empty:
-        return pd.DataFrame(columns=columns)
-    hist = history[history["run_id"].isin(list(run_ids)) & history["metric"].isin(POINTS)]
-    if hist.empty:
-        return pd.DataFrame(columns=columns)
-    hist = hist.sort_values("timestamp", kind="stable").drop_duplicates(["run_id", "metric", "step"], keep="last")
-    wide = hist.pivot(index=["run_id", "step"], columns="metric", values="value").reset_index()
-    wide = wide.reindex(columns=["run_id", "step", *POINTS])
+    ``history`` is the long frame ``run_id, metric, step, value, timestamp`` (:func:`dashboards.load.load_histories`),
+    pivoted as every per-epoch view is (:func:`dashboards.load.pivot_epochs`)."""
+    wide = pivot_epochs(history, run_ids).reindex(columns=["run_id", *POINTS])
     finite = np.isfinite(wide[list(POINTS)].astype(float)).all(axis=1)
-    return wide.loc[finite, columns].reset_index(drop=True)
+    return wide.loc[finite].reset_index(drop=True)
 
 
 def value_at(times: np.ndarray, bpc: np.ndarray, t_star: float) -> float:

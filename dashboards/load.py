@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from study.layout import EPOCH_METRICS, FINAL_METRICS, PARENT_RUN_TAG, PHASES, TAG
+from study.layout import EPOCH_METRICS, FINAL_METRICS, PARENT_RUN_TAG, PHASES, TAG, factors_of
 
 IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_hash", "seed", "trial_id", "status",
                  "fail_reason")
@@ -199,9 +199,7 @@ def _config_row(run: Run) -> dict[str, Any]:
     row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name}
     for key in ("phase", "config_hash", "arch", "depth", "family"):
         row[key] = tags.get(TAG + key)
-    for key, value in tags.items():
-        if key.startswith(TAG + "factor."):
-            row["factor." + key[len(TAG + "factor."):]] = parse_value(value)
+    row.update({f"factor.{name}": parse_value(value) for name, value in factors_of(tags).items()})
     row.update({k: parse_value(v) for k, v in run.data.params.items() if k not in row})
     return row
 
@@ -286,16 +284,23 @@ def load_histories(client: MlflowClient, run_ids: list[str], metrics: tuple[str,
     return frame[frame["step"] >= 1].reset_index(drop=True)
 
 
+def pivot_epochs(histories: pd.DataFrame, run_ids: list[str] | pd.Series | None = None) -> pd.DataFrame:
+    """The long per-epoch frame of :func:`load_histories` as one row per (run, step), a column per metric;
+    empty (no rows) when none of ``run_ids`` has a history. A step logged twice keeps its last value (a
+    resumed trial may re-log an epoch)."""
+    hist = histories if run_ids is None else histories[histories["run_id"].isin(list(run_ids))]
+    if hist.empty:
+        return pd.DataFrame(columns=["run_id", "step", *EPOCH_METRICS])
+    hist = hist.sort_values("timestamp", kind="stable").drop_duplicates(["run_id", "metric", "step"], keep="last")
+    return hist.pivot(index=["run_id", "step"], columns="metric", values="value").reset_index().rename_axis(
+        None, axis=1)
+
+
 def epoch_frame(data: StudyData, run_ids: list[str] | pd.Series | None = None) -> pd.DataFrame:
     """One row per (run, epoch) with the epoch metrics as columns and the run's identity joined on."""
-    hist = data.histories
-    if run_ids is not None:
-        hist = hist[hist["run_id"].isin(list(run_ids))]
-    if hist.empty:
+    wide = pivot_epochs(data.histories, run_ids)
+    if wide.empty:
         return pd.DataFrame(columns=["run_id", "epoch", *EPOCH_METRICS])
-    # Keep the last value logged for a step (a resumed trial may re-log an epoch).
-    hist = hist.sort_values("timestamp", kind="stable").drop_duplicates(["run_id", "metric", "step"], keep="last")
-    wide = hist.pivot(index=["run_id", "step"], columns="metric", values="value").reset_index()
-    wide = wide.rename(columns={"step": "epoch"}).rename_axis(None, axis=1)
+    wide = wide.rename(columns={"step": "epoch"})
     ident = ["run_id", "phase", "arch", "depth", "family", "budget", "seed", "config_hash", "state"]
     return wide.merge(data.trials[ident], on="run_id", how="left")

@@ -52,6 +52,12 @@ def factor_tag(name: str) -> str:
     return FACTOR_TAG_PREFIX + name
 
 
+def factors_of(tags: dict[str, str]) -> dict[str, str]:
+    """A config run's ablation factors ``{name: value}`` from its tags (the inverse of :func:`factor_tag`)."""
+    return {key.removeprefix(FACTOR_TAG_PREFIX): value for key, value in tags.items()
+            if key.startswith(FACTOR_TAG_PREFIX)}
+
+
 # MLflow's own tags that a study sets.
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"

@@ -43,12 +43,12 @@ from nlstm.data import Corpus
 from study.cluster import Storage
 from study.layout import (
     CONFIG_HASH_TAG,
-    FACTOR_TAG_PREFIX,
     FAIL_REASON_TAG,
     FAMILY_TAG,
     SOURCE_TRIAL_TAG,
     STATUS_TAG,
     TRIAL_ID_TAG,
+    factors_of,
     trial_key_of,
 )
 from study.schema import StudySpec
@@ -408,8 +408,7 @@ def _factor_text(tracker: StudyTracker, phase: str) -> dict[str, str]:
     """config_hash -> its ablation factors other than those the family names ("budget=50000 dependency_length=10")."""
     out = {}
     for r in find_runs(tracker.client, tracker.experiment_id, kind="config", phase=phase):
-        factors = {k.removeprefix(FACTOR_TAG_PREFIX): v for k, v in r.data.tags.items()
-                   if k.startswith(FACTOR_TAG_PREFIX) and k.removeprefix(FACTOR_TAG_PREFIX) not in ("arch", "depth")}
+        factors = {k: v for k, v in factors_of(r.data.tags).items() if k not in ("arch", "depth")}
         out[r.data.tags.get(CONFIG_HASH_TAG, "?")] = " ".join(f"{k}={v}" for k, v in sorted(factors.items()))
     return out
 
