@@ -41,6 +41,37 @@ CUDA_VISIBLE_DEVICES_TAG = "nlstm.cuda_visible_devices"
 DEVICE_TAG = "nlstm.device"
 THREADS_TAG = "nlstm.threads"
 FACTOR_TAG_PREFIX = "nlstm.factor."  # ablation config runs: nlstm.factor.<name> = <value>
+CANDIDATE_TAG = "nlstm.candidate_activation"  # trial and config runs: the outer candidate, identity | tanh
+# Why a trial run stopped training (trial runs): one of STOP_REASONS. A claim that a model "ends worse"
+# rests only on runs that stopped at their plateau; the others show how fast it learns.
+STOP_REASON_TAG = "nlstm.stop_reason"
+STOP_REASONS = ("plateau", "max_epochs", "time_budget", "pruned", "diverged", "failed", "interrupted")
+# The code that trained a run (trial runs, the latest attempt; the parent run: the latest driver).
+CODE_VERSION_TAG = "nlstm.code_version"  # the package version, +g<commit> from a git checkout (+dirty)
+RECORD_VERSION_TAG = "nlstm.record_version"  # parent and trial runs: RECORD_VERSION of the code that wrote them
+PARAMS_JSON_TAG = "nlstm.params"  # trial runs: the sampled/ablated values, JSON (typed, unlike MLflow params)
+SELECTED_TAG = "nlstm.selected"  # evaluate config runs: "false" once an extended search chose another config
+CPUS_TAG = "nlstm.cpus"  # trial runs: the logical CPUs of the node the latest attempt ran on
+
+#: What a configuration means (model, trainer, data, selection semantics) as the record stores it. Bump it
+#: with any change that alters what a recorded configuration computes or how its runs are named; a study
+#: recorded under another record version is not resumed or extended by this code (docs/study.md).
+RECORD_VERSION = 2
+
+#: One chance rule everywhere (the trainer's ``learn_margin_bits`` default, the driver's selection, the
+#: report): a run learned only if its BPC is this far below the training split's unigram entropy.
+CHANCE_MARGIN_BITS = 0.1
+
+
+def below_chance(bpc: float | None, unigram_entropy_bits: float | None) -> bool:
+    """Whether a BPC counts as learned: finite and ``CHANCE_MARGIN_BITS`` below the unigram entropy."""
+    if bpc is None or unigram_entropy_bits is None:
+        return False
+    try:
+        bpc, bar = float(bpc), float(unigram_entropy_bits)
+    except (TypeError, ValueError):
+        return False
+    return bpc == bpc and bar == bar and bpc < bar - CHANCE_MARGIN_BITS
 
 
 def phase_tag(phase: str) -> str:
@@ -68,8 +99,17 @@ EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT = "mlflow.experimentKind", "custom_mode
 MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 # ------------------------------------------------------------------ metrics
-EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen")
-FINAL_METRICS = ("best_valid_bpc", "test_bpc", "num_params", "tokens_per_s", "train_time_s", "epochs_run")
+# cpu_share: process CPU seconds spent in training steps / (training seconds x torch threads), cumulative: near 1
+# when the trial had its CPUs, well below when the machine was shared beyond its cores. load_avg_1m: the node's
+# 1-minute load average at the epoch's end.
+EPOCH_METRICS = ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s", "tokens_seen",
+                 "cpu_share", "load_avg_1m")
+FINAL_METRICS = ("best_valid_bpc", "test_bpc", "num_params", "tokens_per_s", "train_time_s", "epochs_run",
+                 "load_avg_max")
+# Summary metrics of a config run over its seeds' completed trials (and of the parent run: its best
+# configuration's), so MLflow's collapsed runs table and chart view show them.
+SUMMARY_METRICS = ("valid_bpc_mean", "valid_bpc_sd", "test_bpc_mean", "test_bpc_sd", "n_seeds")
+STUDY_EFFICIENCY_METRIC = "study_efficiency"  # parent run: trial training time / (wall time x trial slots)
 
 
 # ------------------------------------------------------------------ run names and trial keys
