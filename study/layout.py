@@ -51,6 +51,9 @@ CODE_VERSION_TAG = "nlstm.code_version"  # the package version, +g<commit> from 
 RECORD_VERSION_TAG = "nlstm.record_version"  # parent and trial runs: RECORD_VERSION of the code that wrote them
 PARAMS_JSON_TAG = "nlstm.params"  # trial runs: the sampled/ablated values, JSON (typed, unlike MLflow params)
 SELECTED_TAG = "nlstm.selected"  # evaluate config runs: "false" once an extended search chose another config
+SEARCH_BUDGET_TAG = "nlstm.search_trials_per_family"  # parent run: the tuning budget of every search family
+SEARCH_FIDELITY_TAG = "nlstm.search_fidelity"  # parent run: how long each search trial trains, and the scheduler
+OPTUNA_STORAGE_TAG = "nlstm.optuna_storage"  # parent run: where the search's Optuna studies are (password masked)
 CPUS_TAG = "nlstm.cpus"  # trial runs: the logical CPUs of the node the latest attempt ran on
 
 #: What a configuration means (model, trainer, data, selection semantics) as the record stores it. Bump it
