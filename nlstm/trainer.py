@@ -114,6 +114,14 @@ class EpochResult:
     train_time_s: float  # cumulative training time so far
     wall_time_s: float  # cumulative wall time so far, evaluation included
     tokens_seen: int  # cumulative training tokens
+    # Process CPU seconds in training steps / (training seconds x torch threads), cumulative: about 1 when
+    # the run had its CPUs, well below on a machine shared beyond its cores (its times are then no measurement).
+    cpu_share: float = float("nan")
+
+
+#: Why ``Trainer.fit`` stopped: the epoch cap, validation BPC that stopped improving (``patience``
+#: validations without an improvement of ``min_delta``), or the training-time budget.
+STOP_REASONS = ("max_epochs", "plateau", "time_budget")
 
 
 @dataclass
@@ -229,6 +237,7 @@ class Trainer:
         self.epochs_without_improvement = 0
         self.train_time_s = 0.0
         self.wall_time_s = 0.0
+        self.train_cpu_time_s = 0.0  # process CPU time in training steps (all threads): see EpochResult.cpu_share
         self.tokens_seen = 0
         self._epoch_loss_sum = 0.0  # sum of per-window mean losses (nats) in the current epoch
         self._epoch_windows = 0
@@ -290,16 +299,17 @@ class Trainer:
         if str(self.cfg.device).startswith("cpu") and any(getattr(m, "impl", None) == "fused"
                                                           for m in self.model.modules()):
             prepare_cpu_loops()  # a first-use build of the C++ loops is not training time
-        stop_reason = "epochs"
+        stop_reason = "max_epochs"
         while self.epoch < self.cfg.epochs:
             if self._out_of_time():
-                stop_reason = "time budget"
+                stop_reason = "time_budget"
                 break
             while self.batch_index < self.steps_per_epoch and not self._out_of_time():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 x, y = self.train_batches[self.stream_position]
                 loss = self.train_step(x, y)
                 self.train_time_s += time.perf_counter() - start
+                self.train_cpu_time_s += time.process_time() - cpu_start
                 self.tokens_seen += y.numel()
                 self.batch_index += 1
                 self._advance_stream()
@@ -310,7 +320,7 @@ class Trainer:
                 self._emit("on_step_end", self.global_step, loss / LN2)
             self._end_epoch()
             if self._should_stop_early():
-                stop_reason = "early stopping"
+                stop_reason = "plateau"
                 break
         return self._finish(stop_reason)
 
@@ -344,11 +354,19 @@ class Trainer:
             epoch=self.epoch, train_bpc=train_bpc, valid_bpc=valid_bpc, lr=self.lr,
             tokens_per_s=self.tokens_seen / self.train_time_s if self.train_time_s > 0 else 0.0,
             train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
+            cpu_share=self.cpu_share,
         )
         self.history.append(result)
         self.batch_index, self._epoch_loss_sum, self._epoch_windows = 0, 0.0, 0
         self._emit("on_epoch_end", result)
         return result
+
+    @property
+    def cpu_share(self) -> float:
+        """CPU seconds the process spent in training steps per training second and torch thread."""
+        if self.train_time_s <= 0:
+            return float("nan")
+        return self.train_cpu_time_s / (self.train_time_s * max(1, torch.get_num_threads()))
 
     def _should_stop_early(self) -> bool:
         return self.cfg.patience is not None and self.epochs_without_improvement >= self.cfg.patience
@@ -361,7 +379,7 @@ class Trainer:
         self.wall_time_s += time.perf_counter() - start
         result = TrainResult(
             history=list(self.history), best_valid_bpc=self.best_valid_bpc, best_epoch=self.best_epoch,
-            test_bpc=test_bpc, stopped_early=stop_reason != "epochs", stop_reason=stop_reason,
+            test_bpc=test_bpc, stopped_early=stop_reason != "max_epochs", stop_reason=stop_reason,
             train_time_s=self.train_time_s, wall_time_s=self.wall_time_s, tokens_seen=self.tokens_seen,
             setting_changes=list(self.setting_changes),
         )
@@ -392,6 +410,7 @@ class Trainer:
                 "epochs_without_improvement": self.epochs_without_improvement,
                 "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
                 "tokens_seen": self.tokens_seen, "epoch_loss_sum": self._epoch_loss_sum,
+                "train_cpu_time_s": self.train_cpu_time_s,
                 "epoch_windows": self._epoch_windows,
             },
             "state": _state_to(self.state, "cpu"),
@@ -417,6 +436,7 @@ class Trainer:
         self.epochs_without_improvement = p["epochs_without_improvement"]
         self.train_time_s, self.wall_time_s, self.tokens_seen = p["train_time_s"], p["wall_time_s"], p["tokens_seen"]
         self._epoch_loss_sum, self._epoch_windows = p["epoch_loss_sum"], p["epoch_windows"]
+        self.train_cpu_time_s = p.get("train_cpu_time_s", 0.0)  # absent in checkpoints before it was measured
         self.state = _state_to(ckpt["state"], self.cfg.device)
         self.history = [EpochResult(**r) for r in ckpt["history"]]
         self.best_state_dict = ckpt["best_state_dict"]

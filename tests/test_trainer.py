@@ -252,10 +252,10 @@ def test_cli_exit_code_3_when_not_learning(tmp_path, capsys):
 
 def test_early_stopping_and_time_budget(corpus):
     stalled = make_trainer(corpus, epochs=5, lr=1e-12, patience=1, max_steps_per_epoch=2).fit()
-    assert stalled.stop_reason == "early stopping" and len(stalled.history) == 2 and stalled.stopped_early
+    assert stalled.stop_reason == "plateau" and len(stalled.history) == 2 and stalled.stopped_early
 
     timed = make_trainer(corpus, epochs=5, time_budget_s=1e-9).fit()
-    assert timed.stop_reason == "time budget" and len(timed.history) == 1 and timed.tokens_seen == 16 * 32
+    assert timed.stop_reason == "time_budget" and len(timed.history) == 1 and timed.tokens_seen == 16 * 32
 
 
 def test_bpc_of_a_uniform_model_is_log2_vocab(corpus):
@@ -329,3 +329,25 @@ def test_the_cpu_loops_are_built_before_the_training_clock_starts(corpus, monkey
     monkeypatch.setattr(trainer, "train_step", lambda x, y: events.append("step") or step(x, y))
     trainer.fit()
     assert events == (["prepare"] if prepared else []) + ["step", "step"]
+
+
+def test_cpu_share_is_cpu_seconds_per_training_second_and_thread(corpus, monkeypatch):
+    """A process that got half of each thread's time during its steps has cpu_share 0.5 (fake clocks: per
+    step 1 s of wall time and 1 s of CPU time over 2 threads), and the share survives a checkpoint."""
+    import nlstm.trainer as trainer_module
+
+    class Clocks:
+        wall = cpu = 0.0
+
+        def perf_counter(self):
+            self.wall += 0.5  # each step reads it twice: 1 s per step
+            return self.wall
+
+        def process_time(self):
+            self.cpu += 0.5
+            return self.cpu
+
+    monkeypatch.setattr(trainer_module, "time", Clocks())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    result = make_trainer(corpus, epochs=2, max_steps_per_epoch=3).fit()
+    assert [round(r.cpu_share, 9) for r in result.history] == [0.5, 0.5]
