@@ -3,6 +3,8 @@
 Pure PyTorch: nothing here imports Ray, MLflow or YAML.
 """
 
+__version__ = "0.2.0"
+
 from nlstm.baselines import StackedLSTM
 from nlstm.cell import NestedLSTMCell, nested_lstm_step
 from nlstm.model import CharLM, ModelConfig

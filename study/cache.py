@@ -1,25 +1,64 @@
-"""The study folder's Ray experiments are a working cache of exactly one MLflow record.
+"""The study folder belongs to exactly one MLflow record, and to one live driver at a time.
 
-Tune's experiment folders (``<output>/<name>/ray/``), ``search_results.json`` and ``best/`` say
-which trials ran and how they ended, but the MLflow study run is the record. Resuming from a
-folder written for another store, experiment, parent run or study file made the driver claim
-phases done whose runs were never recorded in the store it was given, and copy the old search's
-configurations into the new store. ``record.json`` names the record the cache belongs to; a
-cache that does not provably belong (another record, or no ``record.json``) is set aside, never
-reused, and the study starts cleanly.
+``<output>/<name>/`` holds the trials' checkpoints (``checkpoints/``, part of the record: interrupted
+trials continue from them), the default Optuna storage (``optuna.db``) and Tune's experiments
+(``ray/``, a disposable cache: nothing is read back from it). ``record.json`` names the record the
+folder belongs to; a folder that does not provably belong (another store, experiment, parent run or
+record version, or no ``record.json``) is set aside under ``set-aside/``, never reused, and the study
+starts cleanly.
+
+A live driver holds ``.lock`` (an ``flock`` that dies with its process): a second driver, of the same
+study on another store say, is refused instead of setting aside the first one's live folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BINDING_FILE = "record.json"
-CACHE_ENTRIES = ("ray", "search_results.json", "best", "optuna.db")
+CACHE_ENTRIES = ("ray", "checkpoints", "optuna.db", "search_results.json", "best")
 SET_ASIDE = "set-aside"
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(RuntimeError):
+    """Another live driver uses the study folder."""
+
+
+class FolderLock:
+    """``<study_dir>/.lock``, held with ``flock`` for the driver's life (released when its process ends,
+    however it ends); the holder's pid is written in it for the message."""
+
+    def __init__(self, study_dir: Path) -> None:
+        self.path = study_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FolderInUse(f"{self.path.parent} is in use by another driver (pid {holder}); wait for it to end, "
+                              "or give this one another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +68,7 @@ class RecordBinding:
     parent_run_id: str
     study_hash: str
     storage: str = ""  # where the Ray experiments are (<study_dir>/ray, or a record's folder in --storage)
+    record_version: int = 1  # study.layout.RECORD_VERSION of the code that wrote the folder (absent: 1)
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)

@@ -126,6 +126,57 @@ def _check_space(file: str, spec: StudySpec) -> None:
                 raise SpecError(file, path, "expected categorical, int or a float with a step for the grid sampler")
 
 
+FAMILY_FIELDS = ("arch", "depth", "layers", "candidate_activation", "embedding_dim", "forget_bias", "impl")
+
+
+def _check_families(file: str, spec: StudySpec) -> None:
+    """``search.families``: each a set of model values that names one family, tuned alone with
+    ``trials_per_family`` trials; the space must not sample what a family fixes."""
+    from study.space import resolve
+
+    s = spec.search
+    assert s is not None
+    if s.families is None:
+        if s.trials_per_family is not None:
+            raise SpecError(file, "search.trials_per_family", "expected search.families (the budget is per family)")
+        return
+    if s.trials_per_family is None:
+        raise SpecError(file, "search.families", "expected search.trials_per_family: how many trials each family gets")
+    if s.num_samples is not None:
+        raise SpecError(file, "search.num_samples", "expected either num_samples or families with "
+                        "trials_per_family, not both")
+    names: dict[str, int] = {}
+    fixed_keys: set[str] = set()
+    for i, fixed in enumerate(s.families):
+        path = f"search.families[{i}]"
+        if "arch" not in fixed:
+            raise SpecError(file, path, "expected an arch (nlstm, stacked or single)")
+        for name, value in fixed.items():
+            if name not in FAMILY_FIELDS:
+                raise SpecError(file, f"{path}.{name}", f"expected one of the model fields {', '.join(FAMILY_FIELDS)}"
+                                f"{did_you_mean(name, list(FAMILY_FIELDS))}")
+            problem = _check_value(name, value)
+            if problem:
+                raise SpecError(file, f"{path}.{name}", problem)
+        if fixed.get("arch") == "stacked" and "depth" in fixed:
+            raise SpecError(file, f"{path}.depth", "expected layers for a stacked LSTM (its depth)")
+        if fixed.get("arch") != "stacked" and "layers" in fixed:
+            raise SpecError(file, f"{path}.layers", "expected depth (layers is the depth of a stacked LSTM)")
+        family = resolve(spec, "search", dict(fixed)).family
+        if family in names:
+            raise SpecError(file, path, f"expected distinct families; {family} is also "
+                            f"search.families[{names[family]}]")
+        names[family] = i
+        fixed_keys |= set(fixed)
+    for name, entry in s.space.items():
+        if name in fixed_keys or (name == "layers" and "arch" in fixed_keys):
+            raise SpecError(file, f"search.space.{name}", "expected the families to fix it, not the space "
+                            "(each family is tuned alone over the rest of the space)")
+        if isinstance(entry, CategoricalEntry) and entry.balanced:
+            raise SpecError(file, f"search.space.{name}.balanced", "expected no balanced entries with "
+                            "search.families (every family already gets trials_per_family trials)")
+
+
 def _check_ablation(file: str, spec: StudySpec) -> None:
     ab = spec.ablation
     assert ab is not None
@@ -213,6 +264,7 @@ def check_semantics(file: str, spec: StudySpec) -> None:
         raise SpecError(file, "", "expected at least one phase: a search, evaluate or ablation section")
     if spec.search is not None:
         _check_space(file, spec)
+        _check_families(file, spec)
     if spec.evaluate is not None:
         if spec.search is None:
             raise SpecError(file, "evaluate",

@@ -52,8 +52,11 @@ RECORD_VERSION_TAG = "nlstm.record_version"  # parent and trial runs: RECORD_VER
 PARAMS_JSON_TAG = "nlstm.params"  # trial runs: the sampled/ablated values, JSON (typed, unlike MLflow params)
 SELECTED_TAG = "nlstm.selected"  # evaluate config runs: "false" once an extended search chose another config
 SEARCH_BUDGET_TAG = "nlstm.search_trials_per_family"  # parent run: the tuning budget of every search family
+SEARCH_TRIALS_TAG = "nlstm.search_trials"  # parent run: search trials in all (families x their budget)
 SEARCH_FIDELITY_TAG = "nlstm.search_fidelity"  # parent run: how long each search trial trains, and the scheduler
 OPTUNA_STORAGE_TAG = "nlstm.optuna_storage"  # parent run: where the search's Optuna studies are (password masked)
+CHECKPOINTS_TAG = "nlstm.checkpoints"  # parent run: where the trials' checkpoints are (study.checkpoints)
+BEST_CONFIG_TAG = "nlstm.best_config"  # parent run: the run name of the configuration its summary metrics are of
 CPUS_TAG = "nlstm.cpus"  # trial runs: the logical CPUs of the node the latest attempt ran on
 
 #: What a configuration means (model, trainer, data, selection semantics) as the record stores it. Bump it
@@ -115,26 +118,21 @@ SUMMARY_METRICS = ("valid_bpc_mean", "valid_bpc_sd", "test_bpc_mean", "test_bpc_
 STUDY_EFFICIENCY_METRIC = "study_efficiency"  # parent run: trial training time / (wall time x trial slots)
 
 
-# ------------------------------------------------------------------ run names and trial keys
-def trial_run_name(key: str, tags: dict[str, str]) -> str:
-    """A run name that says what the run is, in the UI's narrow column: ``search-0003-nlstm-d2``,
-    ``evaluate-nlstm-d2-s1-3fa2c1`` (the config hash's start tells two configurations of one
-    family apart). The run's identity is its ``nlstm.trial_id`` tag, never its name."""
-    family = tags.get("nlstm.family")
-    if not family:
-        return key
-    if key.startswith("search-"):
-        return f"{key}-{family}"
-    phase, seed, config = tags.get("nlstm.phase", ""), tags.get("nlstm.seed", ""), tags.get("nlstm.config_hash", "")
-    return f"{phase}-{family}-s{seed}-{config[:6]}" if phase and seed else key
+# ------------------------------------------------------------------ trial keys (= run names)
+# A trial run's identity (tag nlstm.trial_id) is also its run name, the name the console, Optuna's user
+# attributes and the report use: the family and seed come first, so a narrow column still tells runs apart.
+def search_key(family: str, number: int) -> str:
+    """``nlstm-d2-search-003``: search trial ``number`` of ``family`` (the Optuna trial number of the family's
+    study, or of the one study of a search without families)."""
+    return f"{family}-search-{number:03d}"
+
+
+def planned_key(phase: str, family: str, seed: int, config_hash: str) -> str:
+    """``nlstm-d2-s1-evaluate-3fa2c1d0``: an evaluate or ablation trial (the config hash's start tells two
+    configurations of one family apart)."""
+    return f"{family}-s{seed}-{phase}-{config_hash[:8]}"
 
 
 def trial_key_of(config: dict[str, Any]) -> str | None:
-    """A trial's stable identity from its Tune config (see study.trial)."""
-    if "trial_key" in config:
-        return config["trial_key"]
-    if "trial_number" in config:
-        return f"search-{int(config['trial_number']):04d}"
-    return None
-
-
+    """A trial's key from its Tune config (``study.searcher`` puts it there)."""
+    return config.get("trial_key")

@@ -28,11 +28,49 @@ from typing import Any
 from mlflow import MlflowClient
 
 from study.layout import LEASE_TAG
-from study.processes import process_start_time
+from study.processes import process_start_time, stop_processes
 
 
 class LeaseHeld(RuntimeError):
     """Another live driver holds the study's lease."""
+
+
+class LeaseLost(RuntimeError):
+    """This driver no longer holds the study's lease (another took it over): it must write nothing more."""
+
+
+def _lease_owner(client: MlflowClient, experiment_id: str) -> str | None:
+    tag = client.get_experiment(experiment_id).tags.get(LEASE_TAG)
+    try:
+        lease = json.loads(tag) if tag else None
+    except ValueError:
+        return None
+    return lease.get("owner") if isinstance(lease, dict) else None
+
+
+class LeaseFence:
+    """Fencing for a trial's writes: before a write, check that the driver the trial belongs to still
+    holds the study's lease (read at most every ``every_s`` seconds); if another driver took the study
+    over, raise ``Lost`` and write nothing. A paused driver's trials keep running on their workers; this
+    is what stops them from recording over the new driver's work."""
+
+    Lost = LeaseLost
+
+    def __init__(self, tracking_uri: str, experiment_id: str, owner: str, every_s: float = 2.0) -> None:
+        self.tracking_uri, self.experiment_id, self.owner, self.every_s = tracking_uri, experiment_id, owner, every_s
+        self._client: MlflowClient | None = None
+        self._checked = -float("inf")
+
+    def __call__(self) -> None:
+        if not self.owner or time.monotonic() - self._checked < self.every_s:
+            return
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        holder = _lease_owner(self._client, self.experiment_id)
+        if holder != self.owner:
+            raise LeaseLost(f"the driver of this trial lost the study's lease (now held by {holder or 'nobody'}); "
+                            "writing nothing more")
+        self._checked = time.monotonic()
 
 
 @dataclass
@@ -43,14 +81,21 @@ class StudyLease:
     heartbeat_s: float = 5.0
     stale_after_s: float = 30.0
     settle_s: float = 1.5
+    unreachable_after: int = 3  # heartbeats in a row that could not reach the store: the driver stops
     on_lost: Callable[[str], None] | None = None  # called (from the heartbeat thread) if another driver took it
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    lost: bool = False  # set once another driver was seen holding the lease
+    # (pid, start time) of the processes this driver started (its private Ray): a driver that takes over the
+    # lease of a dead one on the same host stops them, from whatever folder it runs
+    children: list[tuple[int, int]] = field(default_factory=list)
+    leftovers_stopped: int = 0
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _me(self) -> dict[str, Any]:
         return {"owner": self.owner, "host": platform.node(), "pid": os.getpid(),
-                "pid_start": process_start_time(os.getpid()), "heartbeat": time.time()}
+                "pid_start": process_start_time(os.getpid()), "heartbeat": time.time(),
+                "children": [list(c) for c in self.children]}
 
     def read(self) -> dict[str, Any] | None:
         tag = self.client.get_experiment(self.experiment_id).tags.get(LEASE_TAG)
@@ -84,6 +129,12 @@ class StudyLease:
                 raise LeaseHeld(f"study {self.study!r} is already running ({self.describe(held)}); wait for it "
                                 "to finish or stop that driver first")
             note = f"taking over the lease of a driver that is gone ({self.describe(held)})"
+            dead = held.get("pid") is not None and process_start_time(int(held["pid"])) != held.get("pid_start")
+            if held.get("host") == platform.node() and dead:  # a paused driver's trials are fenced, not killed
+                try:
+                    self.leftovers_stopped = stop_processes([(int(p), s) for p, s in held.get("children", [])])
+                except (TypeError, ValueError):
+                    self.leftovers_stopped = 0
         self._write()
         time.sleep(self.settle_s)
         held = self.read()
@@ -95,22 +146,39 @@ class StudyLease:
         return note
 
     def _beat(self) -> None:
+        failures = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
                 held = self.read()
                 if held and held["owner"] != self.owner:
+                    self.lost = True
                     if self.on_lost:
                         self.on_lost(f"another driver took over the lease of study {self.study!r} "
                                      f"({self.describe(held)})")
                     return
                 self._write()
-            except Exception:  # a store hiccup: try again at the next beat; staleness is judged by others
-                continue
+                failures = 0
+            except Exception as e:  # a store hiccup: try again at the next beat; staleness is judged by others
+                failures += 1
+                if failures >= self.unreachable_after and self.on_lost:
+                    self.on_lost(f"the tracking store is unreachable ({str(e).strip().splitlines()[0][:200]})")
+                    return
+
+    def check(self) -> None:
+        """Fencing: raise ``LeaseLost`` unless this driver still holds the lease (before a write that ends a
+        run, a trial or a phase)."""
+        holder = _lease_owner(self.client, self.experiment_id)
+        if holder != self.owner:
+            self.lost = True
+            raise LeaseLost(f"another driver took over study {self.study!r} while this one was stopped or "
+                            "unreachable; this driver wrote nothing more and stops")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
+        if self.lost:
+            return  # the lease is another driver's now: not ours to delete
         try:
             held = self.read()
             if held and held["owner"] == self.owner:

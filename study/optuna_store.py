@@ -7,9 +7,10 @@ the searcher writes as the search runs: ``<output>/<name>/optuna.db`` (sqlite) b
 ``.log``). Only the driver writes it (the searcher runs in the driver), so a sqlite file of the
 driver is fine on a cluster.
 
-The Optuna study is named after the study and carries the MLflow parent run it belongs to
-(user attribute ``nlstm.parent_run_id``): a resumed study continues the same Optuna study, and a
-study of another record in a shared storage is refused, never mixed in.
+There is one Optuna study per search family, named ``<study>/<family>`` (``<study>`` for a search
+without families), with its objective named ``valid_bpc``; each carries the MLflow parent run it
+belongs to (user attribute ``nlstm.parent_run_id``): a resumed study continues the same Optuna
+studies, and a study of another record in a shared storage is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage
+
+from study.redact import mask_url
 
 PARENT_ATTR = "nlstm.parent_run_id"
 DEFAULT_FILE = "optuna.db"
@@ -46,31 +49,61 @@ def resolve_optuna_url(given: str | None, study_dir: Path) -> str:
 
 
 def open_storage(url: str) -> BaseStorage:
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
-    from optuna.storages.journal import JournalFileBackend
+    """The storage at ``url``; a damaged database or journal is one ``OptunaStoreError`` naming it."""
+    try:
+        if "://" in url:
+            return optuna.storages.RDBStorage(url)
+        from optuna.storages.journal import JournalFileBackend
 
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(url))
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except Exception as e:  # SQLAlchemy and the journal wrap a damaged file differently
+        raise OptunaStoreError(f"the Optuna storage {mask_url(url)} cannot be opened ({_first_line(e)}): if the "
+                               "file is damaged, restore it from a copy, or move it away and rerun with "
+                               "--restart") from None
 
 
-def prepare_study(url: str, name: str, parent_run_id: str, restart: bool = False) -> BaseStorage:
-    """The storage, with the study ``name`` created (once, before the searcher opens it: no table
-    race) and bound to ``parent_run_id``. ``restart`` deletes an earlier study of that name."""
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def prepare_studies(url: str, names: list[str], parent_run_id: str, recorded: dict[str, int],
+                    restart: bool = False) -> BaseStorage:
+    """The storage, with each Optuna study of ``names`` created (once, before the searcher opens it: no
+    table race), its objective named ``valid_bpc`` and bound to ``parent_run_id``. ``recorded``: search
+    trials the MLflow record has per study name; a storage without them lost them (replaced, emptied) and
+    is refused before anything is written. ``restart`` deletes earlier studies of those names."""
     storage = open_storage(url)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-        if name in existing and restart:
-            optuna.delete_study(study_name=name, storage=storage)
-            existing.pop(name)
-        if name in existing:
-            owner = existing[name].user_attrs.get(PARENT_ATTR)
-            if owner != parent_run_id:
-                raise OptunaStoreError(
-                    f"--optuna-storage: {url} holds an Optuna study {name!r} of another MLflow record (parent run "
-                    f"{owner}, not {parent_run_id}); pass --restart to replace it or another --optuna-storage")
-            return storage
-        study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
-        study.set_user_attr(PARENT_ATTR, parent_run_id)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+            for name in names:
+                if name in existing and restart:
+                    optuna.delete_study(study_name=name, storage=storage)
+                    existing.pop(name)
+                if name in existing:
+                    owner = existing[name].user_attrs.get(PARENT_ATTR)
+                    if owner != parent_run_id:
+                        raise OptunaStoreError(
+                            f"--optuna-storage: {mask_url(url)} holds an Optuna study {name!r} of another MLflow "
+                            f"record (parent run {owner}, not {parent_run_id}); pass --restart to replace it or "
+                            "another --optuna-storage")
+                elif recorded.get(name) and not restart:
+                    raise OptunaStoreError(
+                        f"the Optuna storage {mask_url(url)} has no study {name!r}, but the MLflow record has "
+                        f"{recorded[name]} of its search trials: the storage was replaced, emptied or is not this "
+                        "study's; restore it (or pass the right --optuna-storage), or rerun with --restart")
+            for name in names:
+                if name not in existing:
+                    study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
+                                                load_if_exists=True)
+                    study.set_metric_names(["valid_bpc"])
+                    study.set_user_attr(PARENT_ATTR, parent_run_id)
+    except OptunaStoreError:
+        raise
+    except Exception as e:
+        raise OptunaStoreError(f"the Optuna storage {mask_url(url)} cannot be used ({_first_line(e)}): if the file "
+                               "is damaged, restore it from a copy, or move it away and rerun with --restart") from None
     return storage

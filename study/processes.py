@@ -71,6 +71,10 @@ class DriverRecord:
                                   "children": [list(p) for p in descendants(pid)]}
         self.path.write_text(json.dumps(record))
 
+    def children(self) -> list[tuple[int, int]]:
+        """The processes this driver started so far (its private Ray), as (pid, start time)."""
+        return descendants(os.getpid())
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
@@ -84,12 +88,17 @@ class DriverRecord:
             return 0
         if pid != os.getpid() and process_start_time(pid) == start and start is not None:
             return 0  # that driver is alive: the store's lease decides, not this file
-        killed = 0
-        for child, child_start in children:
-            if process_start_time(child) == child_start:  # the very process it started, not a reused pid
-                try:
-                    os.kill(child, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
-        return killed
+        return stop_processes(children)
+
+
+def stop_processes(processes: list[tuple[int, int]]) -> int:
+    """SIGKILL each (pid, start time) that is still that very process (not a reused pid); returns how many."""
+    killed = 0
+    for pid, start in processes:
+        if pid != os.getpid() and start is not None and process_start_time(int(pid)) == start:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed

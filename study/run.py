@@ -33,6 +33,7 @@ from typing import Any
 from study.cli import invoked_as
 from study.layout import PHASES, TRIAL_SLOTS_TAG
 from study.schema import StudySpec
+from study.redact import mask_url
 from study.smoke import shrink_for_smoke
 from study.spec import load_spec
 from study.spec_errors import SpecError
@@ -131,6 +132,7 @@ class Setup:
     study_dir: Path
     storage: Any = None  # study.cluster.Storage: the Ray experiments' root (None for --dry-run)
     optuna_url: str = ""
+    checkpoints_dir: str = ""  # a resumed study's recorded checkpoint folder (default: <study_dir>/checkpoints)
 
 
 def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
@@ -324,28 +326,33 @@ def handle_signals(reasons: list[str]) -> Any:
     return signal.signal(signal.SIGTERM, on_sigterm)
 
 
+class StoreUnreachable(RuntimeError):
+    """The tracking store stopped answering while the study ran."""
+
+
 def run_study(args: argparse.Namespace, setup: Setup) -> int:
     import _thread
 
     import ray
 
-    from study.cache import RecordBinding, claim_cache
-    from study.cluster import ClusterError, bind_storage
-    from study.lease import LeaseHeld
-    from study.optuna_store import OptunaStoreError, prepare_study
-    from study.phases import StudyFailed, StudyInterrupted, StudyRun, run_phase
+    from study.cache import FolderInUse, FolderLock
+    from study.lease import LeaseHeld, LeaseLost
+    from study.optuna_store import OptunaStoreError
+    from study.phases import StudyFailed, StudyInterrupted, run_phases
     from study.processes import DriverRecord
+    from study.searcher import RecordMismatch, SearchIncomplete
     from study.store import limit_http_retries
     from study.tracking import StudyConflict, StudyTracker
 
-    spec, study_dir, cpus, gpus = setup.spec, setup.study_dir, setup.cpus, setup.gpus
+    spec, study_dir = setup.spec, setup.study_dir
     started = time.monotonic()
     signal_reasons: list[str] = []
     previous_sigterm = handle_signals(signal_reasons)
     limit_http_retries()
-    tracker, started_ray, driver = None, False, None
+    tracker, started_ray, driver, lock = None, False, None, None
     try:
         build_cpu_loops(args, setup)  # before the study's record (and its wall time) starts
+        lock = FolderLock(study_dir).acquire()
         tracker = StudyTracker(setup.tracking_uri, spec, args.space.resolve(), study_dir)
 
         def lost(reason: str) -> None:
@@ -354,91 +361,230 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
 
         note = tracker.acquire_lease(on_lost=lost)
         if note:
-            print(note, flush=True)
-        study_dir.mkdir(parents=True, exist_ok=True)
+            print(note + (f"; stopped {tracker.lease.leftovers_stopped} of its leftover processes"
+                          if tracker.lease.leftovers_stopped else ""), flush=True)
         driver = DriverRecord(study_dir / "driver.json")
         if driver.stop_leftovers():
             print(f"stopped the leftover Ray processes of a killed driver of this study ({study_dir})", flush=True)
-        explicit_storage = bool(args.storage)
+        parent = tracker.find_parent()
+        additions = []
+        if parent is not None and not args.restart:
+            additions = tracker.check_resumable(parent, setup.corpus.fingerprint)
+            _use_recorded_stores(args, setup, parent.data.tags)
         if args.restart:
-            _clear_outputs(setup, explicit_storage)
+            _clear_outputs(setup, bool(args.storage))
         if args.address:  # an existing cluster: check its resources before anything is recorded
             started_ray = start_ray(args)
-            trial_concurrency(args, cpus, gpus)
-        tracker.open(restart=args.restart, environment=_environment(args, setup), data_params=_study_params(setup))
-        # With --storage, a record's Ray experiments go to <storage>/<name>/<parent run id>: another
-        # record's can never be found there, and record.json there says whose they are.
-        storage = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else setup.storage
-        binding = RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
-                                storage.location)
-        note = claim_cache(study_dir, binding)
-        if note:
-            print(note, flush=True)
-        if explicit_storage:
-            bind_storage(storage, binding.as_dict())
-        optuna_storage = None
-        if "search" in setup.phases and not tracker.phase_done("search"):
-            optuna_storage = prepare_study(setup.optuna_url, spec.name, tracker.parent_run_id, restart=args.restart)
+            trial_concurrency(args, setup.cpus, setup.gpus)
+        environment = _environment(args, setup)
+        opened = time.monotonic()
+        tracker.open(restart=args.restart, environment=environment, data_params=_study_params(setup),
+                     tags=_study_tags(args, setup, environment))
+        if additions:
+            print(f"extending study {spec.name}: {'; '.join(additions)} (the finished runs are kept)", flush=True)
+        run = _study_run(args, setup, tracker, environment)
+        versions = tracker.code_versions()
+        if len(versions) > 1:
+            print("this study's runs span code versions: " + ", ".join(
+                f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in sorted(versions.items())), flush=True)
         concurrency = 1
-        if [p for p in setup.phases if not tracker.phase_done(p)]:
+        if not ray.is_initialized() or args.address:
             started_ray = start_ray(args) or started_ray
-            concurrency = trial_concurrency(args, cpus, gpus)
+        concurrency = trial_concurrency(args, setup.cpus, setup.gpus)
+        run.max_concurrent = concurrency
+        tracker.fence()
         tracker.client.set_tag(tracker.parent_run_id, TRIAL_SLOTS_TAG, str(concurrency))  # for the efficiency
         handle_signals(signal_reasons)  # again: ray.init replaced it
         driver.write()  # after Ray started: its processes are this driver's children
+        tracker.lease.children = driver.children()
         print(f"study {spec.name}: {' -> '.join(setup.phases)}; {concurrency} trial(s) at a time, "
-              f"{cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''} each"
+              f"{setup.cpus:g} CPU{f' + {setup.gpus:g} GPU' if setup.gpus else ''} each"
               f"{' (resuming)' if tracker.resumed else ''}", flush=True)
-        run = StudyRun(spec, study_dir, tracker, setup.corpus, setup.data_dir, cpus, gpus, concurrency, args.verbose,
-                       sys.stdout, storage=storage, optuna_storage=optuna_storage)
-        for phase in setup.phases:
-            run_phase(run, phase)
+        run_phases(run, setup.phases)
+        efficiency = _efficiency(run, time.monotonic() - opened, concurrency)
+        tracker.summarize_study()
         tracker.close("FINISHED")
-    except UsageError as e:
-        if tracker is not None:
-            tracker.close("FAILED")
+    except (UsageError, StudyConflict) as e:
+        _close_quietly(tracker, "FAILED" if isinstance(e, UsageError) else None)
         return fail(str(e))
-    except (ClusterError, OptunaStoreError) as e:
-        if tracker is not None:
-            tracker.close("FAILED")
+    except (OptunaStoreError, RecordMismatch, SearchIncomplete, FolderInUse) as e:
+        _close_quietly(tracker, "FAILED" if tracker is not None and tracker.parent_run_id else None)
         return fail(str(e), code=1)
-    except (LeaseHeld, StudyConflict) as e:
-        if tracker is not None and tracker.lease is not None:
-            tracker.lease.release()
+    except (LeaseHeld, LeaseLost) as e:
+        _close_quietly(tracker, None)
         return fail(str(e), code=1)
     except StudyFailed as e:
-        tracker.close("FAILED")
+        _close_quietly(tracker, "FAILED")
         return fail(str(e), code=1)
     except (KeyboardInterrupt, StudyInterrupted):
-        if tracker is not None:
-            tracker.close("KILLED")
         why = signal_reasons[-1] if signal_reasons else "Ctrl+C"
+        if why.startswith("another driver"):  # not a signal: the lease thread saw another driver take over
+            _close_quietly(tracker, None)
+            return fail(f"{why}; this driver wrote nothing more and stopped", code=1)
+        if why.startswith("the tracking store"):  # the lease thread could not reach the store
+            _close_quietly(tracker, "KILLED")
+            return fail(f"the tracking store {mask_url(setup.tracking_uri)} is unreachable; the runs so far are "
+                        "recorded: rerun the same command once it is back", code=1)
+        _close_quietly(tracker, "KILLED")
         print(f"\ninterrupted ({why}): the runs so far are recorded; rerun the same command to resume\n"
               f"  {invoked_as('nlstm-study')} {' '.join(sys.argv[1:])}", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
     except Exception as e:
-        if tracker is not None:
-            tracker.close("FAILED")
+        if _is_full_disk(e):
+            _close_quietly(tracker, "FAILED")
+            return fail(f"no space left on the device of {_full_disk_path(e, setup)}: free some space, then rerun "
+                        "the same command to resume", code=1)
+        if tracker is not None and not _store_answers(setup.tracking_uri):
+            return fail(f"the tracking server {mask_url(setup.tracking_uri)} is unreachable; the runs so far are "
+                        "recorded: rerun the same command once it is back", code=1)
+        _close_quietly(tracker, "FAILED")
         if args.verbose:
             raise
-        return fail(f"{type(e).__name__}: {e} ({_hint(e)})", code=1)
+        return fail(f"{type(e).__name__}: {_one_line(e)} ({_hint(e)})", code=1)
     finally:
         if started_ray:
             ray.shutdown()
         if driver is not None:
             driver.remove()
+        if lock is not None:
+            lock.release()
         signal.signal(signal.SIGTERM, previous_sigterm)
 
-    _print_done(args, setup, storage, time.monotonic() - started)
+    _print_done(args, setup, run, time.monotonic() - started, efficiency)
     return 0
 
 
+def _close_quietly(tracker: Any, status: str | None) -> None:
+    """End the parent run with ``status`` (None: only release the lease); a store that went away, or a lease
+    another driver holds now, leaves the runs for the next driver to close."""
+    if tracker is None:
+        return
+    try:
+        if status is None or not tracker.parent_run_id:
+            if tracker.lease is not None:
+                tracker.lease.release()
+            return
+        tracker.close(status)
+    except Exception:
+        if tracker.lease is not None:
+            tracker.lease.release()
+
+
+def _store_answers(uri: str) -> bool:
+    from study.store import StoreError, check_store
+
+    try:
+        check_store(uri, timeout_s=5)
+        return True
+    except StoreError:
+        return False
+
+
+def _is_full_disk(error: BaseException) -> bool:
+    import errno
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _full_disk_path(error: BaseException, setup: Setup) -> str:
+    filename = getattr(error, "filename", None)
+    return str(Path(filename).parent) if filename else str(setup.study_dir)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else ""
+
+
+def _study_run(args: argparse.Namespace, setup: Setup, tracker: Any, environment: dict[str, Any]) -> Any:
+    """The record's folders and stores bound to this driver: Ray's experiments, the checkpoints, Optuna."""
+    from study.cache import RecordBinding, claim_cache
+    from study.checkpoints import CheckpointStore
+    from study.cluster import bind_storage
+    from study.layout import CHECKPOINTS_TAG, RECORD_VERSION
+    from study.optuna_store import prepare_studies
+    from study.phases import StudyRun
+    from study.space import tuning_families
+    from study.tracking import code_version
+
+    spec, study_dir = setup.spec, setup.study_dir
+    explicit_storage = bool(args.storage)
+    # With --storage, a record's folder is <storage>/<name>/<parent run id>: another record's can never be
+    # found there, and record.json there says whose it is.
+    record_folder = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else None
+    ray_root = record_folder.join("ray") if record_folder else setup.storage
+    binding = RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
+                            ray_root.location, RECORD_VERSION)
+    binding = RecordBinding(**(binding.as_dict() | {"study_hash": ""}))  # an extended study keeps its folder
+    note = claim_cache(study_dir, binding)
+    if note:
+        print(note, flush=True)
+    if record_folder is not None:
+        bind_storage(record_folder, binding.as_dict())
+        folder = record_folder.join("checkpoints")
+        checkpoints = CheckpointStore(folder.location, folder.path, folder.filesystem)
+    else:
+        folder = setup.checkpoints_dir or str(study_dir / "checkpoints")
+        checkpoints = CheckpointStore(folder, folder)
+    tracker.fence()
+    tracker.client.set_tag(tracker.parent_run_id, CHECKPOINTS_TAG, mask_url(checkpoints.location))
+    optuna_storage = None
+    if spec.search is not None:
+        names = [f.optuna_study for f in tuning_families(spec)]
+        recorded: dict[str, int] = {}
+        by_family = {f.name: f.optuna_study for f in tuning_families(spec)}
+        for r in tracker.trial_runs("search"):
+            family = r.data.tags.get("nlstm.family", "")
+            name = by_family.get(family, by_family.get("", ""))
+            recorded[name] = recorded.get(name, 0) + 1
+        optuna_storage = prepare_studies(setup.optuna_url, names, tracker.parent_run_id, recorded,
+                                         restart=args.restart)
+    return StudyRun(spec, study_dir, tracker, setup.corpus, setup.data_dir, setup.cpus, setup.gpus, 1,
+                    args.verbose, sys.stdout, storage=ray_root, checkpoints=checkpoints,
+                    optuna_storage=optuna_storage, optuna_location=mask_url(setup.optuna_url),
+                    code_version=code_version(environment), git_commit=environment.get("git_commit"))
+
+
+def _use_recorded_stores(args: argparse.Namespace, setup: Setup, tags: dict[str, str]) -> None:
+    """A resumed study goes on with the Optuna storage and checkpoints its record names, from whatever folder
+    the driver runs in (unless the command names others)."""
+    from study.layout import CHECKPOINTS_TAG, OPTUNA_STORAGE_TAG
+
+    recorded_optuna = tags.get(OPTUNA_STORAGE_TAG, "")
+    if not args.optuna_storage and recorded_optuna and recorded_optuna == mask_url(recorded_optuna):
+        path = recorded_optuna.removeprefix("sqlite:///")
+        if "://" not in path and not Path(path).exists():
+            return  # the folder that held it is gone: the study's own default (a mismatch is then refused)
+        setup.optuna_url = recorded_optuna
+    recorded_checkpoints = tags.get(CHECKPOINTS_TAG, "")
+    if not args.storage and recorded_checkpoints.startswith("/") and Path(recorded_checkpoints).is_dir():
+        setup.checkpoints_dir = recorded_checkpoints
+
+
+def _efficiency(run: Any, wall_s: float, slots: int) -> float | None:
+    """The share of this driver's trial slots spent training; printed and logged on the study run."""
+    if wall_s <= 0 or slots <= 0:
+        return None
+    value = run.train_time_s / (wall_s * slots)
+    run.tracker.log_efficiency(value)
+    return value
+
+
 def _clear_outputs(setup: Setup, explicit_storage: bool) -> None:
-    """``--restart``: the study folder (but the driver record) and, with ``--storage``, its Ray experiments."""
+    """``--restart``: the study folder (but the driver's lock and record) and, with ``--storage``, its record
+    folders there."""
     import shutil
 
     for entry in setup.study_dir.iterdir():
-        if entry.name != "driver.json":
+        if entry.name not in ("driver.json", ".lock"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if explicit_storage:
         setup.storage.join(setup.spec.name).delete()
@@ -452,7 +598,7 @@ def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     return environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
                                          "gpus_per_trial": gpus},
                              "ray_address": args.address or "local", "smoke": args.smoke,
-                             "storage": setup.storage.location, "optuna_storage": setup.optuna_url,
+                             "storage": mask_url(setup.storage.location), "optuna_storage": mask_url(setup.optuna_url),
                              "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
                                       "source": corpus.source, "source_sha256": corpus.checksums,
                                       "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
@@ -460,32 +606,56 @@ def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
 
 
 def _study_params(setup: Setup) -> dict[str, Any]:
-    """The parent run's params (docs/mlflow-layout.md)."""
-    from study.space import num_samples, sampler_description, scheduler_description
+    """The parent run's params (docs/mlflow-layout.md): what never changes over the study's life."""
+    from study.space import sampler_description, scheduler_description
 
     spec, corpus = setup.spec, setup.corpus
     return {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
             "unigram_entropy_bits": round(corpus.unigram_entropy_bits(), 6), "metric": "valid_bpc",
-            "sampler": sampler_description(spec), "scheduler": scheduler_description(spec),
-            "num_samples": num_samples(spec) if spec.search else 0}
+            "sampler": sampler_description(spec), "scheduler": scheduler_description(spec)}
 
 
-def _print_done(args: argparse.Namespace, setup: Setup, storage: Any, elapsed_s: float) -> None:
-    """Where everything the study wrote is."""
-    spec, study_dir = setup.spec, setup.study_dir
+def _study_tags(args: argparse.Namespace, setup: Setup, environment: dict[str, Any]) -> dict[str, str]:
+    """The parent run's tags that a rerun updates: the code, the search's budget and fidelity, the stores."""
+    from study.layout import (
+        CODE_VERSION_TAG,
+        OPTUNA_STORAGE_TAG,
+        SEARCH_BUDGET_TAG,
+        SEARCH_FIDELITY_TAG,
+        SEARCH_TRIALS_TAG,
+    )
+    from study.plan import steps_per_epoch
+    from study.space import num_samples, scheduler_description
+    from study.tracking import code_version
+
+    spec = setup.spec
+    tags = {CODE_VERSION_TAG: code_version(environment)}
+    if spec.search is not None:
+        t = spec.search.train
+        steps = steps_per_epoch(setup.corpus, t.model_dump())
+        stop = f", patience {t.patience}" if t.patience is not None else ""
+        tags |= {SEARCH_TRIALS_TAG: str(num_samples(spec)), OPTUNA_STORAGE_TAG: mask_url(setup.optuna_url),
+                 SEARCH_FIDELITY_TAG: f"{t.epochs} epochs of {steps} steps{stop}; scheduler "
+                                      f"{scheduler_description(spec)}"}
+        if spec.search.families:
+            tags[SEARCH_BUDGET_TAG] = str(spec.search.trials_per_family)
+    return tags
+
+
+def _print_done(args: argparse.Namespace, setup: Setup, run: Any, elapsed_s: float, efficiency: float | None) -> None:
+    """Where everything the study wrote is, and how much of its slots it spent training."""
+    spec = setup.spec
     minutes, seconds = divmod(int(elapsed_s), 60)
     print(f"\nstudy {spec.name} done in {minutes}:{seconds:02d}")
-    print(f"  MLflow:  {setup.tracking_uri}  (experiment {spec.name!r})")
+    if efficiency is not None:
+        print(f"  study efficiency {efficiency:.2f}: {run.train_time_s:,.0f} s of trial training in this driver's "
+              f"{run.max_concurrent} trial slot(s) (metric study_efficiency on the study run)")
+    print(f"  MLflow:  {mask_url(setup.tracking_uri)}  (experiment {spec.name!r})")
     if setup.tracking_uri.startswith("sqlite:"):
         print(f"           browse it: mlflow ui --backend-store-uri {setup.tracking_uri}")
-    contents = [what for name, what in (("search_results.json", "search_results.json"),
-                                         ("best", "best checkpoints in best/"), ("ray", "Ray trials in ray/"))
-                if (study_dir / name).exists()]
-    print(f"  results: {study_dir}  ({', '.join(contents)})")
-    if args.storage:
-        print(f"  Ray trials and checkpoints: {storage.location}")
+    print(f"  results: {setup.study_dir}  (checkpoints {run.checkpoints.location}; Ray's logs {run.storage.location})")
     if "search" in setup.phases:
-        print(f"  Optuna:  {setup.optuna_url}  (study {spec.name!r}; optuna-dashboard {setup.optuna_url})")
+        print(f"  Optuna:  {run.optuna_location}  (a study per search family: optuna-dashboard {run.optuna_location})")
 
 
 def _hint(error: Exception) -> str:

@@ -240,6 +240,11 @@ class SchedulerSpec(Section):
 
 
 class SearchSpec(Section):
+    # Families tuned alone, each with its own Optuna study, sampler and scheduler and the same budget of
+    # `trials_per_family` trials (equal tuning effort per model, as Melis et al. 2018): each entry fixes
+    # the model fields that make a family (arch, depth or layers, candidate_activation, ...).
+    families: list[dict[str, Scalar]] | None = Field(None, min_length=1)
+    trials_per_family: int | None = Field(None, ge=1)
     space: dict[str, SpaceEntry] = {}
     sampler: SamplerSpec = SamplerSpec()
     scheduler: SchedulerSpec = SchedulerSpec()

@@ -1,91 +1,423 @@
-"""OptunaSearch that tells Optuna the truth about trials a Tune scheduler stopped early.
+"""Every trial of a study, phase after phase, from its record: the Tune ``Searcher`` of the study's one Tuner.
 
-Ray's ``OptunaSearch`` tells every trial that ended without an error to Optuna as COMPLETE with
-its last value. A trial that ASHA (or the median rule) stopped after 1 of 8 epochs then counts as
-a finished trial with a poor score, and TPE learns that its region is bad. Here a trial counts as
-COMPLETE only if its last result says ``finished`` (the trainable sets it on its real last
-epoch); otherwise its last value is reported as an intermediate value and it is told PRUNED,
-which is how Optuna's own pruners record it. Errors stay FAIL.
+**Search.** One Optuna study per family (``study.space.SearchFamily``) in the study's Optuna storage
+(ask-and-tell): each family gets exactly its number of trials and its sampler learns from its own
+trials only. A trial is told how it ended: COMPLETE with its best valid BPC when it finished, PRUNED
+when its family's scheduler stopped it (with every value it reported), FAIL when it failed for good
+(diverged, or gave up after ``MAX_ATTEMPTS``). A trial that was interrupted, or failed in a way a
+rerun may cure, stays RUNNING: the next driver runs it again under the same number, key and MLflow
+run, from its checkpoint. Every trial carries user attributes that link it to the record: its run
+name, family, chosen values and, once it ended, its MLflow run id, parameter count and stop reason.
 
-Ray also skips ``on_trial_result`` for the result on which a scheduler decides to stop, so that
-value is added here before the trial is told.
+**Evaluate, ablation.** Once the search has ended, the configurations are chosen from the record (the
+search trial runs in MLflow, whatever folder the driver runs from), their config runs are found or
+created, and every (configuration, seed) whose run has not ended is run.
 
-The Optuna study lives in a storage (``study.optuna_store``), so it outlives a killed driver,
-whereas the searcher is restored from Tune's last snapshot: an Optuna trial asked for after that
-snapshot is known to the storage but to no Tune trial. On restore such orphans are told FAIL and
-marked (``ORPHAN_ATTR``), so that the search asks for their place again (``study.space.search_turn``).
-The other way round, a trial that the killed driver had already told Optuna is finished is replayed by
-the restored Tune (its finished run reports again): the storage's ending stands and the replay is
-ignored, instead of Optuna's ``UpdateFinishedTrialError`` stopping the study.
+Nothing is read from Tune's experiment state and nothing here is ever restored from a pickle: a new
+driver builds the searcher again from the record (MLflow and the Optuna storage).
 """
 
 from __future__ import annotations
 
-import logging
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
-from ray.air.constants import TRAINING_ITERATION
-from ray.tune.search.optuna import OptunaSearch
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search import Searcher
 
-from study.space import ORPHAN_ATTR
+from study.layout import (
+    FAIL_REASON_TAG,
+    FAMILY_TAG,
+    PARAMS_JSON_TAG,
+    SELECTED_TAG,
+    SOURCE_TRIAL_TAG,
+    STATUS_TAG,
+    STOP_REASON_TAG,
+    TRIAL_ID_TAG,
+    below_chance,
+    planned_key,
+    search_key,
+)
+from study.space import TRIAL_NUMBER, DefineByRun, SearchFamily, ablation_cells, make_sampler, resolve, tuning_families
+from study.trial import TrialSpec
 
-FINISHED = "finished"
-log = logging.getLogger(__name__)
+METRIC, MODE = "best_valid_bpc", "min"  # each trial's best epoch so far: what schedulers and Optuna compare
+PARAMS_ATTR, RUN_NAME_ATTR, FAMILY_ATTR = "params", "run_name", "family"
+FINAL_FAILURES = ("diverged", "gave up")  # failure reasons a rerun would not cure
 
 
-class PruneAwareOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._last_step: dict[str, int] = {}  # last step reported to each Optuna trial
-        self._storage_checked: set[str] = set()  # trials whose state in the storage was read (_ended_in_storage)
+class RecordMismatch(RuntimeError):
+    """The study's stores disagree (an Optuna storage that lost trials the MLflow record has): one line."""
 
-    def _ended_in_storage(self, trial_id: str) -> bool:
-        """True (and the trial counted as completed) when the storage already holds its end. Read once
-        per trial: only a replay after a restore can find one ended, and the study's lease keeps any
-        other driver from ending trials meanwhile."""
-        if trial_id in self._storage_checked:
-            return False
-        self._storage_checked.add(trial_id)
-        number = self._ot_trials[trial_id].number
-        if self._ot_study.get_trials(deepcopy=False)[number].state.is_finished():
-            self._completed_trials.add(trial_id)
-            return True
-        return False
 
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id in self._completed_trials or self._ended_in_storage(trial_id):
-            return  # told before a driver was killed, replayed by the restored Tune
-        super().on_trial_result(trial_id, result)
-        if TRAINING_ITERATION in result:
-            self._last_step[trial_id] = result[TRAINING_ITERATION]
+class SearchIncomplete(RuntimeError):
+    """A phase that needs the search's results was asked for before the search ended."""
 
-    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials and self._ended_in_storage(trial_id):
+
+@dataclass
+class FamilySearch:
+    """A family's Optuna study and what of it is still to run."""
+
+    family: SearchFamily
+    study: optuna.Study
+    reissue: list[FrozenTrial] = field(default_factory=list)  # RUNNING in the storage, not ended in the record
+    counted: int = 0  # trials that count toward the budget (asked and started)
+
+    @property
+    def wanted(self) -> int:
+        return max(0, self.family.trials - self.counted) + len(self.reissue)
+
+
+@dataclass
+class PhaseWork:
+    phase: str
+    planned: list[str] = field(default_factory=list)  # every key of the phase (ended before or not)
+    queue: list[TrialSpec] = field(default_factory=list)  # evaluate/ablation: still to run
+
+
+def is_final_failure(reason: str | None) -> bool:
+    return bool(reason) and reason.startswith(FINAL_FAILURES)
+
+
+class StudySearcher(Searcher):
+    def __init__(self, run: Any, phases: list[str], max_concurrent: int,
+                 stopped: set[str], on_phase_end: Callable[[str], None]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self.run = run  # study.driver.StudyRun: spec, tracker, corpora, Optuna storage
+        self.phases = list(phases)
+        self.max_concurrent = max_concurrent
+        self.stopped = stopped  # trials a scheduler stopped (study.family_scheduler)
+        self.on_phase_end = on_phase_end  # the driver records the phase's outcome; raises nothing
+        self.live: dict[str, TrialSpec] = {}
+        self.failure: str | None = None  # set when a phase ended without a result worth going on from
+        self.current: PhaseWork | None = None
+        self.searches: list[FamilySearch] = []
+        self._ot: dict[str, tuple[optuna.Study, int]] = {}  # Tune trial id -> (Optuna study, trial number)
+        self._last_step: dict[str, int] = {}
+        self.ended: dict[str, list[str]] = {}  # phase -> keys that ended in this driver
+        self._planned: dict[str, list[str]] = {}  # evaluate/ablation: every key of the phase
+        self.totals: dict[str, tuple[int, int]] = {}  # phase -> (trials in all, ended before this driver)
+        self._start_next(raise_problems=True)
+
+    # ------------------------------------------------------------------ Tune's side
+    def suggest(self, trial_id: str) -> dict | str | None:
+        while True:
+            if self.current is None:
+                return Searcher.FINISHED
+            if len(self.live) >= self.max_concurrent:
+                return None
+            trial = self._next_trial(trial_id)
+            if trial is not None:
+                self.live[trial_id] = trial
+                return trial.as_config()
+            if self.live:
+                return None  # the phase's last trials are running; the next phase needs their results
+            self._end_current()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot and METRIC in result and "epoch" in result:
+            self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.live.pop(trial_id, None)
+        if trial is None:
             return
-        if error or not result or trial_id in self._completed_trials:
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        ot_trial = self._ot_trials[trial_id]
-        value, step = result.get(self.metric), result.get(TRAINING_ITERATION)
-        if value is not None and step is not None and self._last_step.get(trial_id) != step:
-            ot_trial.report(value, step)  # the result the scheduler stopped it on: never passed on by Ray
-            self._last_step[trial_id] = step
-        if result.get(FINISHED):
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        try:
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        except Exception as exc:  # as OptunaSearch does: a bad value must not stop the study
-            log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        self.ended.setdefault(trial.phase, []).append(trial.key)
+        if trial_id in self._ot:
+            self._tell(trial_id, trial, result or {}, error)
+        elif trial.phase in ("evaluate", "ablation") and (result or {}).get("finished"):
+            self.run.tracker.update_config_summary(trial.parent_run_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its search algorithm with the experiment; this one is never restored from it."""
+        return {}
+
+    def save_to_dir(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to save: the record (MLflow, the Optuna storage, the checkpoints) is the state."""
+
+    def save(self, checkpoint_path: str) -> None:
+        """See ``save_to_dir``."""
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self._storage_checked = set()  # the snapshot's reads are older than the storage: read again
-        known = {t.number for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number not in known:  # asked for by a killed driver after Tune's last snapshot
-                optuna.trial.Trial(self._ot_study, t._trial_id).set_user_attr(ORPHAN_ATTR, True)
-                self._ot_study.tell(t.number, state=TrialState.FAIL)
+        raise NotImplementedError("a study's searcher is built again from its record, never restored")
+
+    # ------------------------------------------------------------------ phases
+    def _start_next(self, raise_problems: bool = False) -> None:
+        """Start the next phase that has work. A phase that cannot start (the stores disagree, the search has
+        not ended) raises before Tune starts, and stops the study with its reason once Tune runs."""
+        while self.phases and self.failure is None:
+            phase = self.phases.pop(0)
+            try:
+                work = {"search": self._start_search, "evaluate": self._start_evaluate,
+                        "ablation": self._start_ablation}[phase]()
+            except (RecordMismatch, SearchIncomplete) as e:
+                if raise_problems:
+                    raise
+                self.failure = str(e)
+                break
+            self.current = work
+            if self._has_work():
+                return
+            self._end_current(start_next=False)
+        self.current = None
+
+    def _has_work(self) -> bool:
+        if self.current is None:
+            return False
+        if self.current.phase == "search":
+            return any(s.wanted for s in self.searches)
+        return bool(self.current.queue)
+
+    def _end_current(self, start_next: bool = True) -> None:
+        phase = self.current.phase
+        self.current = None
+        self.on_phase_end(phase)  # may set self.failure
+        if start_next:
+            self._start_next()
+
+    def _next_trial(self, trial_id: str) -> TrialSpec | None:
+        work = self.current
+        if work.phase == "search":
+            return self._next_search_trial(trial_id)
+        return work.queue.pop(0) if work.queue else None
+
+    def planned_keys(self, phase: str) -> list[str]:
+        """Every trial key of ``phase`` as this driver planned it (for the phase's outcome)."""
+        if phase == "search":
+            return sorted(t.user_attrs[RUN_NAME_ATTR] for s in self.searches
+                          for t in s.study.get_trials(deepcopy=False) if RUN_NAME_ATTR in t.user_attrs)
+        return list(self._planned.get(phase, []))
+
+    # ------------------------------------------------------------------ search
+    def _start_search(self) -> PhaseWork:
+        run = self.run
+        runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in run.tracker.trial_runs("search")}
+        self.searches = []
+        for family in tuning_families(run.spec):
+            study = optuna.load_study(study_name=family.optuna_study, storage=run.optuna_storage,
+                                      sampler=make_sampler(run.spec))
+            self.searches.append(self._reconcile(family, study, runs))
+        known = {t.user_attrs.get(RUN_NAME_ATTR) for s in self.searches for t in s.study.get_trials(deepcopy=False)}
+        lost = sorted(k for k in runs if k and k not in known and "-superseded-" not in k)
+        if lost:
+            raise RecordMismatch(f"the Optuna storage {run.optuna_location} lacks {len(lost)} search trial(s) that the "
+                                 f"MLflow record has ({', '.join(lost[:3])}): it was replaced or damaged; restore it, "
+                                 "or rerun with --restart (which discards this study's runs)")
+        total = sum(s.family.trials for s in self.searches)
+        self.totals["search"] = (total, total - sum(s.wanted for s in self.searches))
+        return PhaseWork("search")
+
+    def _reconcile(self, family: SearchFamily, study: optuna.Study, runs: dict[str, Any]) -> FamilySearch:
+        """Bring the family's Optuna study in line with the record: a trial the record saw end but Optuna did
+        not (a driver stopped in between) is told now; one that has not ended is run again."""
+        search = FamilySearch(family, study)
+        for t in study.get_trials(deepcopy=False):
+            key = t.user_attrs.get(RUN_NAME_ATTR)
+            if key is None:  # asked by a driver that stopped before the trial was named: never ran
+                if t.state == TrialState.RUNNING:
+                    self._fenced_tell(study, t.number, TrialState.FAIL, attrs={"nlstm.orphan": True})
+                continue
+            search.counted += 1
+            if t.state != TrialState.RUNNING:
+                continue
+            record = runs.get(key)
+            status = record.data.tags.get(STATUS_TAG) if record is not None else None
+            if status == "completed":
+                value = record.data.metrics.get(METRIC)
+                self._fenced_tell(study, t.number, TrialState.COMPLETE, value, self._attrs(record))
+            elif status == "pruned":
+                self._fenced_tell(study, t.number, TrialState.PRUNED, attrs=self._attrs(record))
+            elif status == "failed" and is_final_failure(record.data.tags.get(FAIL_REASON_TAG)):
+                self._fenced_tell(study, t.number, TrialState.FAIL, attrs=self._attrs(record))
+            else:
+                search.reissue.append(t)
+        return search
+
+    def _next_search_trial(self, trial_id: str) -> TrialSpec | None:
+        open_searches = [s for s in self.searches if s.wanted]
+        if not open_searches:
+            return None
+        search = min(open_searches, key=lambda s: s.counted - len(s.reissue))  # the family furthest behind
+        study = search.study
+        if search.reissue:
+            frozen = search.reissue.pop(0)
+            params = json.loads(frozen.user_attrs[PARAMS_ATTR])
+            key, family, number = frozen.user_attrs[RUN_NAME_ATTR], frozen.user_attrs[FAMILY_ATTR], frozen.number
+        else:
+            self.run.tracker.fence()
+            ot_trial = study.ask()
+            constants = DefineByRun(self.run.spec, search.family.fixed)(ot_trial)
+            params = {k: v for k, v in (ot_trial.params | constants).items() if k != TRIAL_NUMBER}
+            family, number = resolve(self.run.spec, "search", params).family, ot_trial.number
+            key = search_key(family, number)
+            for name, value in ((RUN_NAME_ATTR, key), (FAMILY_ATTR, family),
+                                (PARAMS_ATTR, json.dumps(params, sort_keys=True))):
+                ot_trial.set_user_attr(name, value)
+            search.counted += 1
+        self._ot[trial_id] = (study, number)
+        return TrialSpec(key, "search", family, params, self.run.spec.search.seed, self.run.tracker.parent_run_id,
+                         self.run.fingerprint({}))
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        study, number = self._ot[trial_id]
+        step, value = int(result["epoch"]), result[METRIC]
+        if self._last_step.get(trial_id) == step or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        frozen = study.get_trials(deepcopy=False)[number]
+        if step in frozen.intermediate_values or frozen.state != TrialState.RUNNING:
+            return
+        optuna.trial.Trial(study, frozen._trial_id).report(float(value), step)
+        self._last_step[trial_id] = step
+
+    def _tell(self, trial_id: str, trial: TrialSpec, result: dict, error: bool) -> None:
+        study, number = self._ot.pop(trial_id)
+        record = self.run.tracker.trial_run(trial.key)
+        attrs = self._attrs(record) if record is not None else {}
+        if error:
+            reason = record.data.tags.get(FAIL_REASON_TAG) if record is not None else None
+            if is_final_failure(reason):
+                self._fenced_tell(study, number, TrialState.FAIL, attrs=attrs)
+            return  # a failure a rerun may cure: RUNNING, run again by the next driver
+        if result.get("finished"):
+            self._fenced_tell(study, number, TrialState.COMPLETE, result.get(METRIC), attrs)
+        elif trial_id in self.stopped:
+            if METRIC in result and "epoch" in result:
+                self._report(trial_id, result)  # the result the scheduler stopped it on
+            self._fenced_tell(study, number, TrialState.PRUNED, attrs=attrs | {"stop_reason": "pruned"})
+        # else interrupted: RUNNING, continued from its checkpoint by the next driver
+
+    @staticmethod
+    def _attrs(record: Any) -> dict[str, Any]:
+        """User attributes that link an Optuna trial to its MLflow run (optuna-dashboard shows them)."""
+        m, tags = record.data.metrics, record.data.tags
+        attrs = {"mlflow_run_id": record.info.run_id, "stop_reason": tags.get(STOP_REASON_TAG, tags.get(STATUS_TAG))}
+        if m.get("num_params") is not None:
+            attrs["num_params"] = int(m["num_params"])
+        return attrs
+
+    def _fenced_tell(self, study: optuna.Study, number: int, state: TrialState, value: float | None = None,
+                     attrs: dict[str, Any] | None = None) -> None:
+        self.run.tracker.fence()
+        frozen = study.get_trials(deepcopy=False)[number]
+        if frozen.state.is_finished():
+            return
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        for name, v in (attrs or {}).items():
+            trial.set_user_attr(name, v)
+        if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
+            state = TrialState.FAIL  # nothing Optuna could learn from
+        study.tell(number, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+
+    # ------------------------------------------------------------------ evaluate and ablation
+    def _search_rows(self) -> list[dict[str, Any]]:
+        """The search's trials as the record has them, best first (by best valid BPC)."""
+        rows = []
+        for r in self.run.tracker.trial_runs("search"):
+            tags = r.data.tags
+            if PARAMS_JSON_TAG not in tags or "-superseded-" in tags.get(TRIAL_ID_TAG, ""):
+                continue
+            rows.append({"key": tags[TRIAL_ID_TAG], "status": tags.get(STATUS_TAG), "family": tags.get(FAMILY_TAG),
+                         "params": json.loads(tags[PARAMS_JSON_TAG]),
+                         "best_valid_bpc": r.data.metrics.get(METRIC, math.inf)})
+        rows.sort(key=lambda row: (row["best_valid_bpc"], row["key"]))
+        return rows
+
+    def _check_search_ended(self, phase: str) -> None:
+        """Evaluate and ablation build on the search: it must have run every trial it asks for."""
+        spec = self.run.spec
+        if spec.search is None:
+            return
+        ended = 0
+        for family in tuning_families(spec):
+            try:
+                study = optuna.load_study(study_name=family.optuna_study, storage=self.run.optuna_storage)
+            except KeyError:
+                study = None
+            trials = study.get_trials(deepcopy=False) if study is not None else []
+            ended += sum(1 for t in trials if t.state.is_finished() and RUN_NAME_ATTR in t.user_attrs)
+        total = sum(f.trials for f in tuning_families(spec))
+        if ended < total:
+            raise SearchIncomplete(f"{phase}: the search has ended {ended} of its {total} trials; run it first "
+                                   "(--phases search, or no --phases)")
+
+    def usable(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Search rows that may be chosen: ended with a finite value below chance (one chance rule)."""
+        bar = self.run.unigram_bits
+        return [r for r in rows if r["status"] in ("completed", "pruned") and below_chance(r["best_valid_bpc"], bar)]
+
+    def _start_evaluate(self) -> PhaseWork:
+        spec, tracker = self.run.spec, self.run.tracker
+        self._check_search_ended("evaluate")
+        configs, seen = [], set()
+        for row in select_top(spec, self.usable(self._search_rows())):
+            cfg = resolve(spec, "evaluate", row["params"])
+            if cfg.config_hash not in seen:
+                seen.add(cfg.config_hash)
+                configs.append((cfg, row["params"], {}, {SOURCE_TRIAL_TAG: row["key"], SELECTED_TAG: "true"}))
+        if not configs:
+            self.failure = "evaluate: no search trial finished below chance, so there is no configuration to evaluate"
+            return PhaseWork("evaluate")
+        tracker.mark_unselected("evaluate", seen)
+        return self._plan("evaluate", configs, spec.evaluate.seeds)
+
+    def _start_ablation(self) -> PhaseWork:
+        spec = self.run.spec
+        base: dict[str, Any] = {}
+        if spec.ablation.base == "search":
+            self._check_search_ended("ablation")
+            rows = self.usable(self._search_rows())
+            if not rows:
+                self.failure = "ablation: no search trial finished below chance, so there is no base configuration"
+                return PhaseWork("ablation")
+            base = rows[0]["params"]
+        cells = ablation_cells(spec, base)
+        configs = [(c.config, c.config.params, c.factors, {}) for c in cells]
+        return self._plan("ablation", configs, spec.ablation.seeds)
+
+    def _plan(self, phase: str, configs: list[tuple[Any, dict, dict, dict]], seeds: list[int]) -> PhaseWork:
+        """Config runs for ``configs`` ((config, chosen values, factors, extra tags)), then every
+        (config, seed) trial whose run has not ended, the first seed of every configuration first."""
+        tracker = self.run.tracker
+        work = PhaseWork(phase)
+        runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in tracker.trial_runs(phase)}
+        parents = {}
+        for cfg, _, factors, tags in configs:
+            solved = cfg.solve(len(self.run.corpus_for(cfg.data).vocab))
+            logged = solved.mlflow_params(seed=0)
+            logged.pop("seed")
+            parents[cfg.config_hash] = tracker.config_run(phase, cfg, logged, factors or None, tags)
+        for seed in seeds:
+            for cfg, params, _, _ in configs:
+                key = planned_key(phase, cfg.family, seed, cfg.config_hash)
+                work.planned.append(key)
+                record = runs.get(key)
+                status = record.data.tags.get(STATUS_TAG) if record is not None else None
+                if status == "completed" or (status == "failed"
+                                             and is_final_failure(record.data.tags.get(FAIL_REASON_TAG))):
+                    continue
+                work.queue.append(TrialSpec(key, phase, cfg.family, dict(params), seed, parents[cfg.config_hash],
+                                            self.run.fingerprint(cfg.data)))
+        self._planned[phase] = work.planned
+        self.totals[phase] = (len(work.planned), len(work.planned) - len(work.queue))
+        return work
+
+
+def select_top(spec: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluate phase's configurations: the top-k rows (sorted by best valid BPC, pruned or not)
+    overall, per arch or per family."""
+    ev = spec.evaluate
+    if ev.per == "none":
+        return rows[: ev.top_k]
+    chosen, counts = [], {}
+    for row in rows:
+        cfg = resolve(spec, "search", row["params"])
+        group = cfg.arch if ev.per == "arch" else cfg.family
+        if counts.get(group, 0) < ev.top_k:
+            counts[group] = counts.get(group, 0) + 1
+            chosen.append(row)
+    return chosen
+

@@ -33,10 +33,7 @@ from study.schema import (
     TrainDefaults,
 )
 
-TRIAL_NUMBER = "trial_number"  # added by DefineByRun to a search trial's config: its stable identity
-# User attribute of an Optuna trial asked by a driver that was killed before Tune saved it: it is told
-# FAIL on resume (study.searcher) and does not count in the trials' turns (``search_turn``).
-ORPHAN_ATTR = "nlstm.orphan"
+TRIAL_NUMBER = "trial_number"  # added by DefineByRun to a search trial's values: its Optuna trial number
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,13 @@ class TrialConfig:
 
     @property
     def family(self) -> str:
-        return f"{self.arch}-d{self.depth}"
+        """``nlstm-d2``, ``nlstm-d2-tanh`` (nested, with a tanh outer candidate), ``stacked-d2``, ``single-d1``."""
+        tanh = self.arch == "nlstm" and self.depth > 1 and self.model.get("candidate_activation") == "tanh"
+        return f"{self.arch}-d{self.depth}" + ("-tanh" if tanh else "")
+
+    @property
+    def candidate_activation(self) -> str:
+        return self.model.get("candidate_activation", "tanh")
 
     @property
     def config_hash(self) -> str:
@@ -108,8 +111,18 @@ def resolve(spec: StudySpec, phase: str, params: dict[str, Any]) -> TrialConfig:
     model.pop("layers", None)
     if model["arch"] == "single":
         model["depth"] = 1
+    model["candidate_activation"] = effective_candidate(model)
     budget = params.get("budget", fixed_budget(spec))
     return TrialConfig(params, model, train, float(budget), data=data)
+
+
+def effective_candidate(model: dict[str, Any]) -> str:
+    """The outer candidate a model computes: ``candidate_activation`` only chooses it for a nested model with
+    a level inside (nlstm.cell); every LSTM (stacked, single, a depth-1 nested model) has tanh. Recording what
+    is computed makes configurations that compute the same thing one configuration (one hash, one family)."""
+    if model["arch"] == "nlstm" and model["depth"] > 1:
+        return model.get("candidate_activation", "identity")
+    return "tanh"
 
 
 def fixed_budget(spec: StudySpec) -> float | None:
@@ -135,21 +148,23 @@ def suggest(trial: Any, name: str, entry: Any) -> Any:
 
 
 class DefineByRun:
-    """The study's search space for OptunaSearch (a picklable callable, so Tune can snapshot it).
+    """The study's search space as an Optuna define-by-run function, for one search family.
 
     Every sampled value, the balanced ones included, is an Optuna parameter of the trial (so
-    Optuna's importance, TPE and ``optuna-dashboard`` see the architecture); ``BalancedSampler``
-    decides the balanced ones. Returns the fixed values and the Optuna trial number; the sampled
-    values are captured by OptunaSearch itself. A parameter with ``when`` is sampled only if the
-    earlier values match.
+    Optuna's importance, TPE and ``optuna-dashboard`` see it); ``BalancedSampler`` decides the
+    balanced ones. ``fixed`` are the family's own model values (``search.families``): constants of
+    every trial of that family, seen by ``when`` conditions. Returns the constants (fixed values and
+    the Optuna trial number); the sampled values are the trial's ``params``. A parameter with ``when``
+    is sampled only if the earlier values match.
     """
 
-    def __init__(self, spec: StudySpec) -> None:
+    def __init__(self, spec: StudySpec, fixed: dict[str, Any] | None = None) -> None:
         self.entries = space_entries(spec)
+        self.fixed = dict(fixed or {})
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        constants: dict[str, Any] = {TRIAL_NUMBER: search_turn(trial.study, trial.number)}
+        values: dict[str, Any] = dict(self.fixed)
+        constants: dict[str, Any] = {TRIAL_NUMBER: trial.number} | self.fixed
         for name, entry in self.entries:
             if not condition_holds(entry.when, values):
                 continue
@@ -165,26 +180,38 @@ def space_entries(spec: StudySpec) -> list[tuple[str, Any]]:
     return entries + list((spec.search.space if spec.search else {}).items())
 
 
-def search_turn(study: optuna.Study, number: int) -> int:
-    """A search trial's place in the search: its Optuna number, less the orphaned trials before it.
+@dataclass(frozen=True)
+class SearchFamily:
+    """One tuning budget of the search: its own Optuna study, sampler and scheduler, ``trials`` trials.
 
-    The Optuna study is stored (``study.optuna_store``) and outlives a killed driver; a trial
-    the killed driver had asked for, but Tune had not yet saved, stays in the storage. The resumed
-    search asks for that trial again under a new Optuna number; counting only the trials that are
-    not orphans gives it the old one's place, so it gets the same key (``search-0004``), the same
-    MLflow run and the same balanced allocation."""
-    if number == 0:
-        return 0
-    orphans = sum(1 for t in study.get_trials(deepcopy=False)
-                  if t.number < number and t.user_attrs.get(ORPHAN_ATTR))
-    return number - orphans
+    ``name`` is the family (``nlstm-d2-tanh``) when the study declares ``search.families``; it is ""
+    for a search without families: one Optuna study over the whole space, where the architecture is a
+    parameter like any other (balanced or sampled) and one sampler learns from every trial."""
+
+    name: str
+    fixed: dict[str, Any]
+    trials: int
+    optuna_study: str
+
+
+def tuning_families(spec: StudySpec) -> list[SearchFamily]:
+    """The search's families in the file's order (each tuned alone, with the same budget)."""
+    s = spec.search
+    assert s is not None
+    if not s.families:
+        return [SearchFamily("", {}, num_samples(spec), spec.name)]
+    out = []
+    for fixed in s.families:
+        family = resolve(spec, "search", dict(fixed)).family
+        out.append(SearchFamily(family, dict(fixed), s.trials_per_family or 1, f"{spec.name}/{family}"))
+    return out
 
 
 def balanced_value(entries: list[tuple[str, Any]], number: int, earlier: dict[str, Any], name: str) -> Any:
     """The value of balanced categorical ``name`` in trial ``number``: trial n takes the digits of
     n in the bases of the balanced entries that apply to it (in order), so each choice gets an
     equal share of the trials. ``earlier`` are the values sampled before ``name``."""
-    values, turn = dict(earlier), number  # number: the trial's place (``search_turn``)
+    values, turn = dict(earlier), number
     for entry_name, entry in entries:
         if isinstance(entry, FixedEntry):
             values.setdefault(entry_name, entry.value)
@@ -220,7 +247,7 @@ class BalancedSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
                            param_distribution: optuna.distributions.BaseDistribution) -> Any:
         if param_name in self.balanced:
-            return balanced_value(self.entries, search_turn(study, trial.number), trial.params, param_name)
+            return balanced_value(self.entries, trial.number, trial.params, param_name)
         return self.base.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -249,7 +276,10 @@ def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
 
 
 def num_samples(spec: StudySpec) -> int:
+    """Search trials in all: ``trials_per_family`` x families, or ``num_samples`` (default 10; grid: its size)."""
     assert spec.search is not None
+    if spec.search.families:
+        return (spec.search.trials_per_family or 1) * len(spec.search.families)
     if spec.search.num_samples is not None:
         return spec.search.num_samples
     if spec.search.sampler.type == "grid":

@@ -1,5 +1,6 @@
-"""The driver's Tune callback that records in MLflow what a trial's worker cannot: trials that the
-scheduler stopped early (pruned) and trials whose worker died; and the one-line error of a failed trial."""
+"""The driver's Tune callback that records in MLflow what a trial's worker cannot: trials that a
+scheduler stopped early (pruned), trials an interruption stopped, and trials whose worker died; and
+the one-line error of a failed trial."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from study.layout import (
     PARENT_RUN_TAG,
     PHASE_TAG,
     STATUS_TAG,
+    STOP_REASON_TAG,
     STUDY_TAG,
     TRIAL_ID_TAG,
     trial_key_of,
@@ -28,20 +30,23 @@ from study.tracking import find_runs, now_ms
 
 
 class TrackingCallback(tune.Callback):
-    """Marks the runs of trials that ended without saying so themselves: stopped early by the
-    scheduler (``pruned``, with their last metrics as final ones) or dead workers (``failed``).
+    """Marks the runs of trials that ended without saying so themselves: stopped early by their scheduler
+    (``pruned``, with their last metrics as final ones), stopped by an interruption (``interrupted``:
+    the next driver continues them) or dead workers (``failed``).
 
-    Picklable (Tune stores its callbacks with the experiment); the client is made on first use.
+    ``stopped`` is the scheduler's set of trials it stopped (``study.family_scheduler``). Tune snapshots its
+    callbacks with the experiment (never read back); the client is made on first use.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, study: str = "", phase: str = "",
-                 parents: dict[str, str] | None = None) -> None:
-        self.tracking_uri, self.experiment_id, self.study, self.phase = tracking_uri, experiment_id, study, phase
-        self.parents = parents or {}  # trial key (or "*" for every trial) -> the MLflow run it belongs under
+    def __init__(self, tracking_uri: str, experiment_id: str, study: str = "", stopped: set[str] | None = None,
+                 fence: Any = None) -> None:
+        self.tracking_uri, self.experiment_id, self.study = tracking_uri, experiment_id, study
+        self.stopped = stopped if stopped is not None else set()
+        self.fence = fence or (lambda: None)
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "study": self.study}
 
     @property
     def client(self) -> MlflowClient:
@@ -61,27 +66,34 @@ class TrackingCallback(tune.Callback):
         run = self._run(trial)
         if run is None or run.data.tags.get(STATUS_TAG) not in (None, "running"):
             return
+        self.fence()
+        if trial.trial_id not in self.stopped:  # Tune stopped it on Ctrl+C or SIGTERM: the next driver continues it
+            self.client.log_batch(run.info.run_id, tags=[RunTag(STATUS_TAG, "interrupted"),
+                                                          RunTag(STOP_REASON_TAG, "interrupted")])
+            self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["interrupted"])
+            return
         final = {"best_valid_bpc": result.get("best_valid_bpc"), "epochs_run": result.get("epoch"),
                  "num_params": result.get("num_params")}
         ts = now_ms()
         self.client.log_batch(run.info.run_id, metrics=[
             Metric(k, float(v), ts, 0) for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)],
-            tags=[RunTag(STATUS_TAG, "pruned")])
+            tags=[RunTag(STATUS_TAG, "pruned"), RunTag(STOP_REASON_TAG, "pruned")])
         self.client.set_terminated(run.info.run_id, status=MLFLOW_STATUS["pruned"])
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._run(trial)
         if run is not None and run.data.tags.get(STATUS_TAG) == "failed":
             return
+        self.fence()
         reason = error_summary(trial)
-        tags = [RunTag(STATUS_TAG, "failed"), RunTag(FAIL_REASON_TAG, reason[:1000])]
+        tags = [RunTag(STATUS_TAG, "failed"), RunTag(FAIL_REASON_TAG, reason[:1000]), RunTag(STOP_REASON_TAG, "failed")]
         if run is None:  # it died before it could record itself (an import error on the worker, say)
-            key = trial_key_of(trial.config)
-            parent = self.parents.get(key or "", self.parents.get("*"))
+            config = trial.config or {}
+            key, parent = trial_key_of(config), config.get("parent_run_id")
             if key is None or parent is None:
                 return
             run = self.client.create_run(self.experiment_id, run_name=key, tags={
-                PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: self.phase,
+                PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: config.get("phase", ""),
                 STUDY_TAG: self.study, TRIAL_ID_TAG: key})
         self.client.log_batch(run.info.run_id, tags=tags)
         self.client.set_terminated(run.info.run_id, status="FAILED")

@@ -1,13 +1,17 @@
 """One trial: a Tune function trainable that trains one configuration with one seed.
 
-It solves the width from the budget, sets torch's threads to its CPU allotment, trains with
-``nlstm.trainer.Trainer``, and after each epoch logs to MLflow and reports to Tune with a
-checkpoint (``tune.report`` + ``tune.Checkpoint``; ``ray.train.*`` is not used inside Tune). A
-restarted trial resumes from ``tune.get_checkpoint()`` and re-attaches to its MLflow run.
+Its Tune config says everything about it (``study.searcher`` builds it): the trial key, phase,
+family, chosen values, seed, the MLflow run it belongs under and the fingerprint of the data it
+must train on. It solves the width from the budget, sets torch's threads to its CPU allotment,
+trains with ``nlstm.trainer.Trainer`` and, after each epoch, writes its checkpoint
+(``study.checkpoints``), then logs the epoch to MLflow, then reports the epoch's metrics to Tune
+(no Tune checkpoint: Ray's folders are a disposable cache). A trial that runs again (an interrupted
+study, a lost worker) continues from its checkpoint and logs only what MLflow does not have, so
+every epoch is recorded once.
 
 The last epoch is reported only after everything is recorded (test BPC, memory timescales,
 ``model.pt``), because a scheduler may stop the trial at that report. That last report carries
-``finished = True``: a trial without it was stopped early (see ``study.searcher``).
+``finished = True``: a trial without it was stopped early or interrupted.
 
 A diverging trial (``DivergenceError``, which includes a model that did not learn) is recorded as
 failed with its reason and raises, so it fails alone; a rerun of the study does not train it
@@ -20,8 +24,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +35,38 @@ import torch
 from ray import tune
 
 from nlstm.analysis import memory_timescales, memory_traces
-from nlstm.checkpoint import load_checkpoint_file
+from nlstm.checkpoint import CheckpointError, load_checkpoint_file
 from nlstm.data import Corpus, CorpusError, Vocabulary, load_corpus
 from nlstm.data.synthetic import SyntheticConfig
 from nlstm.model import CharLM, ModelConfig
 from nlstm.probes import closer_bpc, no_memory_bound
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
+from study.checkpoints import TRAINER_FILE, CheckpointStore
 from study.cluster import node_name, trial_device, where_am_i
 from study.layout import (
     ARCH_TAG,
+    CANDIDATE_TAG,
+    CODE_VERSION_TAG,
     CONFIG_HASH_TAG,
+    CPUS_TAG,
     DEPTH_TAG,
     DEVICE_TAG,
     FAIL_REASON_TAG,
     FAMILY_TAG,
+    GIT_COMMIT_TAG,
     KIND_TAG,
+    PARAMS_JSON_TAG,
     PARENT_RUN_TAG,
     PHASE_TAG,
+    RECORD_VERSION,
+    RECORD_VERSION_TAG,
     SEED_TAG,
     STUDY_TAG,
     THREADS_TAG,
-    trial_key_of,
 )
+from study.lease import LeaseFence
 from study.schema import StudySpec
-from study.space import TRIAL_NUMBER, TrialConfig, resolve
+from study.space import TrialConfig, resolve
 from study.trial_run import MAX_ATTEMPTS, TrialRun
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
@@ -64,40 +77,41 @@ class TrialGaveUp(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PlannedTrial:
-    """An evaluate/ablation trial decided by the driver (search trials come from the sampler)."""
-
-    key: str
-    params: dict[str, Any]
-    seed: int
-    config_hash: str
-
-
-@dataclass
 class TrialContext:
-    """What every trial of a phase shares (passed once with ``tune.with_parameters``)."""
+    """What every trial of a study shares (passed once with ``tune.with_parameters``)."""
 
     spec: StudySpec
-    phase: str
     tracking_uri: str
     experiment_id: str
-    parent_run_id: str
+    checkpoints: CheckpointStore
+    lease_owner: str  # the driver's lease (study.lease): a trial of a driver that lost it writes nothing more
+    code_version: str = ""
+    git_commit: str | None = None
     data_dir: str | None = None
     threads: int = 1
     device: str = "cpu"
-    planned: dict[str, PlannedTrial] = field(default_factory=dict)  # evaluate/ablation: key -> trial
-    config_runs: dict[str, str] = field(default_factory=dict)  # config_hash -> config run id
-    # the driver's corpora, data_key(overrides) -> fingerprint: every node must train on the same data
-    data_fingerprints: dict[str, str] = field(default_factory=dict)
 
-    def identity(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], int, str]:
-        """(trial key, chosen params, seed, MLflow parent run id) of a Tune config."""
-        key = trial_key_of(config)
-        if self.phase == "search":
-            params = {k: v for k, v in config.items() if k != TRIAL_NUMBER}
-            return key, params, self.spec.search.seed, self.parent_run_id
-        planned = self.planned[key]
-        return key, planned.params, planned.seed, self.config_runs[planned.config_hash]
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial, as the searcher put it in the Tune config."""
+
+    key: str
+    phase: str
+    family: str
+    params: dict[str, Any]
+    seed: int
+    parent_run_id: str  # the MLflow run it is recorded under (the study run, or its config run)
+    data_fingerprint: str | None = None  # the driver's corpus for this trial: every node must train on the same
+
+    def as_config(self) -> dict[str, Any]:
+        return {"trial_key": self.key, "phase": self.phase, "family": self.family, "params": self.params,
+                "seed": self.seed, "parent_run_id": self.parent_run_id, "data_fingerprint": self.data_fingerprint}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialSpec:
+        return cls(config["trial_key"], config["phase"], config["family"], dict(config["params"]),
+                   int(config["seed"]), config["parent_run_id"], config.get("data_fingerprint"))
 
 
 @functools.lru_cache(maxsize=2)
@@ -148,10 +162,15 @@ def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, 
     return corpus
 
 
-def trial_tags(spec: StudySpec, phase: str, cfg: TrialConfig, seed: int, parent: str) -> dict[str, str]:
-    return {PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: phase, STUDY_TAG: spec.name,
+def trial_tags(spec: StudySpec, trial: TrialSpec, cfg: TrialConfig, context: TrialContext) -> dict[str, str]:
+    tags = {PARENT_RUN_TAG: trial.parent_run_id, KIND_TAG: "trial", PHASE_TAG: trial.phase, STUDY_TAG: spec.name,
             ARCH_TAG: cfg.arch, DEPTH_TAG: str(cfg.depth), FAMILY_TAG: cfg.family,
-            CONFIG_HASH_TAG: cfg.config_hash, SEED_TAG: str(seed)}
+            CANDIDATE_TAG: cfg.candidate_activation, CONFIG_HASH_TAG: cfg.config_hash, SEED_TAG: str(trial.seed),
+            PARAMS_JSON_TAG: json.dumps(trial.params, sort_keys=True), RECORD_VERSION_TAG: str(RECORD_VERSION),
+            CODE_VERSION_TAG: context.code_version}
+    if context.git_commit:
+        tags[GIT_COMMIT_TAG] = context.git_commit
+    return tags
 
 
 def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, Any], vocab: Vocabulary,
@@ -179,17 +198,20 @@ def model_file_from_checkpoint(checkpoint_dir: Path, out: Path) -> Path | None:
 
 
 class _Reporter:
-    """Trainer callback: MLflow per epoch, Tune report + checkpoint per epoch, the final report last."""
+    """Trainer callback, per epoch: the checkpoint, then MLflow, then Tune (the final report comes last)."""
 
-    def __init__(self, run: TrialRun, key: str, cfg: TrialConfig, meta: dict[str, Any]) -> None:
-        self.run, self.key, self.cfg, self.meta = run, key, cfg, meta
+    def __init__(self, run: TrialRun, trial: TrialSpec, cfg: TrialConfig, meta: dict[str, Any],
+                 checkpoints: CheckpointStore) -> None:
+        self.run, self.trial, self.cfg, self.meta, self.checkpoints = run, trial, cfg, meta, checkpoints
         self.last: EpochResult | None = None
+        self.resumed_at_s = 0.0  # training time the checkpoint held: this attempt trained the rest
 
     def metrics(self, trainer: Trainer, r: EpochResult | None, finished: bool) -> dict[str, Any]:
         s = self.cfg.solution
-        out: dict[str, Any] = {"trial_key": self.key, "mlflow_run_id": self.run.run_id, "arch": self.cfg.arch,
-                               "family": self.cfg.family, "num_params": s.params, "finished": finished,
-                               "best_valid_bpc": trainer.best_valid_bpc}
+        out: dict[str, Any] = {"trial_key": self.trial.key, "mlflow_run_id": self.run.run_id, "arch": self.cfg.arch,
+                               "family": self.cfg.family, "phase": self.trial.phase, "num_params": s.params,
+                               "finished": finished, "best_valid_bpc": trainer.best_valid_bpc,
+                               "train_time_this_run_s": trainer.train_time_s - self.resumed_at_s}
         if r is not None:
             out |= {"epoch": r.epoch, "valid_bpc": r.valid_bpc, "train_bpc": r.train_bpc, "lr": r.lr,
                     "tokens_per_s": r.tokens_per_s, "train_time_s": r.train_time_s, "wall_time_s": r.wall_time_s}
@@ -197,22 +219,19 @@ class _Reporter:
             out |= {"epoch": 0, "valid_bpc": math.inf}
         return out
 
-    def checkpoint(self, trainer: Trainer, directory: str) -> tune.Checkpoint:
-        trainer.save_checkpoint(Path(directory) / "trainer.pt")
-        (Path(directory) / "trial.json").write_text(json.dumps(self.meta))
-        return tune.Checkpoint.from_directory(directory)
+    def log(self, r: EpochResult) -> None:
+        self.run.log_epoch(r, extra={"load_avg_1m": os.getloadavg()[0]})
 
     def on_epoch_end(self, trainer: Trainer, r: EpochResult) -> None:
-        self.run.log_epoch(r)
+        self.checkpoints.save(self.trial.key, trainer, self.meta)  # first: a logged epoch always has its checkpoint
+        self.log(r)
         self.last = r
         if is_last_epoch(trainer, r):
             return  # reported by finish(), once everything is recorded
-        with tempfile.TemporaryDirectory() as d:
-            tune.report(self.metrics(trainer, r, finished=False), checkpoint=self.checkpoint(trainer, d))
+        tune.report(self.metrics(trainer, r, finished=False))
 
     def report_final(self, trainer: Trainer) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            tune.report(self.metrics(trainer, self.last, finished=True), checkpoint=self.checkpoint(trainer, d))
+        tune.report(self.metrics(trainer, self.last, finished=True))
 
 
 def is_last_epoch(trainer: Trainer, r: EpochResult) -> bool:
@@ -238,83 +257,130 @@ def record_memories(run: TrialRun, model: CharLM, corpus: Corpus, out_dir: Path)
 
 
 def finish(run: TrialRun, reporter: _Reporter, trainer: Trainer, result: TrainResult, corpus: Corpus,
-           phase: str, key: str, synthetic: SyntheticConfig | None = None) -> None:
-    cfg = reporter.cfg
+           synthetic: SyntheticConfig | None = None) -> None:
+    cfg, trial = reporter.cfg, reporter.trial
     final = {"best_valid_bpc": result.best_valid_bpc, "test_bpc": result.test_bpc, "num_params": cfg.solution.params,
              "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time_s,
              "epochs_run": len(result.history)}
+    loads = [m.value for m in run.client.get_metric_history(run.run_id, "load_avg_1m")]
+    if loads:
+        final["load_avg_max"] = max(loads)
     if synthetic is not None:  # the planted long-range dependency, scored alone (nlstm.probes), best weights
         final["closer_bpc"] = closer_bpc(trainer.model, corpus.test, corpus.vocab, synthetic.brackets)
         final["closer_bound_bits"] = no_memory_bound(synthetic.brackets)  # what forgetting the opener costs
         run.client.log_param(run.run_id, "dependency_length", synthetic.dependency_length)
     with tempfile.TemporaryDirectory() as d:
-        if phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
+        if trial.phase in ("evaluate", "ablation"):  # the trainer has loaded the best weights
             final |= record_memories(run, trainer.model, corpus, Path(d))
             run.log_artifact(save_model_file(Path(d) / "model.pt", trainer.model, reporter.meta["model_config"],
-                                             corpus.vocab, key))
+                                             corpus.vocab, trial.key))
     if result.history:  # already logged per epoch, cumulative: the last epoch's value is the final one
         final.pop("tokens_per_s")
         final.pop("train_time_s")
     run.log_metrics({k: v for k, v in final.items() if v is not None and math.isfinite(v)})
-    run.set_status("completed")
+    run.set_status("completed", stop_reason=result.stop_reason)
+
+
+def _report_recorded(run: TrialRun, trial: TrialSpec, cfg: TrialConfig) -> None:
+    """A trial whose run completed before (a driver stopped between its end and the searcher hearing of
+    it): report what the record holds, do not train again."""
+    m = run.final_metrics()
+    tune.report({"trial_key": trial.key, "mlflow_run_id": run.run_id, "arch": cfg.arch, "family": cfg.family,
+                 "phase": trial.phase, "num_params": cfg.solution.params, "finished": True,
+                 "epoch": int(m.get("epochs_run", 0)), "best_valid_bpc": m.get("best_valid_bpc", math.inf),
+                 "valid_bpc": m.get("valid_bpc", math.inf)})
+
+
+def _check_attempts(run: TrialRun) -> None:
+    """A failed run is trained again only if its failure may be transient, at most MAX_ATTEMPTS times."""
+    reason = run.tags.get(FAIL_REASON_TAG, "unknown error")
+    if reason.startswith("diverged"):
+        raise DivergenceError(reason.removeprefix("diverged: "))  # deterministic: it would diverge again
+    if run.attempts >= MAX_ATTEMPTS:
+        if not reason.startswith("gave up"):
+            reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"
+            run.set_status("failed", reason, stop_reason="failed")
+        raise TrialGaveUp(reason)
+    run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
+
+
+def _resume(build: Any, reporter: _Reporter, run: TrialRun, context: TrialContext) -> tuple[Trainer, TrialRun]:
+    """Continue from the trial's checkpoint, if it has one, and log the epochs it holds that MLflow lacks.
+
+    A checkpoint that cannot be read (damaged, or of another record) is not trusted: the run that logged
+    epochs from it is set aside as superseded and the trial starts over in a fresh run, so no run mixes two
+    trainings."""
+    trial, trainer = reporter.trial, build()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            meta = context.checkpoints.fetch(trial.key, Path(d))
+            foreign = meta is not None and (meta.get("key"), meta.get("experiment_id")) != (trial.key,
+                                                                                           context.experiment_id)
+            if foreign:
+                raise CheckpointError(f"checkpoint {context.checkpoints.location}/{trial.key} belongs to another "
+                                      f"record ({meta.get('key')}, experiment {meta.get('experiment_id')})")
+            if meta is not None:
+                trainer.load_checkpoint(Path(d) / TRAINER_FILE)
+        except CheckpointError as e:
+            print(f"{trial.key}: {e}; starting it over", flush=True)
+            trainer = build()  # a fresh start: the one above may hold part of the checkpoint
+            if run.logged_epochs:
+                run = run.supersede(f"its checkpoint could not be used ({e})")
+                reporter.run = run
+            return trainer, run
+    for r in trainer.history:  # saved before it was logged: a driver stopped between the two
+        run.log_epoch(r)
+    if trainer.history:
+        reporter.last = trainer.history[-1]
+    reporter.resumed_at_s = trainer.train_time_s
+    return trainer, run
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """The Tune trainable (wrapped with ``tune.with_parameters(run_trial, context=...)``)."""
     torch.set_num_threads(max(1, context.threads))
-    spec, phase = context.spec, context.phase
-    key, params, seed, parent = context.identity(config)
+    spec, trial = context.spec, TrialSpec.from_config(config)
     where = where_am_i()
     device = trial_device(context.device, where)
-    unsolved = resolve(spec, phase, params)
-    corpus = node_corpus(spec, context.data_dir, context.data_fingerprints.get(data_key(unsolved.data)), where,
-                         unsolved.data)
+    unsolved = resolve(spec, trial.phase, trial.params)
+    corpus = node_corpus(spec, context.data_dir, trial.data_fingerprint, where, unsolved.data)
     cfg = unsolved.solve(len(corpus.vocab))
-    run = TrialRun.attach(context.tracking_uri, context.experiment_id, key,
-                          trial_tags(spec, phase, cfg, seed, parent),
-                          cfg.mlflow_params(seed) | {"data_fingerprint": corpus.fingerprint})
-    model_config = cfg.model_config(len(corpus.vocab))
-    meta = {"key": key, "model_config": model_config, "vocab": corpus.vocab.to_json()}
-    reporter = _Reporter(run, key, cfg, meta)
-
-    if run.status == "completed":  # finished before the driver was interrupted: report, don't retrain
-        m = run.final_metrics()
-        tune.report({"trial_key": key, "mlflow_run_id": run.run_id, "arch": cfg.arch, "family": cfg.family,
-                     "num_params": cfg.solution.params, "finished": True, "epoch": int(m.get("epochs_run", 0)),
-                     "best_valid_bpc": m.get("best_valid_bpc", math.inf), "valid_bpc": m.get("valid_bpc", math.inf)})
+    fence = LeaseFence(context.tracking_uri, context.experiment_id, context.lease_owner)
+    run = TrialRun.attach(context.tracking_uri, context.experiment_id, trial.key,
+                          trial_tags(spec, trial, cfg, context),
+                          cfg.mlflow_params(trial.seed) | {"data_fingerprint": corpus.fingerprint}, fence=fence)
+    if run.status == "completed":
+        _report_recorded(run, trial, cfg)
         return
     if run.status == "failed":
-        reason = run.tags.get(FAIL_REASON_TAG, "unknown error")
-        if reason.startswith("diverged"):
-            raise DivergenceError(reason.removeprefix("diverged: "))  # deterministic: it would diverge again
-        if run.attempts >= MAX_ATTEMPTS:
-            if not reason.startswith("gave up"):
-                reason = f"gave up after {run.attempts} attempts; the last failed with {reason}"
-                run.set_status("failed", reason)
-            raise TrialGaveUp(reason)
-        run.retry()  # a transient failure (locked store, lost worker, out of memory) gets another attempt
+        _check_attempts(run)
 
     # where this attempt trains (a trial that finished earlier keeps the tags of where it did)
-    run.set_tags(where | {DEVICE_TAG: _device_name(device), THREADS_TAG: str(torch.get_num_threads())})
-    seed_everything(seed)
-    model = CharLM(ModelConfig(**model_config))
-    train_cfg = TrainConfig(**cfg.train, seed=seed, device=device)
-    trainer = Trainer(model, corpus, train_cfg, callbacks=[reporter])
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.load_checkpoint(Path(d) / "trainer.pt")
-            if trainer.history:
-                reporter.last = trainer.history[-1]
+    run.set_tags(where | {DEVICE_TAG: _device_name(device), THREADS_TAG: str(torch.get_num_threads()),
+                          CPUS_TAG: str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else os.cpu_count() or 1)})
+    model_config = cfg.model_config(len(corpus.vocab))
+    meta = {"key": trial.key, "experiment_id": context.experiment_id, "model_config": model_config,
+            "vocab": corpus.vocab.to_json()}
+    reporter = _Reporter(run, trial, cfg, meta, context.checkpoints)
+
+    def build() -> Trainer:
+        seed_everything(trial.seed)
+        model = CharLM(ModelConfig(**model_config))
+        return Trainer(model, corpus, TrainConfig(**cfg.train, seed=trial.seed, device=device), callbacks=[reporter])
+
     try:
+        trainer, run = _resume(build, reporter, run, context)
         result = trainer.fit()
         synthetic = SyntheticConfig(**spec.data.options | cfg.data) if spec.data.corpus == "synthetic" else None
-        finish(run, reporter, trainer, result, corpus, phase, key, synthetic)
+        finish(run, reporter, trainer, result, corpus, synthetic)
     except DivergenceError as e:
-        run.set_status("failed", f"diverged: {e}")
+        run.set_status("failed", f"diverged: {e}", stop_reason="diverged")
+        raise
+    except LeaseFence.Lost:
         raise
     except Exception as e:
-        run.set_status("failed", f"{type(e).__name__}: {e}")
+        run.set_status("failed", f"{type(e).__name__}: {e}", stop_reason="failed")
         raise
     reporter.report_final(trainer)
 
