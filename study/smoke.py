@@ -33,7 +33,10 @@ def shrink_for_smoke(spec: StudySpec) -> StudySpec:
         data["budget"] = {"type": "fixed", "value": s.budget}
     if data.get("search"):
         data["search"]["train"] = shrink_train(data["search"]["train"])
-        data["search"]["num_samples"] = min(data["search"]["num_samples"] or s.num_samples, s.num_samples)
+        if data["search"].get("families"):  # every family keeps its place, with a smaller budget each
+            data["search"]["trials_per_family"] = min(data["search"]["trials_per_family"], s.num_samples)
+        else:
+            data["search"]["num_samples"] = min(data["search"]["num_samples"] or s.num_samples, s.num_samples)
         data["search"]["scheduler"]["grace_period"] = 1
     if data.get("evaluate"):
         data["evaluate"]["train"] = shrink_train(data["evaluate"]["train"])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from study import layout
-from study.layout import CONFIG_HASH_TAG, FAMILY_TAG, PHASE_TAG, SEED_TAG, trial_key_of, trial_run_name
+from study.layout import CHANCE_MARGIN_BITS, below_chance, planned_key, search_key, trial_key_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +31,24 @@ def test_every_tag_and_metric_name_is_the_documented_one():
     assert layout.factor_tag("dropout") == "nlstm.factor.dropout" and "`nlstm.factor.<name> = <value>`" in doc
 
 
-def test_run_names_say_the_phase_family_and_seed_as_documented():
-    # the two examples of docs/mlflow-layout.md
-    assert trial_run_name("search-0003", {FAMILY_TAG: "nlstm-d2"}) == "search-0003-nlstm-d2"
-    tags = {FAMILY_TAG: "nlstm-d2", PHASE_TAG: "evaluate", SEED_TAG: "1", CONFIG_HASH_TAG: "3fa2c1d0e9"}
-    assert trial_run_name("evaluate-3fa2c1d0e9-s1", tags) == "evaluate-nlstm-d2-s1-3fa2c1"
-    assert trial_run_name("search-0003", {}) == "search-0003"  # a placeholder without its family keeps the key
+def test_run_names_put_the_family_and_seed_first_as_documented():
+    # the examples of docs/mlflow-layout.md
+    assert search_key("nlstm-d2", 3) == "nlstm-d2-search-003"
+    assert planned_key("evaluate", "nlstm-d2", 1, "3fa2c1d0e9ab") == "nlstm-d2-s1-evaluate-3fa2c1d0"
+    doc = (REPO / "docs" / "mlflow-layout.md").read_text()
+    assert "`nlstm-d2-search-003`" in doc and "`nlstm-d2-s1-evaluate-3fa2c1d0`" in doc
 
 
 def test_a_trial_key_comes_from_its_tune_config():
-    assert trial_key_of({"trial_number": 3}) == "search-0003"
-    assert trial_key_of({"trial_key": "ablation-ab12-s2", "trial_number": 3}) == "ablation-ab12-s2"
+    assert trial_key_of({"trial_key": "nlstm-d2-s2-ablation-ab12cd34", "phase": "ablation"}) == \
+        "nlstm-d2-s2-ablation-ab12cd34"
     assert trial_key_of({"lr": 0.1}) is None
+
+
+def test_one_chance_rule_is_the_trainers_margin_below_the_unigram_entropy():
+    from nlstm.trainer import TrainConfig
+
+    assert CHANCE_MARGIN_BITS == TrainConfig().learn_margin_bits == 0.1
+    assert below_chance(4.36, 4.467) and not below_chance(4.37, 4.467)  # 0.107 and 0.097 bits below
+    assert not below_chance(4.466, 4.467)  # "0.0005 bit below chance" is not learned
+    assert not below_chance(float("nan"), 4.467) and not below_chance(None, 4.467) and not below_chance(1.0, None)

@@ -17,7 +17,6 @@ import pytest
 from nlstm import CharLM, ModelConfig
 from nlstm.trainer import TrainConfig
 from study.schema import ModelDefaults, TrainDefaults
-from study.searcher import PruneAwareOptunaSearch
 from study.smoke import shrink_for_smoke
 from study.space import ablation_cells, grid_space, make_sampler, preview_search, resolve
 from study.spec import load_spec, validate_spec
@@ -32,8 +31,26 @@ budget: 5000
 ABLATION = "ablation: {factors: {arch: [nlstm]}, seeds: [1]}\n"
 SEARCH = "search: {space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}}}\n"
 
+FAMILIES = "search: {families: [{arch: nlstm, depth: 2}, {arch: stacked, layers: 2}], trials_per_family: 3, " \
+    "space: {lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}}}\n"
+
 # (file text, expected "key.path: message start")
 MALFORMED = [
+    (BASE + FAMILIES.replace(", trials_per_family: 3", ""), "search.families: expected search.trials_per_family"),
+    (BASE + FAMILIES.replace("trials_per_family: 3", "trials_per_family: 3, num_samples: 6"),
+     "search.num_samples: expected either num_samples or families"),
+    (BASE + FAMILIES.replace("{arch: stacked, layers: 2}", "{arch: nlstm, depth: 2}"),
+     "search.families[1]: expected distinct families; nlstm-d2 is also search.families[0]"),
+    (BASE + FAMILIES.replace("{arch: stacked, layers: 2}", "{arch: stacked, depth: 2}"),
+     "search.families[1].depth: expected layers for a stacked LSTM"),
+    (BASE + FAMILIES.replace("{arch: stacked, layers: 2}", "{depth: 3}"), "search.families[1]: expected an arch"),
+    (BASE + FAMILIES.replace("{arch: stacked, layers: 2}", "{arch: stacked, layers: 2, lr: 0.1}"),
+     "search.families[1].lr: expected one of the model fields"),
+    (BASE + FAMILIES.replace("{arch: stacked, layers: 2}", "{arch: nlstm, candidate_activation: relu}"),
+     "search.families[1].candidate_activation: expected 'identity' or 'tanh'"),
+    (BASE + FAMILIES.replace("space: {", "space: {dropout: [0.0, 0.1], depth: [2, 3], "),
+     "search.space.depth: expected the families to fix it"),
+    (BASE + "search: {trials_per_family: 3}\n", "search.trials_per_family: expected search.families"),
     ("", ": expected a mapping of sections at the top level, got null"),
     ("- a\n- b\n", ": expected a mapping of sections at the top level"),
     ("name: [t\n", ": line 2, column 1: expected valid YAML"),
@@ -309,11 +326,15 @@ def test_ablation_grid_runs_each_distinct_configuration_once(tmp_path):
     spec = load_spec(write(tmp_path, BASE + "ablation: {params: {lr: 0.005}, factors: {arch: [nlstm, stacked, "
                            "single], depth: [1, 2, 3], candidate_activation: [identity, tanh]}, seeds: [1, 2]}\n"))
     cells = ablation_cells(spec, {})
-    # single ignores depth: 2 x 3 x 2 + 1 x 2 = 14 distinct configurations
-    assert len(cells) == 14
+    # single ignores depth, and only a nested model with a level inside has an outer candidate to choose:
+    # nlstm d1 + nlstm d2, d3 x 2 candidates + stacked d1, d2, d3 + single = 1 + 4 + 3 + 1 = 9 configurations
+    assert len(cells) == 9
     assert all(c.config.train["lr"] == 0.005 for c in cells)
     singles = [c for c in cells if c.config.arch == "single"]
-    assert {c.config.depth for c in singles} == {1} and len(singles) == 2
+    assert {c.config.depth for c in singles} == {1} and len(singles) == 1
+    assert sorted(c.config.family for c in cells) == ["nlstm-d1", "nlstm-d2", "nlstm-d2-tanh", "nlstm-d3",
+                                                      "nlstm-d3-tanh", "single-d1", "stacked-d1", "stacked-d2",
+                                                      "stacked-d3"]
 
 
 def test_smoke_shrinks_the_same_study(tmp_path):
@@ -344,25 +365,6 @@ def test_specs_round_trip_through_their_json(tmp_path):
 
 
 # ------------------------------------------------------------------ early stopping and the sampler
-def test_trials_stopped_early_are_told_to_optuna_as_pruned():
-    """Unit level (no Ray): OptunaSearch would tell the stopped trial COMPLETE with 3.0."""
-    space = lambda trial: {"x": trial.suggest_float("x", 0, 1)} and None  # noqa: E731
-    search = PruneAwareOptunaSearch(space=space, metric="best_valid_bpc", mode="min",
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
-    for tid in ("a", "b", "c"):
-        search.suggest(tid)
-    search.on_trial_result("a", {"best_valid_bpc": 2.0, "training_iteration": 1})
-    search.on_trial_complete("a", {"best_valid_bpc": 1.5, "training_iteration": 2, "finished": True})
-    # b: the scheduler stopped it on its first result, which Ray never passed to on_trial_result
-    search.on_trial_complete("b", {"best_valid_bpc": 3.0, "training_iteration": 1, "finished": False})
-    search.on_trial_complete("c", None, error=True)
-    trials = {t.number: t for t in search._ot_study.get_trials(deepcopy=False)}
-    assert trials[0].state == optuna.trial.TrialState.COMPLETE and trials[0].value == 1.5
-    assert trials[0].intermediate_values == {1: 2.0, 2: 1.5}
-    assert trials[1].state == optuna.trial.TrialState.PRUNED and trials[1].intermediate_values == {1: 3.0}
-    assert trials[2].state == optuna.trial.TrialState.FAIL
-
-
 def test_dependency_length_is_a_data_factor_with_its_own_corpus_and_hash(tmp_path):
     spec = load_spec(write(tmp_path, BASE + "ablation: {factors: {dependency_length: [10, 40], arch: [nlstm]}, "
                            "seeds: [1]}\n"))
@@ -400,3 +402,23 @@ def test_dependency_length_needs_the_synthetic_corpus(tmp_path):
         load_spec(path)
     assert str(info.value) == (f"{path}: ablation.factors.dependency_length: dependency_length is an option of the "
                                "synthetic corpus; this study uses ptb")
+
+
+def test_search_families_each_get_the_budget_and_name_their_outer_candidate(tmp_path):
+    from study.space import num_samples, tuning_families
+
+    text = BASE + FAMILIES.replace("{arch: stacked, layers: 2}",
+                                   "{arch: nlstm, depth: 2, candidate_activation: tanh}, {arch: stacked, layers: 2}, "
+                                   "{arch: single}")
+    spec = load_spec(write(tmp_path, text))
+    families = tuning_families(spec)
+    assert [f.name for f in families] == ["nlstm-d2", "nlstm-d2-tanh", "stacked-d2", "single-d1"]
+    assert [f.optuna_study for f in families] == [f"t/{f.name}" for f in families]
+    assert all(f.trials == 3 for f in families) and num_samples(spec) == 12
+    # what a model computes decides its configuration: an LSTM's candidate is tanh whatever the file says
+    identity, tanh = (resolve(spec, "search", {"arch": "stacked", "layers": 2, "candidate_activation": c})
+                      for c in ("identity", "tanh"))
+    assert identity.config_hash == tanh.config_hash and identity.family == tanh.family == "stacked-d2"
+    assert resolve(spec, "search", {"arch": "nlstm", "depth": 1}).family == "nlstm-d1"
+    assert resolve(spec, "search", {"arch": "nlstm", "depth": 1}).candidate_activation == "tanh"
+    assert resolve(spec, "search", {"arch": "nlstm", "depth": 2}).candidate_activation == "identity"
