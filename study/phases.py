@@ -203,7 +203,7 @@ def run_phases(run: StudyRun, phases: list[str]) -> None:
     progress = None if run.verbose else ProgressLine(lambda phase: searcher.totals.get(phase, (0, 0)),
                                                      scheduler.stopped)
 
-    def phase_ended(phase: str) -> None:
+    def phase_ended(searcher: StudySearcher, phase: str) -> None:
         if progress is not None:
             progress.end_phase(phase)
         finish_phase(run, searcher, phase)

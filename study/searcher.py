@@ -85,7 +85,7 @@ def is_final_failure(reason: str | None) -> bool:
 
 class StudySearcher(Searcher):
     def __init__(self, run: Any, phases: list[str], max_concurrent: int,
-                 stopped: set[str], on_phase_end: Callable[[str], None]) -> None:
+                 stopped: set[str], on_phase_end: Callable[[StudySearcher, str], None]) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self.run = run  # study.driver.StudyRun: spec, tracker, corpora, Optuna storage
         self.phases = list(phases)
@@ -119,8 +119,8 @@ class StudySearcher(Searcher):
             self._end_current()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot and METRIC in result and "epoch" in result:
-            self._report(trial_id, result)
+        if trial_id in self._ot:
+            self._report(trial_id, *self._ot[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
@@ -175,7 +175,7 @@ class StudySearcher(Searcher):
     def _end_current(self, start_next: bool = True) -> None:
         phase = self.current.phase
         self.current = None
-        self.on_phase_end(phase)  # may set self.failure
+        self.on_phase_end(self, phase)  # may set self.failure
         if start_next:
             self._start_next()
 
@@ -262,8 +262,10 @@ class StudySearcher(Searcher):
         return TrialSpec(key, "search", family, params, self.run.spec.search.seed, self.run.tracker.parent_run_id,
                          self.run.fingerprint({}))
 
-    def _report(self, trial_id: str, result: dict) -> None:
-        study, number = self._ot[trial_id]
+    def _report(self, trial_id: str, study: optuna.Study, number: int, result: dict) -> None:
+        """An intermediate value (the best valid BPC so far at this epoch) of an Optuna trial."""
+        if METRIC not in result or "epoch" not in result:
+            return
         step, value = int(result["epoch"]), result[METRIC]
         if self._last_step.get(trial_id) == step or not isinstance(value, (int, float)) or not math.isfinite(value):
             return
@@ -285,8 +287,7 @@ class StudySearcher(Searcher):
         if result.get("finished"):
             self._fenced_tell(study, number, TrialState.COMPLETE, result.get(METRIC), attrs)
         elif trial_id in self.stopped:
-            if METRIC in result and "epoch" in result:
-                self._report(trial_id, result)  # the result the scheduler stopped it on
+            self._report(trial_id, study, number, result)  # the result the scheduler stopped it on (Tune skips it)
             self._fenced_tell(study, number, TrialState.PRUNED, attrs=attrs | {"stop_reason": "pruned"})
         # else interrupted: RUNNING, continued from its checkpoint by the next driver
 

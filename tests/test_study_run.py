@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,16 +51,21 @@ def steps(client: MlflowClient, run, metric: str = "valid_bpc") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
 
 
+def optuna_trials(tmp_path: Path, study: str) -> list:
+    storage = f"sqlite:///{tmp_path / 'studies' / study.split('/')[0] / 'optuna.db'}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
 def test_a_study_records_the_mlflow_hierarchy(tmp_path, monkeypatch, ray_local, capsys):
     spec = study_file(tmp_path, "tiny", """\
 train: {epochs: 2, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
 search:
+  families: [{arch: nlstm, depth: 2}, {arch: stacked, layers: 2}]
+  trials_per_family: 1
   space:
-    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}
     lr: {type: float, low: 3.0e-3, high: 3.0e-2, log: true}
   sampler: {type: random, seed: 0}
   scheduler: {type: none}
-  num_samples: 2
 evaluate: {top_k: 1, seeds: [1]}
 ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
 """)
@@ -67,54 +73,80 @@ ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
     assert main(["--space", str(spec)]) == 0
     out = capsys.readouterr().out
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out and str(tmp_path / "studies" / "tiny") in out
+    assert "study efficiency" in out
 
     client, runs = runs_of(tmp_path, "tiny")
     (parent,) = kind(runs, "study")
     tags = parent.data.tags
     assert tags["nlstm.study"] == "tiny" and len(tags["nlstm.study_hash"]) == 64
     assert all(tags[f"nlstm.phase.{p}"] == "done" for p in ("search", "evaluate", "ablation"))
+    assert tags["nlstm.record_version"] == "2" and tags["nlstm.code_version"].startswith("0.2.0")
+    assert tags["nlstm.search_trials_per_family"] == "1" and tags["nlstm.search_trials"] == "2"
+    assert tags["nlstm.search_fidelity"] == "2 epochs of 25 steps; scheduler none"
     assert parent.data.params["metric"] == "valid_bpc" and parent.data.params["sampler"] == "random(seed=0)"
-    assert parent.data.params["num_samples"] == "2" and len(parent.data.params["data_fingerprint"]) == 64
+    assert len(parent.data.params["data_fingerprint"]) == 64
+    assert 0 < parent.data.metrics["study_efficiency"] <= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert artifacts == {"study.yaml", "spec.json", "environment.json"}
     env = json.loads(Path(client.download_artifacts(parent.info.run_id, "environment.json", str(tmp_path))).read_text())
     assert env["packages"]["torch"] and env["threads"]["torch_threads_per_trial"] == 1
 
     search = kind(runs, "trial", "search")
-    assert sorted(r.data.tags["nlstm.trial_id"] for r in search) == ["search-0000", "search-0001"]
-    assert {r.data.tags["nlstm.arch"] for r in search} == {"nlstm", "stacked"}  # balanced
+    assert sorted(r.data.tags["nlstm.trial_id"] for r in search) == ["nlstm-d2-search-000", "stacked-d2-search-000"]
     for r in search:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.tags["nlstm.status"] == "completed" and r.info.status == "FINISHED"
-        assert r.data.tags["nlstm.seed"] == "0" and r.data.tags["nlstm.family"].endswith("-d2")
-        assert r.info.run_name == f"{r.data.tags['nlstm.trial_id']}-{r.data.tags['nlstm.family']}"
+        assert r.data.tags["nlstm.stop_reason"] == "max_epochs"
+        assert r.data.tags["nlstm.seed"] == "0" and r.info.run_name == r.data.tags["nlstm.trial_id"]
+        assert r.data.tags["nlstm.code_version"] == tags["nlstm.code_version"]
+        assert r.data.tags["nlstm.candidate_activation"] in ("identity", "tanh")
+        assert json.loads(r.data.tags["nlstm.params"])["lr"] == pytest.approx(float(r.data.params["lr"]))
         p = r.data.params
         assert {"lr", "arch", "budget", "width", "embedding_dim", "num_params", "epochs", "seed", "bptt"} <= set(p)
         assert p["budget"] == "3000" and abs(int(p["num_params"]) - 3000) / 3000 < 0.05
         assert steps(client, r) == [1, 2] and steps(client, r, "tokens_seen") == [1, 2]
-        assert {"best_valid_bpc", "num_params", "epochs_run", "train_bpc", "lr", "wall_time_s"} <= set(r.data.metrics)
+        assert steps(client, r, "cpu_share") == [1, 2] and steps(client, r, "load_avg_1m") == [1, 2]
+        assert {"best_valid_bpc", "num_params", "epochs_run", "train_bpc", "lr", "wall_time_s",
+                "load_avg_max"} <= set(r.data.metrics)
         assert 0 <= r.data.metrics["closer_bpc"] < 10 and p["dependency_length"] == "10"  # the long-range probe
+    # each family's own Optuna study, its objective named, its trials linked to their runs
+    for family, run in (("nlstm-d2", "nlstm-d2-search-000"), ("stacked-d2", "stacked-d2-search-000")):
+        (trial,) = optuna_trials(tmp_path, f"tiny/{family}")
+        record = next(r for r in search if r.data.tags["nlstm.trial_id"] == run)
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.value == pytest.approx(record.data.metrics["best_valid_bpc"])
+        assert trial.user_attrs["mlflow_run_id"] == record.info.run_id and trial.user_attrs["run_name"] == run
+        assert trial.user_attrs["family"] == family and trial.user_attrs["stop_reason"] == "max_epochs"
+        assert trial.user_attrs["num_params"] == int(record.data.metrics["num_params"])
+    study = optuna.load_study(study_name="tiny/nlstm-d2", storage=f"sqlite:///{tmp_path / 'studies/tiny/optuna.db'}")
+    assert study.metric_names == ["valid_bpc"]
 
     (ev_config,) = kind(runs, "config", "evaluate")
     assert ev_config.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert ev_config.data.tags["nlstm.source_trial"] in ("search-0000", "search-0001")
+    assert ev_config.data.tags["nlstm.source_trial"] in ("nlstm-d2-search-000", "stacked-d2-search-000")
+    assert ev_config.data.tags["nlstm.selected"] == "true"
     (ev_trial,) = kind(runs, "trial", "evaluate")
     assert ev_trial.data.tags["mlflow.parentRunId"] == ev_config.info.run_id
     assert ev_trial.data.tags["nlstm.seed"] == "1"
     family, config = ev_trial.data.tags["nlstm.family"], ev_trial.data.tags["nlstm.config_hash"]
-    assert ev_trial.info.run_name == f"evaluate-{family}-s1-{config[:6]}"
+    assert ev_trial.info.run_name == f"{family}-s1-evaluate-{config[:8]}"
     assert ev_trial.data.tags["nlstm.config_hash"] == ev_config.data.tags["nlstm.config_hash"]
     metrics = ev_trial.data.metrics
     assert {"test_bpc", "timescale_l0", "timescale_l1", "step_change_l0", "step_change_l1"} <= set(metrics)
     assert {a.path for a in client.list_artifacts(ev_trial.info.run_id)} == {"memories.npz", "model.pt"}
+    # summary metrics where MLflow's collapsed table shows them: the config run's and the study's best
+    assert ev_config.data.metrics["valid_bpc_mean"] == pytest.approx(metrics["best_valid_bpc"])
+    assert ev_config.data.metrics["n_seeds"] == 1 and "valid_bpc_sd" not in ev_config.data.metrics
+    assert parent.data.metrics["valid_bpc_mean"] == ev_config.data.metrics["valid_bpc_mean"]
+    assert parent.data.tags["nlstm.best_config"] == ev_config.info.run_name
+    source = next(r for r in search if r.data.tags["nlstm.trial_id"] == ev_config.data.tags["nlstm.source_trial"])
+    assert {a.path for a in client.list_artifacts(source.info.run_id)} == {"model.pt"}  # the chosen search trial's
 
     ablation_configs = kind(runs, "config", "ablation")
     assert sorted(r.data.tags["nlstm.factor.arch"] for r in ablation_configs) == ["nlstm", "single"]
     for r in kind(runs, "trial", "ablation"):
         assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in ablation_configs}
         assert r.data.tags["nlstm.seed"] == "5" and r.data.tags["nlstm.status"] == "completed"
-    best = json.loads((tmp_path / "studies" / "tiny" / "search_results.json").read_text())[0]
-    assert (tmp_path / "studies" / "tiny" / "best" / f"{best['key']}.pt").is_file()
 
     # Running it again finds every phase done and adds no run.
     assert main(["--space", str(spec)]) == 0
@@ -133,22 +165,23 @@ search:
     monkeypatch.chdir(tmp_path)
     assert main(["--space", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert "search-0000 failed: DivergenceError: training loss became nan" in out, out
+    assert "nlstm-d2-search-000 failed: DivergenceError: training loss became nan" in out, out
 
     client, runs = runs_of(tmp_path, "diverge")
     by_id = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
-    failed, ok = by_id["search-0000"], by_id["search-0001"]
+    failed, ok = by_id["nlstm-d2-search-000"], by_id["nlstm-d2-search-001"]
     assert failed.info.status == "FAILED" and failed.data.tags["nlstm.status"] == "failed"
     assert failed.data.tags["nlstm.fail_reason"].startswith("diverged: training loss became nan")
+    assert failed.data.tags["nlstm.stop_reason"] == "diverged"
     assert ok.data.tags["nlstm.status"] == "completed" and steps(client, ok) == [1, 2]
     assert kind(runs, "study")[0].data.tags["nlstm.phase.search"] == "done"
-    rows = json.loads((tmp_path / "studies" / "diverge" / "search_results.json").read_text())
-    assert [r["status"] for r in rows] == ["completed", "failed"]
+    states = [t.state.name for t in optuna_trials(tmp_path, "diverge")]
+    assert states == ["FAIL", "COMPLETE"]  # a divergence is final: told FAIL, not run again
 
 
 def test_trials_stopped_by_asha_are_pruned_in_optuna(tmp_path, monkeypatch, ray_local):
-    """Trial 0 learns; trials 1-3 (lr ~1e-6) are worse and ASHA stops them early. Ray's
-    OptunaSearch would tell them COMPLETE with their early values; they must be PRUNED."""
+    """Trial 0 learns; trials 1-3 (lr ~1e-6) are worse and ASHA stops them early. They must be PRUNED in
+    Optuna with every value they reported (Ray's OptunaSearch would tell them COMPLETE), pruned in MLflow."""
     spec = study_file(tmp_path, "asha", """\
 train: {epochs: 3, batch_size: 8, bptt: 20, eval_batch_size: 8, patience: null}
 search:
@@ -165,26 +198,22 @@ search:
 
     client, runs = runs_of(tmp_path, "asha")
     status = {r.data.tags["nlstm.trial_id"]: r.data.tags["nlstm.status"] for r in kind(runs, "trial")}
-    assert status["search-0000"] == "completed" and "pruned" in status.values(), status
+    assert status["nlstm-d2-search-000"] == "completed" and "pruned" in status.values(), status
     logged = {r.data.tags["nlstm.trial_id"]: steps(client, r) for r in kind(runs, "trial")}
-
-    (state_file,) = (tmp_path / "studies" / "asha" / "ray" / "search").glob("searcher-state-*.pkl")
-    with open(state_file, "rb") as f:
-        searcher = pickle.load(f)
-    trials = {f"search-{t.number:04d}": t for t in searcher["_ot_study"].get_trials(deepcopy=False)}
+    trials = {t.user_attrs["run_name"]: t for t in optuna_trials(tmp_path, "asha")}
     assert set(trials) == set(status)
     for key, t in trials.items():
+        run = next(r for r in kind(runs, "trial") if r.data.tags["nlstm.trial_id"] == key)
         if status[key] == "completed":
             assert t.state == optuna.trial.TrialState.COMPLETE and logged[key] == [1, 2, 3]
             assert sorted(t.intermediate_values) == [1, 2, 3]
-            best = next(r for r in kind(runs, "trial") if r.data.tags["nlstm.trial_id"] == key)
-            assert t.value == pytest.approx(best.data.metrics["best_valid_bpc"])
+            assert t.value == pytest.approx(run.data.metrics["best_valid_bpc"])
         else:  # stopped early: PRUNED, with every value it reported, the last one included
             assert t.state == optuna.trial.TrialState.PRUNED, (key, t)
-            run = next(r for r in kind(runs, "trial") if r.data.tags["nlstm.trial_id"] == key)
-            assert run.info.status == "FINISHED"  # not shown as a failure in MLflow's UI
+            assert run.info.status == "FINISHED" and run.data.tags["nlstm.stop_reason"] == "pruned"
+            assert t.user_attrs["stop_reason"] == "pruned"
             assert sorted(t.intermediate_values) == logged[key] and len(logged[key]) < 3
-            assert t.intermediate_values[logged[key][-1]] > trials["search-0000"].value
+            assert t.intermediate_values[logged[key][-1]] > trials["nlstm-d2-search-000"].value
 
 
 def _kill_group(pgid: int) -> None:
@@ -194,70 +223,98 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def test_a_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
+def _wait_until(tmp_path: Path, study: str, ready, timeout_s: float = 240):
+    """Poll the store until ``ready(client, runs)`` is true; the runs then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        try:
+            client, runs = runs_of(tmp_path, study)
+            if ready(client, runs):
+                return runs
+        except Exception:
+            continue
+    raise AssertionError("the study never reached the state to interrupt")
+
+
+def test_killed_in_search_and_in_evaluate_with_rays_folder_deleted_and_rerun_elsewhere(tmp_path):
+    """The record is the truth: SIGKILL during the search, Ray's folder deleted, rerun; SIGKILL during
+    evaluate, rerun from another folder. Every trial ends once, every epoch is logged once, interrupted
+    trials continue from their checkpoints, and the search keeps exactly its trials."""
     spec = study_file(tmp_path, "resume", """\
 train: {epochs: 3, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
 search:
+  families: [{arch: nlstm, depth: 2}, {arch: stacked, layers: 2}]
+  trials_per_family: 2
   space:
-    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}
     lr: {type: float, low: 3.0e-3, high: 3.0e-2, log: true}
   sampler: {type: tpe, seed: 0}
   scheduler: {type: none}
-  num_samples: 3
   max_concurrent: 1
+evaluate: {top_k: 1, per: family, seeds: [1, 2]}
 """).resolve()
     spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 16000"))  # epochs of ~1 s
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(REPO / "study" / "run.py"), "--space", str(spec)]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    groups = [first.pid]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, str(REPO / "study" / "run.py"), "--space", str(spec), "--tracking-uri", store,
+               "--max-concurrent", "1"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    groups = []
+
+    def midway(phase):
+        def ready(client, runs):
+            trials = [r for r in kind(runs, "trial", phase)]
+            done = [r for r in trials if r.data.tags["nlstm.status"] == "completed"]
+            return done and any(steps(client, r) for r in trials if r not in done)
+        return ready
+
     try:
-        client, before = None, {}
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:  # kill it once a trial has finished and the next one has begun
-            time.sleep(0.5)
-            if first.poll() is not None or not (tmp_path / "mlflow.db").exists():
-                continue
-            try:
-                client, runs = runs_of(tmp_path, "resume")
-            except Exception:
-                continue
-            trials = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
-            done = [k for k, r in trials.items() if r.data.tags["nlstm.status"] == "completed"]
-            if done and len(trials) > len(done) and any(steps(client, r) for k, r in trials.items() if k not in done):
-                before = trials
-                break
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        assert before, "the study never reached a state to interrupt"
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        groups.append(first.pid)
+        before = _wait_until(tmp_path, "resume", midway("search"))
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-        completed_before = {k: r for k, r in before.items() if r.data.tags["nlstm.status"] == "completed"}
+        shutil.rmtree(tmp_path / "studies" / "resume" / "ray")  # Ray's cache: disposable
+        completed_before = {r.data.tags["nlstm.trial_id"]: r for r in kind(before, "trial")
+                            if r.data.tags["nlstm.status"] == "completed"}
 
-        second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-                                start_new_session=True)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-        assert "(resuming)" in second.stdout
+        second = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        groups.append(second.pid)
+        _wait_until(tmp_path, "resume", midway("evaluate"))
+        second.send_signal(signal.SIGKILL)
+        second.wait(timeout=30)
+        second.stdout.close()
+
+        third = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+                               start_new_session=True)
+        groups.append(third.pid)
+        assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+        assert "(resuming)" in third.stdout
 
         client, runs = runs_of(tmp_path, "resume")
-        assert len(kind(runs, "study")) == 1 and kind(runs, "study")[0].data.tags["nlstm.phase.search"] == "done"
-        trial_ids = [r.data.tags["nlstm.trial_id"] for r in kind(runs, "trial")]
-        assert sorted(trial_ids) == [f"search-{i:04d}" for i in range(3)]  # no run twice, none lost
-        after = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
-        for key, run in after.items():
-            assert run.data.tags["nlstm.status"] == "completed", key
-            assert steps(client, run) == [1, 2, 3], key  # every epoch recorded once
+        assert len(kind(runs, "study")) == 1
+        search_ids = sorted(r.data.tags["nlstm.trial_id"] for r in kind(runs, "trial", "search"))
+        assert search_ids == ["nlstm-d2-search-000", "nlstm-d2-search-001", "stacked-d2-search-000",
+                              "stacked-d2-search-001"]  # none run twice, none lost
+        assert len(kind(runs, "trial", "evaluate")) == 4 and len(kind(runs, "config", "evaluate")) == 2
+        for run in kind(runs, "trial"):
+            assert run.data.tags["nlstm.status"] == "completed", run.info.run_name
+            assert steps(client, run) == [1, 2, 3], run.info.run_name  # every epoch recorded once
         for key, run in completed_before.items():  # finished before the kill: same run, not retrained
-            assert after[key].info.run_id == run.info.run_id
-            assert after[key].data.metrics["best_valid_bpc"] == run.data.metrics["best_valid_bpc"]
-            history = client.get_metric_history(run.info.run_id, "train_bpc")
-            assert max(m.timestamp for m in history) <= run.info.end_time
+            after = next(r for r in kind(runs, "trial") if r.data.tags["nlstm.trial_id"] == key)
+            assert after.info.run_id == run.info.run_id
+            assert after.data.metrics["best_valid_bpc"] == run.data.metrics["best_valid_bpc"]
+        for family in ("nlstm-d2", "stacked-d2"):  # exactly the trials the file asks for, all told
+            states = [t.state.name for t in optuna_trials(tmp_path, f"resume/{family}")]
+            assert states == ["COMPLETE", "COMPLETE"], (family, states)
+        assert not (elsewhere / "studies" / "resume" / "checkpoints").exists()  # the record's checkpoints were used
     finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(timeout=30)
-        first.stdout.close()
-        for pgid in groups:  # Ray agents that outlived the killed driver, if the rerun left any
+        for pgid in groups:  # Ray agents that outlived the killed drivers, if the reruns left any
             _kill_group(pgid)
 
 
@@ -287,26 +344,28 @@ ablation: {factors: {dependency_length: [4, 30], arch: [nlstm]}, seeds: [1]}
     assert factors == ["30", "4"]
 
 
-def test_a_phase_saved_by_another_code_version_fails_in_one_line(tmp_path, monkeypatch, ray_local, capsys):
-    """Tune pickles the search space and callbacks by module path: a phase folder written before
-    a module moved cannot be restored. That is one line naming the folder and the way out."""
-    from ray import tune
-
-    from study import phases
-
-    spec = study_file(tmp_path, "moved", """\
+def test_a_crafted_ray_pickle_in_the_study_folder_runs_no_code(tmp_path, monkeypatch, ray_local):
+    """Ray's folder is a cache the driver never reads back: a crafted tuner.pkl / searcher state in an
+    unfinished study's ray/ folder is never unpickled (its payload would write a marker file)."""
+    spec = study_file(tmp_path, "crafted", """\
 train: {epochs: 1, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
-ablation: {factors: {arch: [single]}, seeds: [1]}
+ablation: {factors: {arch: [single]}, seeds: [1, 2]}
 """)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tune.Tuner, "can_restore", classmethod(lambda cls, *a, **k: True))
+    marker = tmp_path / "pwned"
 
-    def old_pickle(*args, **kwargs):
-        raise AttributeError("Can't get attribute 'CategoricalEntry' on <module 'study.spec'>")
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
 
-    monkeypatch.setattr(phases.tune.Tuner, "restore", old_pickle)
-    assert main(["--space", str(spec)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert "ablation: the trial state in" in err[0] and "saved by another version of this code" in err[0]
-    assert "AttributeError: Can't get attribute 'CategoricalEntry'" in err[0] and "--restart" in err[0]
+    assert main(["--space", str(spec), "--phases", "ablation"]) == 0
+    client, runs = runs_of(tmp_path, "crafted")
+    victim = kind(runs, "trial")[0]
+    client.set_tag(victim.info.run_id, "nlstm.status", "interrupted")  # the study looks unfinished again
+    for folder in ("ablation", "search", *(p.name for p in (tmp_path / "studies/crafted/ray").iterdir())):
+        target = tmp_path / "studies" / "crafted" / "ray" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("tuner.pkl", "searcher-state-2026.pkl", "experiment_state-2026.json"):
+            (target / name).write_bytes(pickle.dumps(Payload()))
+    assert main(["--space", str(spec)]) == 0
+    assert not marker.exists()
