@@ -292,7 +292,6 @@ evaluate: {top_k: 1, per: family, seeds: [1, 2]}
 
         third = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
                                start_new_session=True)
-        groups.append(third.pid)
         assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
         assert "(resuming)" in third.stdout
 
