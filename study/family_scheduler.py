@@ -2,9 +2,10 @@
 
 A study runs all its phases in one Tuner (one set of trial processes), so the scheduler sees search,
 evaluate and ablation trials alike. Only search trials may be stopped early, and only against trials
-of their own family: each family gets its own instance of the study's scheduler (ASHA or the median
-rule), so a family that learns more slowly at first is not cut by another family's rungs, and
-every family's tuning budget is spent the same way. Rungs count the trial's own ``epoch`` (not
+of their own search family (``search.families``): each family gets its own instance of the study's
+scheduler (ASHA or the median rule), so a family that learns more slowly at first is not cut by
+another family's rungs, and every family's tuning budget is spent the same way. A search without
+families has one scheduler over all its trials, as it has one sampler. Rungs count the trial's own ``epoch`` (not
 Tune's iterations, which restart when a trial continues from its checkpoint in a later driver).
 
 ``stopped`` holds the trials a scheduler decided to stop: the searcher tells Optuna those are
@@ -36,7 +37,7 @@ class FamilyScheduler(FIFOScheduler):
         config = trial.config or {}
         if self.make_inner is None or config.get("phase") != "search":
             return None
-        family = config.get("family", "")
+        family = config.get("tuning_group", "")  # the search family ("" for a search without families)
         if family not in self.inner:
             scheduler = self.make_inner()
             scheduler.set_search_properties(*self._properties)

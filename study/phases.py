@@ -260,11 +260,13 @@ def _tune_was_interrupted(handler_before_fit: Any) -> bool:
 
 def finish_phase(run: StudyRun, searcher: StudySearcher, phase: str) -> None:
     """Record how ``phase`` ended (done, or failed with its commonest reason) and print its summary."""
-    outcome = outcome_of(run.tracker, phase, searcher.planned_keys(phase))
+    if searcher.failure:  # the phase could not start (no configuration to evaluate, say)
+        run.tracker.mark_phase_failed(phase, searcher.failure)
+        return
+    keys = searcher.planned_keys(phase)
+    outcome = outcome_of(run.tracker, phase, keys)
     run.say(phase_summary(run, phase))
-    problem = outcome.problem() if outcome.total else f"no trial of {phase} ended"
-    if outcome.unfinished and not outcome.total:
-        problem = None  # nothing ended yet: not a failure (an interruption, or trials still to retry)
+    problem = outcome.problem() if outcome.total else None  # nothing ended yet: interrupted, or still to retry
     if problem:
         run.tracker.mark_phase_failed(phase, problem)
         details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks under {run.storage.location}"

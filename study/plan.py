@@ -19,7 +19,7 @@ from nlstm.data import Corpus, StreamBatches
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
-from study.layout import ARCHS
+from study.layout import ARCHS, search_key
 from study.schema import MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
 from study.space import (
     TrialConfig,
@@ -31,6 +31,7 @@ from study.space import (
     resolve,
     sampler_description,
     scheduler_description,
+    tuning_families,
 )
 from study.spec_errors import SpecError
 
@@ -185,23 +186,30 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
                   f"(batch {t.batch_size}, bptt {t.bptt}), lr {t.lr:g}, {t.optimizer}, patience {t.patience}"]
         lines.append("  space: " + "; ".join(_entry_text(k, e) for k, e in [("budget", spec.budget), *s.space.items()]
                                              if not (k == "budget" and isinstance(e, FixedEntry))) or "  space: (none)")
-        lines.append("  every architecture at each budget bound:")
-        for budget in sorted({min(_budgets(spec)), max(_budgets(spec))}):
-            for arch, depth in search_families(spec):
-                cfg = resolve(spec, "search", {"arch": arch, "depth": depth, "layers": depth, "budget": budget})
-                lines.append("    " + _row(cfg.solve(vocab)))
-        preview = preview_search(spec, min(n, 8))
-        lines.append(f"  first {len(preview)} trials the sampler proposes:")
+        groups = tuning_families(spec)
+        if s.families:
+            lines.append(f"  {len(groups)} families, each tuned alone (its own Optuna study, sampler and scheduler) "
+                         f"with {s.trials_per_family} trials:")
+        else:
+            lines.append("  every architecture at each budget bound:")
+            for budget in sorted({min(_budgets(spec)), max(_budgets(spec))}):
+                for arch, depth in search_families(spec):
+                    cfg = resolve(spec, "search", {"arch": arch, "depth": depth, "layers": depth, "budget": budget})
+                    lines.append("    " + _row(cfg.solve(vocab)))
         seconds = []
-        for i, params in enumerate(preview):
-            cfg = resolve(spec, "search", params).solve(vocab)
-            extra = _params_text(cfg)
-            if measure:
-                sec = trial_seconds(cfg, corpus, tp) * slow
-                seconds.append(sec)
-                family_seconds.setdefault(cfg.arch, []).append(sec)
-                extra += f"  ~{sec / 60:.1f} min"
-            lines.append(f"    search-{i:04d} " + _row(cfg, extra))
+        for group in groups:
+            preview = preview_search(spec, min(group.trials, 8 // len(groups) or 1), group.fixed)
+            which = f" for {group.name}" if group.name else ""
+            lines.append(f"  first {len(preview)} trials the sampler proposes{which}:")
+            for i, params in enumerate(preview):
+                cfg = resolve(spec, "search", params).solve(vocab)
+                extra = _params_text(cfg)
+                if measure:
+                    sec = trial_seconds(cfg, corpus, tp) * slow
+                    seconds.append(sec)
+                    family_seconds.setdefault(cfg.family if s.families else cfg.arch, []).append(sec)
+                    extra += f"  ~{sec / 60:.1f} min"
+                lines.append(f"    {search_key(cfg.family, i)} " + _row(cfg, extra))
         if measure and seconds:
             mean = sum(seconds) / len(seconds)
             full = n * mean / min(concurrency, s.max_concurrent or concurrency)
@@ -214,6 +222,8 @@ def build_plan(spec: StudySpec, corpus: Corpus, cpus_per_trial: float, gpus_per_
         ev = spec.evaluate
         groups = ([a for a in ARCHS if a in {arch for arch, _ in search_families(spec)}] if ev.per == "arch"
                   else [f"{a}-d{d}" for a, d in search_families(spec)] if ev.per == "family" else ["overall"])
+        if spec.search is not None and spec.search.families and ev.per != "none":
+            groups = [g.name for g in tuning_families(spec)]
         n_configs = ev.top_k * len(groups)
         t = ev.train
         lines += ["", f"evaluate: the top {ev.top_k} search configuration(s) "

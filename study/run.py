@@ -32,8 +32,8 @@ from typing import Any
 
 from study.cli import invoked_as
 from study.layout import PHASES, TRIAL_SLOTS_TAG
-from study.schema import StudySpec
 from study.redact import mask_url
+from study.schema import StudySpec
 from study.smoke import shrink_for_smoke
 from study.spec import load_spec
 from study.spec_errors import SpecError

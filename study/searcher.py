@@ -260,7 +260,7 @@ class StudySearcher(Searcher):
             search.counted += 1
         self._ot[trial_id] = (study, number)
         return TrialSpec(key, "search", family, params, self.run.spec.search.seed, self.run.tracker.parent_run_id,
-                         self.run.fingerprint({}))
+                         self.run.fingerprint({}), tuning_group=search.family.name)
 
     def _report(self, trial_id: str, study: optuna.Study, number: int, result: dict) -> None:
         """An intermediate value (the best valid BPC so far at this epoch) of an Optuna trial."""

@@ -332,13 +332,14 @@ def scheduler_description(spec: StudySpec) -> str:
     return "none"
 
 
-def preview_search(spec: StudySpec, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` configurations the sampler proposes before it has seen any result (TPE's
-    and CMA-ES's startup trials are random; QMC, random and grid are fixed sequences)."""
+def preview_search(spec: StudySpec, n: int, fixed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` configurations the sampler proposes (for the family that fixes ``fixed``) before it
+    has seen any result (TPE's and CMA-ES's startup trials are random; QMC, random and grid are fixed
+    sequences)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(sampler=make_sampler(spec), direction="minimize")
-    space = DefineByRun(spec)
+    space = DefineByRun(spec, fixed)
     out = []
     for _ in range(n):
         trial = study.ask()

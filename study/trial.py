@@ -103,15 +103,18 @@ class TrialSpec:
     seed: int
     parent_run_id: str  # the MLflow run it is recorded under (the study run, or its config run)
     data_fingerprint: str | None = None  # the driver's corpus for this trial: every node must train on the same
+    tuning_group: str = ""  # search trials: the search family whose budget (Optuna study, scheduler) it is of
 
     def as_config(self) -> dict[str, Any]:
         return {"trial_key": self.key, "phase": self.phase, "family": self.family, "params": self.params,
-                "seed": self.seed, "parent_run_id": self.parent_run_id, "data_fingerprint": self.data_fingerprint}
+                "seed": self.seed, "parent_run_id": self.parent_run_id, "data_fingerprint": self.data_fingerprint,
+                "tuning_group": self.tuning_group}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TrialSpec:
         return cls(config["trial_key"], config["phase"], config["family"], dict(config["params"]),
-                   int(config["seed"]), config["parent_run_id"], config.get("data_fingerprint"))
+                   int(config["seed"]), config["parent_run_id"], config.get("data_fingerprint"),
+                   config.get("tuning_group", ""))
 
 
 @functools.lru_cache(maxsize=2)

@@ -77,7 +77,7 @@ def artifacts(work: Path, exp, run) -> set[str]:
 
 def optuna_trials(work: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'driver' / 'studies' / name / 'optuna.db'}")
-    return {f"search-{t.number:04d}": t for t in study.get_trials(deepcopy=False)}
+    return {t.user_attrs["run_name"]: t for t in study.get_trials(deepcopy=False)}
 
 
 @pytest.mark.slow
@@ -106,7 +106,8 @@ evaluate: {top_k: 1, seeds: [1]}
     assert parent.data.tags["nlstm.phase.search"] == parent.data.tags["nlstm.phase.evaluate"] == "done"
     assert artifacts(tmp_path, exp, parent) == {"study.yaml", "spec.json", "environment.json"}
     search = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial", "search")}
-    assert sorted(search) == [f"search-{i:04d}" for i in range(4)]
+    assert sorted(search) == ["nlstm-d2-search-000", "nlstm-d2-search-002", "stacked-d2-search-001",
+                              "stacked-d2-search-003"]
     (config,) = kind(runs, "config", "evaluate")
     (evaluated,) = kind(runs, "trial", "evaluate")
     assert evaluated.data.tags["mlflow.parentRunId"] == config.info.run_id
@@ -117,7 +118,8 @@ evaluate: {top_k: 1, seeds: [1]}
         assert tags["nlstm.node_id"] == worker and tags["nlstm.node_ip"] == "127.0.0.1", tags
         assert tags["nlstm.hostname"] and tags["nlstm.device"] == "cpu" and tags["nlstm.threads"] == "1"
     status = {k: r.data.tags["nlstm.status"] for k, r in search.items()}
-    assert status["search-0000"] == "completed" and status["search-0002"] == status["search-0003"] == "pruned"
+    assert status["nlstm-d2-search-000"] == "completed"
+    assert status["nlstm-d2-search-002"] == status["stacked-d2-search-003"] == "pruned"
 
     trials = optuna_trials(tmp_path, "cl")  # the live Optuna study of the driver, not Ray's pickle
     assert set(trials) == set(search)
@@ -129,10 +131,11 @@ evaluate: {top_k: 1, seeds: [1]}
     assert sorted(t.params["arch"] for t in trials.values()) == ["nlstm", "nlstm", "stacked", "stacked"]
 
     record = tmp_path / "shared" / "cl" / parent.info.run_id
-    assert (record / "search").is_dir() and (record / "evaluate").is_dir()
+    assert len(list((record / "ray").glob("run-*"))) == 1  # one Tune experiment for every phase
+    assert (record / "checkpoints" / "nlstm-d2-search-000" / "trainer.pt").is_file()  # written by the worker
     assert json.loads((record / "record.json").read_text())["parent_run_id"] == parent.info.run_id
     study_dir = tmp_path / "driver" / "studies" / "cl"
-    assert not (study_dir / "ray").exists() and len(list((study_dir / "best").glob("*.pt"))) == 1
+    assert not (study_dir / "ray").exists() and not (study_dir / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -153,13 +156,12 @@ evaluate: {top_k: 1, seeds: [1]}
     assert result["drivers"] == [143, 0], result["logs"]["driver2"][-3000:]
     client, exp, runs = store(tmp_path, "s3c")
     (parent,) = kind(runs, "study")
-    where = f"s3://studies/runs/s3c/{parent.info.run_id}"
-    assert f"[search] resuming the trials in {where}/search" in result["logs"]["driver2"]
+    assert "(resuming)" in result["logs"]["driver2"]
     keys = set(result["s3_keys"])
     assert f"runs/s3c/{parent.info.run_id}/record.json" in keys
-    assert any(k.startswith(f"runs/s3c/{parent.info.run_id}/search/") and k.endswith("trainer.pt") for k in keys)
+    assert any(k.startswith(f"runs/s3c/{parent.info.run_id}/checkpoints/") and k.endswith("trainer.pt") for k in keys)
     search = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial", "search")}
-    assert sorted(search) == ["search-0000", "search-0001"]
+    assert sorted(search) == ["nlstm-d2-search-000", "stacked-d2-search-001"]
     for r in search.values():
         assert r.data.tags["nlstm.status"] == "completed" and steps(client, r) == [1, 2, 3]
         assert r.data.tags["nlstm.node_id"] == result["worker_nodes"][0]
@@ -168,9 +170,9 @@ evaluate: {top_k: 1, seeds: [1]}
     trials = optuna_trials(tmp_path, "s3c")  # the rerun continued the same Optuna study
     assert sorted(trials) == sorted(search)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values())
-    best = json.loads((tmp_path / "driver" / "studies" / "s3c" / "search_results.json").read_text())[0]
-    assert best["checkpoint"].startswith(f"{where}/search/")
-    assert (tmp_path / "driver" / "studies" / "s3c" / "best" / f"{best['key']}.pt").is_file()
+    (config,) = kind(runs, "config", "evaluate")
+    source = search[config.data.tags["nlstm.source_trial"]]
+    assert artifacts(tmp_path, exp, source) == {"model.pt"}  # read back from its checkpoint in S3
 
 
 @pytest.mark.slow
@@ -192,7 +194,7 @@ search:
     assert old != new
     client, exp, runs = store(tmp_path, "lost")
     trials = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
-    assert sorted(trials) == ["search-0000", "search-0001"]  # no run twice
+    assert sorted(trials) == ["nlstm-d2-search-000", "stacked-d2-search-001"]  # no run twice
     moved = 0
     for key, r in trials.items():
         assert r.data.tags["nlstm.status"] == "completed", key
@@ -203,7 +205,8 @@ search:
             moved += 1  # trained on the dead node, finished on the new one, its early epochs kept
             # Ray's results of the trial: continued from its last checkpoint, no epoch trained twice
             (parent,) = kind(runs, "study")
-            rows = (tmp_path / "shared" / "lost" / parent.info.run_id / "search" / key / "result.json").read_text()
+            (results,) = (tmp_path / "shared" / "lost" / parent.info.run_id / "ray").glob(f"run-*/{key}/result.json")
+            rows = results.read_text()
             epochs = [json.loads(line)["epoch"] for line in rows.splitlines() if line.strip()]
             assert epochs == sorted(set(epochs)) and epochs[-1] == 4, (key, epochs)
     assert moved >= 1, {k: r.data.tags for k, r in trials.items()}
@@ -307,22 +310,25 @@ def test_two_balanced_entries_take_the_digits_of_the_trial_number(tmp_path):
 
 
 def test_the_optuna_study_belongs_to_one_record(tmp_path):
-    from study.optuna_store import OptunaStoreError, prepare_study, resolve_optuna_url
+    from study.optuna_store import OptunaStoreError, prepare_studies, resolve_optuna_url
 
     url = resolve_optuna_url(None, tmp_path)
     assert url == f"sqlite:///{tmp_path / 'optuna.db'}"
-    prepare_study(url, "s", "run-1")
+    prepare_studies(url, ["s"], "run-1", {})
     study = optuna.load_study(study_name="s", storage=url)  # what optuna-dashboard opens
+    assert study.metric_names == ["valid_bpc"]
     study.tell(study.ask(), 1.0)
-    prepare_study(url, "s", "run-1")  # the same record resumes the same study
+    prepare_studies(url, ["s"], "run-1", {"s": 1})  # the same record resumes the same study
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
     with pytest.raises(OptunaStoreError, match="of another MLflow record .*run-1, not run-2"):
-        prepare_study(url, "s", "run-2")
-    prepare_study(url, "s", "run-2", restart=True)
+        prepare_studies(url, ["s"], "run-2", {})
+    with pytest.raises(OptunaStoreError, match="has no study 't', but the MLflow record has 3 of its search trials"):
+        prepare_studies(url, ["t"], "run-1", {"t": 3})  # a storage that lost what the record has
+    prepare_studies(url, ["s"], "run-2", {}, restart=True)
     again = optuna.load_study(study_name="s", storage=url)
     assert again.trials == [] and again.user_attrs["nlstm.parent_run_id"] == "run-2"
     journal = resolve_optuna_url(str(tmp_path / "j.log"), tmp_path)
-    prepare_study(journal, "s", "run-3")
+    prepare_studies(journal, ["s"], "run-3", {})
     assert optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(journal))).user_attrs["nlstm.parent_run_id"] == "run-3"
     with pytest.raises(OptunaStoreError, match="expected an RDB URL"):
@@ -382,63 +388,3 @@ def test_a_node_without_the_drivers_corpus_or_gpu_is_named(tmp_path, monkeypatch
         with pytest.raises(RuntimeError, match="node gpu-3 .*asked for a GPU but torch sees no CUDA device"):
             trial_device("cuda", where)
     assert trial_device("cpu", where) == "cpu"
-
-
-def test_a_resumed_search_asks_again_for_the_trial_a_killed_driver_had_asked_for(tmp_path):
-    """The Optuna study outlives the driver; Tune's snapshot of the searcher may not know its
-    last trial. Resumed, the search gives that place (key, balanced architecture) again."""
-    from study.optuna_store import prepare_study
-    from study.searcher import PruneAwareOptunaSearch
-    from study.space import ORPHAN_ATTR, DefineByRun, make_sampler
-
-    spec = _spec(tmp_path, "    arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true}\n"
-                           "    lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def searcher() -> PruneAwareOptunaSearch:
-        return PruneAwareOptunaSearch(space=DefineByRun(spec), metric="m", mode="min", sampler=make_sampler(spec),
-                                      storage=prepare_study(url, "b", "run"), study_name="b")
-
-    first = searcher()
-    configs = [first.suggest(f"t{i}") for i in range(2)]
-    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot
-    lost = first.suggest("t2")  # asked for, then the driver is killed
-    assert [c["trial_number"] for c in [*configs, lost]] == [0, 1, 2]
-
-    resumed = searcher()
-    resumed.restore(str(tmp_path / "snapshot.pkl"))
-    again = resumed.suggest("t2")
-    assert again["trial_number"] == 2 and again["arch"] == lost["arch"] == "single"
-    trials = optuna.load_study(study_name="b", storage=url).get_trials(deepcopy=False)
-    assert [(t.number, t.state.name, t.user_attrs.get(ORPHAN_ATTR)) for t in trials] == [
-        (0, "RUNNING", None), (1, "RUNNING", None), (2, "FAIL", True), (3, "RUNNING", None)]
-    assert resumed.suggest("t3")["trial_number"] == 3 and resumed.suggest("t4")["arch"] == "stacked"
-
-
-def test_a_trial_the_storage_already_ended_is_not_told_again_after_a_restore(tmp_path):
-    """A driver killed after telling Optuna a trial was COMPLETE but before Tune's next snapshot:
-    the restored Tune replays that trial's results, which must not stop the study
-    (Optuna's UpdateFinishedTrialError) nor change what the storage recorded."""
-    from study.optuna_store import prepare_study
-    from study.searcher import PruneAwareOptunaSearch
-    from study.space import DefineByRun, make_sampler
-
-    spec = _spec(tmp_path, "    lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}\n")
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def searcher() -> PruneAwareOptunaSearch:
-        return PruneAwareOptunaSearch(space=DefineByRun(spec), metric="m", mode="min", sampler=make_sampler(spec),
-                                      storage=prepare_study(url, "b", "run"), study_name="b")
-
-    first = searcher()
-    first.suggest("t0")
-    first.on_trial_result("t0", {"m": 2.0, "training_iteration": 1})
-    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t0 still running, after one result
-    first.on_trial_complete("t0", {"m": 1.5, "training_iteration": 2, "finished": True})  # then killed
-
-    resumed = searcher()
-    resumed.restore(str(tmp_path / "snapshot.pkl"))
-    resumed.on_trial_result("t0", {"m": 1.5, "training_iteration": 2})  # the replay of the finished trial
-    resumed.on_trial_complete("t0", {"m": 1.5, "training_iteration": 2, "finished": True})
-    (trial,) = optuna.load_study(study_name="b", storage=url).get_trials(deepcopy=False)
-    assert trial.state.name == "COMPLETE" and trial.value == 1.5 and trial.intermediate_values == {1: 2.0, 2: 1.5}

@@ -15,7 +15,7 @@ from study.spec import load_spec
 
 pytestmark = pytest.mark.slow
 GROWING = """\
-train: {epochs: 1, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+train: {epochs: 2, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.02, patience: null}
 search:
   families: [{arch: nlstm, depth: 2}, {arch: single}]
   trials_per_family: 1
@@ -67,13 +67,13 @@ def test_a_finished_study_extended_by_a_seed_and_search_trials_runs_exactly_thos
 
     # An edit that changes what the finished runs mean: one line, exit 2, nothing written.
     count = len(runs)
-    spec.write_text(spec.read_text().replace("lr: 0.01", "lr: 0.02"))
+    spec.write_text(spec.read_text().replace("lr: 0.02", "lr: 0.03"))
     capsys.readouterr()
     assert main(["--space", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train.lr: 0.01 -> 0.02 would change what its finished runs mean" in err[0], err
+    assert len(err) == 1 and "train.lr: 0.02 -> 0.03 would change what its finished runs mean" in err[0], err
     assert "--restart" in err[0]
-    spec.write_text(spec.read_text().replace("lr: 0.02", "lr: 0.01").replace("seeds: [1, 2]", "seeds: [2]"))
+    spec.write_text(spec.read_text().replace("lr: 0.03", "lr: 0.02").replace("seeds: [1, 2]", "seeds: [2]"))
     assert main(["--space", str(spec)]) == 2
     assert "evaluate.seeds: 1 was removed" in capsys.readouterr().err
     assert len(runs_of(tmp_path, "grow")[1]) == count
