@@ -371,5 +371,8 @@ def ablation_cells(spec: StudySpec, base_params: dict[str, Any]) -> list[Ablatio
     for combo in itertools.product(*(ab.factors[n] for n in names)):
         factors = dict(zip(names, combo, strict=True))
         config = resolve(spec, "ablation", base | ab.params | factors)
+        # what the cell computes: a single LSTM's depth is 1, an LSTM's candidate tanh, whatever the grid said
+        computed = {"depth": config.depth, "candidate_activation": config.candidate_activation}
+        factors = {k: computed.get(k, v) if k in computed else v for k, v in factors.items()}
         cells.setdefault(config.config_hash, AblationCell(factors, config))
     return list(cells.values())
