@@ -48,8 +48,21 @@ def resolve_optuna_url(given: str | None, study_dir: Path) -> str:
                            "postgresql://...) or a journal file path ending in .log")
 
 
+def check_optuna_file(url: str) -> None:
+    """A damaged sqlite Optuna storage is one ``OptunaStoreError`` naming it (an emptied one is an empty
+    database: ``prepare_studies`` then refuses it if the record has trials it lost)."""
+    if url.startswith("sqlite:///"):
+        from study.store import StoreError, check_sqlite_file
+
+        try:
+            check_sqlite_file(Path(url.removeprefix("sqlite:///")), "the Optuna storage")
+        except StoreError as e:
+            raise OptunaStoreError(str(e)) from None
+
+
 def open_storage(url: str) -> BaseStorage:
     """The storage at ``url``; a damaged database or journal is one ``OptunaStoreError`` naming it."""
+    check_optuna_file(url)
     try:
         if "://" in url:
             return optuna.storages.RDBStorage(url)
@@ -57,6 +70,8 @@ def open_storage(url: str) -> BaseStorage:
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except OptunaStoreError:
+        raise
     except Exception as e:  # SQLAlchemy and the journal wrap a damaged file differently
         raise OptunaStoreError(f"the Optuna storage {mask_url(url)} cannot be opened ({_first_line(e)}): if the "
                                "file is damaged, restore it from a copy, or move it away and rerun with "

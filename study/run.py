@@ -104,6 +104,7 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run ..." lines in progress
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a rerun reads spec.json back
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers
@@ -337,7 +338,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
 
     from study.cache import FolderInUse, FolderLock
     from study.lease import LeaseHeld, LeaseLost
-    from study.optuna_store import OptunaStoreError
+    from study.optuna_store import OptunaStoreError, check_optuna_file
     from study.phases import StudyFailed, StudyInterrupted, run_phases
     from study.processes import DriverRecord
     from study.searcher import RecordMismatch, SearchIncomplete
@@ -371,6 +372,8 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if parent is not None and not args.restart:
             additions = tracker.check_resumable(parent, setup.corpus.fingerprint)
             _use_recorded_stores(args, setup, parent.data.tags)
+        if spec.search is not None:
+            check_optuna_file(setup.optuna_url)  # damaged: one line naming it, before anything is written
         if args.restart:
             _clear_outputs(setup, bool(args.storage))
         if args.address:  # an existing cluster: check its resources before anything is recorded

@@ -8,6 +8,7 @@ retries (MLflow's HTTP client retries for about four minutes by default, and a b
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -76,6 +77,7 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         check_writable_folder(db.parent, f"tracking store {db}")
         if db.exists() and not os.access(db, os.W_OK):
             raise StoreError(f"tracking store {db} is not writable")
+        check_sqlite_file(db, "tracking store")
         return
     if scheme_of(uri) in DATABASE_SCHEMES:
         _check_database(uri, timeout_s)
@@ -111,6 +113,29 @@ def _check_database(uri: str, timeout_s: float) -> None:
     except Exception as e:  # sqlalchemy wraps every driver's connection errors differently
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StoreError(f"tracking store ...@{shown} cannot be reached ({reason})") from None
+
+
+QUICK_CHECK_LIMIT = 1 << 30  # bytes: a larger database is only opened, not scanned, before a study starts
+
+
+def check_sqlite_file(path: Path, what: str) -> None:
+    """A damaged sqlite file (emptied is fine: an empty database) is one line naming it, before anything is
+    written; MLflow and SQLAlchemy would otherwise fail later with three lines that do not name the file."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            if path.stat().st_size <= QUICK_CHECK_LIMIT:
+                verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(verdict)
+            else:
+                db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and start "
+                         "the study over (its runs are in that file)") from None
 
 
 def check_writable_folder(folder: Path, what: str) -> None:

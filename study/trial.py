@@ -226,6 +226,7 @@ class _Reporter:
         self.run.log_epoch(r, extra={"load_avg_1m": os.getloadavg()[0]})
 
     def on_epoch_end(self, trainer: Trainer, r: EpochResult) -> None:
+        self.run.fence()  # a trial whose driver lost the study overwrites nothing, its checkpoint included
         self.checkpoints.save(self.trial.key, trainer, self.meta)  # first: a logged epoch always has its checkpoint
         self.log(r)
         self.last = r
