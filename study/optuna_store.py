@@ -20,6 +20,8 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage
 
+from study.redact import mask_url
+
 PARENT_ATTR = "nlstm.parent_run_id"
 DEFAULT_FILE = "optuna.db"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
@@ -36,7 +38,7 @@ def resolve_optuna_url(given: str | None, study_dir: Path) -> str:
     if "://" in given:
         scheme = given.split("://", 1)[0].split("+", 1)[0].lower()
         if scheme not in RDB_SCHEMES:
-            raise OptunaStoreError(f"--optuna-storage {given}: unknown scheme {scheme!r} (an RDB URL: "
+            raise OptunaStoreError(f"--optuna-storage {mask_url(given)}: unknown scheme {scheme!r} (an RDB URL: "
                                    f"{', '.join(RDB_SCHEMES)}; or a journal file path ending in .log)")
         return given
     if given.endswith(".log"):
@@ -68,8 +70,9 @@ def prepare_study(url: str, name: str, parent_run_id: str, restart: bool = False
             owner = existing[name].user_attrs.get(PARENT_ATTR)
             if owner != parent_run_id:
                 raise OptunaStoreError(
-                    f"--optuna-storage: {url} holds an Optuna study {name!r} of another MLflow record (parent run "
-                    f"{owner}, not {parent_run_id}); pass --restart to replace it or another --optuna-storage")
+                    f"--optuna-storage: {mask_url(url)} holds an Optuna study {name!r} of another MLflow record "
+                    f"(parent run {owner}, not {parent_run_id}); pass --restart to replace it or another "
+                    "--optuna-storage")
             return storage
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
         study.set_user_attr(PARENT_ATTR, parent_run_id)

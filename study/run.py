@@ -32,6 +32,7 @@ from typing import Any
 
 from study.cli import invoked_as
 from study.layout import PHASES, TRIAL_SLOTS_TAG
+from study.redact import mask_url
 from study.schema import StudySpec
 from study.smoke import shrink_for_smoke
 from study.spec import load_spec
@@ -414,7 +415,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
             tracker.close("KILLED")
         why = signal_reasons[-1] if signal_reasons else "Ctrl+C"
         print(f"\ninterrupted ({why}): the runs so far are recorded; rerun the same command to resume\n"
-              f"  {invoked_as('nlstm-study')} {' '.join(sys.argv[1:])}", file=sys.stderr)
+              f"  {invoked_as('nlstm-study')} {' '.join(mask_url(a) for a in sys.argv[1:])}", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
     except Exception as e:
         if tracker is not None:
@@ -445,14 +446,16 @@ def _clear_outputs(setup: Setup, explicit_storage: bool) -> None:
 
 
 def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
-    """environment.json of the parent run: the machine and packages, and this run's settings and data."""
+    """environment.json of the parent run: the machine and packages, and this run's settings and data
+    (URLs and the command line with their passwords masked: study.redact)."""
     from study.tracking import environment_info
 
     spec, corpus, cpus, gpus = setup.spec, setup.corpus, setup.cpus, setup.gpus
     return environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
                                          "gpus_per_trial": gpus},
-                             "ray_address": args.address or "local", "smoke": args.smoke,
-                             "storage": setup.storage.location, "optuna_storage": setup.optuna_url,
+                             "ray_address": mask_url(args.address or "local"), "smoke": args.smoke,
+                             "storage": mask_url(setup.storage.location), "optuna_storage": mask_url(setup.optuna_url),
+                             "command": [mask_url(a) for a in sys.argv],
                              "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
                                       "source": corpus.source, "source_sha256": corpus.checksums,
                                       "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),
@@ -471,21 +474,22 @@ def _study_params(setup: Setup) -> dict[str, Any]:
 
 
 def _print_done(args: argparse.Namespace, setup: Setup, storage: Any, elapsed_s: float) -> None:
-    """Where everything the study wrote is."""
+    """Where everything the study wrote is (passwords in the URLs masked)."""
     spec, study_dir = setup.spec, setup.study_dir
+    tracking_uri, optuna_url = mask_url(setup.tracking_uri), mask_url(setup.optuna_url)
     minutes, seconds = divmod(int(elapsed_s), 60)
     print(f"\nstudy {spec.name} done in {minutes}:{seconds:02d}")
-    print(f"  MLflow:  {setup.tracking_uri}  (experiment {spec.name!r})")
-    if setup.tracking_uri.startswith("sqlite:"):
-        print(f"           browse it: mlflow ui --backend-store-uri {setup.tracking_uri}")
+    print(f"  MLflow:  {tracking_uri}  (experiment {spec.name!r})")
+    if tracking_uri.startswith("sqlite:"):
+        print(f"           browse it: mlflow ui --backend-store-uri {tracking_uri}")
     contents = [what for name, what in (("search_results.json", "search_results.json"),
                                          ("best", "best checkpoints in best/"), ("ray", "Ray trials in ray/"))
                 if (study_dir / name).exists()]
     print(f"  results: {study_dir}  ({', '.join(contents)})")
     if args.storage:
-        print(f"  Ray trials and checkpoints: {storage.location}")
+        print(f"  Ray trials and checkpoints: {mask_url(storage.location)}")
     if "search" in setup.phases:
-        print(f"  Optuna:  {setup.optuna_url}  (study {spec.name!r}; optuna-dashboard {setup.optuna_url})")
+        print(f"  Optuna:  {optuna_url}  (study {spec.name!r}; optuna-dashboard {optuna_url})")
 
 
 def _hint(error: Exception) -> str:
