@@ -15,6 +15,7 @@ studies, and a study of another record in a shared storage is refused, never mix
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def resolve_optuna_url(given: str | None, study_dir: Path) -> str:
     if "://" in given:
         scheme = given.split("://", 1)[0].split("+", 1)[0].lower()
         if scheme not in RDB_SCHEMES:
-            raise OptunaStoreError(f"--optuna-storage {given}: unknown scheme {scheme!r} (an RDB URL: "
+            raise OptunaStoreError(f"--optuna-storage {mask_url(given)}: unknown scheme {scheme!r} (an RDB URL: "
                                    f"{', '.join(RDB_SCHEMES)}; or a journal file path ending in .log)")
         return given
     if given.endswith(".log"):
@@ -65,7 +66,7 @@ def open_storage(url: str) -> BaseStorage:
     check_optuna_file(url)
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(url)
+            return _rdb_storage(url)
         from optuna.storages.journal import JournalFileBackend
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,22 @@ def open_storage(url: str) -> BaseStorage:
         raise OptunaStoreError(f"the Optuna storage {mask_url(url)} cannot be opened ({_first_line(e)}): if the "
                                "file is damaged, restore it from a copy, or move it away and rerun with "
                                "--restart") from None
+
+
+def _rdb_storage(url: str, attempts: int = 3) -> BaseStorage:
+    """Optuna creates its tables on first use; two drivers doing that at once on an empty PostgreSQL
+    database collide (``UniqueViolation`` on ``CREATE TYPE``), and the loser's transaction is rolled back:
+    its next try finds the tables."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _first_line(error: BaseException) -> str:

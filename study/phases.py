@@ -224,7 +224,10 @@ def run_phases(run: StudyRun, phases: list[str]) -> None:
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                     num_samples=-1, reuse_actors=True, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run.storage.path,
+        # One experiment per driver, named for its record: two drivers on one cluster starting in the same second
+        # must not share Ray's staging folder (<session>/artifacts/<start time>/<name>).
+        run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run.tracker.parent_run_id[:8]}",
+                                  storage_path=run.storage.path,
                                   storage_filesystem=run.storage.filesystem, verbose=2 if run.verbose else 0,
                                   callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=TRIAL_RESTARTS)),
     )

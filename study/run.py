@@ -430,7 +430,7 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
                         "recorded: rerun the same command once it is back", code=1)
         _close_quietly(tracker, "KILLED")
         print(f"\ninterrupted ({why}): the runs so far are recorded; rerun the same command to resume\n"
-              f"  {invoked_as('nlstm-study')} {' '.join(sys.argv[1:])}", file=sys.stderr)
+              f"  {invoked_as('nlstm-study')} {' '.join(mask_url(a) for a in sys.argv[1:])}", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
     except Exception as e:
         if _is_full_disk(e):
@@ -594,14 +594,16 @@ def _clear_outputs(setup: Setup, explicit_storage: bool) -> None:
 
 
 def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
-    """environment.json of the parent run: the machine and packages, and this run's settings and data."""
+    """environment.json of the parent run: the machine and packages, and this run's settings and data
+    (URLs and the command line with their passwords masked: study.redact)."""
     from study.tracking import environment_info
 
     spec, corpus, cpus, gpus = setup.spec, setup.corpus, setup.cpus, setup.gpus
     return environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
                                          "gpus_per_trial": gpus},
-                             "ray_address": args.address or "local", "smoke": args.smoke,
+                             "ray_address": mask_url(args.address or "local"), "smoke": args.smoke,
                              "storage": mask_url(setup.storage.location), "optuna_storage": mask_url(setup.optuna_url),
+                             "command": [mask_url(a) for a in sys.argv],
                              "data": {"corpus": spec.data.corpus, "fingerprint": corpus.fingerprint,
                                       "source": corpus.source, "source_sha256": corpus.checksums,
                                       "tokens": {"train": len(corpus.train), "valid": len(corpus.valid),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from study.redact import mask_url
+
 # Schemes MLflow's tracking stores understand (database URIs may carry a driver: `postgresql+psycopg2`).
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 KNOWN_SCHEMES = DATABASE_SCHEMES + ("http", "https", "file", "databricks")
@@ -49,11 +51,11 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
     if "://" not in uri:
         if uri.endswith(".db"):
             return f"sqlite:///{(cwd / Path(uri).expanduser()).resolve()}"
-        raise StoreError(f"tracking URI {uri!r} is neither a URI ({', '.join(KNOWN_SCHEMES)}) nor a sqlite file "
-                         "path ending in .db")
+        raise StoreError(f"tracking URI {mask_url(uri)!r} is neither a URI ({', '.join(KNOWN_SCHEMES)}) nor a sqlite "
+                         "file path ending in .db")
     scheme = scheme_of(uri)
     if scheme not in KNOWN_SCHEMES:
-        raise StoreError(f"tracking URI {uri!r}: unknown scheme {scheme!r} "
+        raise StoreError(f"tracking URI {mask_url(uri)!r}: unknown scheme {scheme!r} "
                          f"(expected one of {', '.join(KNOWN_SCHEMES)})")
     if scheme == "sqlite":
         path = uri.split("://", 1)[1]
@@ -83,16 +85,16 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         _check_database(uri, timeout_s)
         return
     if scheme_of(uri) in ("http", "https"):
-        health = uri.rstrip("/") + "/health"
+        health, shown = uri.rstrip("/") + "/health", mask_url(uri)
         try:
             with urllib.request.urlopen(health, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
                 if response.status != 200:
-                    raise StoreError(f"tracking server {uri} answered {response.status} at /health")
+                    raise StoreError(f"tracking server {shown} answered {response.status} at /health")
         except urllib.error.HTTPError as e:
-            raise StoreError(f"tracking server {uri} answered {e.code} at /health: is it an MLflow server?") from None
+            raise StoreError(f"tracking server {shown} answered {e.code} at /health: is it an MLflow server?") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise StoreError(f"tracking server {uri} cannot be reached ({reason}); start it "
+            raise StoreError(f"tracking server {shown} cannot be reached ({reason}); start it "
                              "(`mlflow server --host 127.0.0.1 --port PORT ...`) or fix --tracking-uri") from None
 
 
@@ -100,7 +102,7 @@ def _check_database(uri: str, timeout_s: float) -> None:
     """A database store (PostgreSQL, MySQL, SQL Server) must have its driver installed and answer."""
     import sqlalchemy
 
-    shown = uri.split("@")[-1]  # never print a password
+    shown = mask_url(uri)  # never print a password
     connect_args = {"connect_timeout": int(timeout_s)} if scheme_of(uri) in ("postgresql", "mysql") else {}
     try:
         engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
@@ -108,11 +110,11 @@ def _check_database(uri: str, timeout_s: float) -> None:
             pass
         engine.dispose()
     except ModuleNotFoundError as e:
-        raise StoreError(f"tracking store ...@{shown}: its database driver is not installed ({e}); "
+        raise StoreError(f"tracking store {shown}: its database driver is not installed ({e}); "
                          f"pip install {e.name}") from None
     except Exception as e:  # sqlalchemy wraps every driver's connection errors differently
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StoreError(f"tracking store ...@{shown} cannot be reached ({reason})") from None
+        raise StoreError(f"tracking store {shown} cannot be reached ({reason})") from None
 
 
 QUICK_CHECK_LIMIT = 1 << 30  # bytes: a larger database is only opened, not scanned, before a study starts

@@ -218,7 +218,7 @@ def _one_line_error(capsys) -> str:
     (["--tracking-uri", "ftp://x/y"], "unknown scheme 'ftp'"),
     (["--tracking-uri", "http://127.0.0.1:1"], "tracking server http://127.0.0.1:1 cannot be reached"),
     (["--tracking-uri", "/nonexistent-folder/mlflow.db"], "folder /nonexistent-folder does not exist"),
-    (["--tracking-uri", "postgresql://user:secret@127.0.0.1:1/db"], "tracking store ...@127.0.0.1:1/db"),
+    (["--tracking-uri", "postgresql://user:secret@127.0.0.1:1/db"], "tracking store postgresql://user:***@127.0.0.1:1/db"),
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
     (["--address", "nonsense"], "expected auto or HOST:PORT"),
 ])
