@@ -51,6 +51,7 @@ from study.layout import (
     factors_of,
 )
 from study.progress import ProgressLine
+from study.redact import mask_url
 from study.schema import StudySpec
 from study.searcher import METRIC, MODE, StudySearcher, select_top
 from study.tracking import StudyTracker, find_runs
@@ -272,7 +273,7 @@ def finish_phase(run: StudyRun, searcher: StudySearcher, phase: str) -> None:
     problem = outcome.problem() if outcome.total else None  # nothing ended yet: interrupted, or still to retry
     if problem:
         run.tracker.mark_phase_failed(phase, problem)
-        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks under {run.storage.location}"
+        details = f"MLflow tag nlstm.fail_reason of the trial runs; tracebacks under {mask_url(run.storage.location)}"
         searcher.failure = f"{phase}: {problem} (details: {details}){outcome.rerun_hint()}"
         return
     if not outcome.unfinished:

@@ -524,7 +524,7 @@ def _study_run(args: argparse.Namespace, setup: Setup, tracker: Any, environment
     # found there, and record.json there says whose it is.
     record_folder = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else None
     ray_root = record_folder.join("ray") if record_folder else setup.storage
-    binding = RecordBinding(setup.tracking_uri, tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
+    binding = RecordBinding(mask_url(setup.tracking_uri), tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
                             ray_root.location, RECORD_VERSION)
     binding = RecordBinding(**(binding.as_dict() | {"study_hash": ""}))  # an extended study keeps its folder
     note = claim_cache(study_dir, binding)

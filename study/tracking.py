@@ -62,6 +62,7 @@ from study.layout import (
     phase_tag,
 )
 from study.lease import StudyLease
+from study.redact import mask_url
 from study.schema import StudySpec
 from study.store import open_client
 
@@ -150,7 +151,7 @@ class StudyTracker:
         recorded = int(tags.get(RECORD_VERSION_TAG, "1"))
         if recorded != RECORD_VERSION:
             raise StudyConflict(
-                f"study {name!r} in {self.tracking_uri} was recorded by code "
+                f"study {name!r} in {mask_url(self.tracking_uri)} was recorded by code "
                 f"{tags.get(CODE_VERSION_TAG, 'before 0.2')} (record version {recorded}); this code writes record "
                 f"version {RECORD_VERSION}, whose configurations mean something else (docs/study.md, 'Record "
                 "versions'): finish it with that version, rerun with --restart, or give the study another name")
@@ -166,7 +167,7 @@ class StudyTracker:
         change = compare_specs(old, self.spec.model_dump(mode="json"))
         if change.invalid is not None:
             raise StudyConflict(
-                f"study {name!r} in {self.tracking_uri} was run from a different study file: {change.invalid} would "
+                f"study {name!r} in {mask_url(self.tracking_uri)} was run from a different study file: {change.invalid} would "
                 "change what its finished runs mean; rerun with --restart to start it over, or give the study "
                 "another name (additive edits: docs/study.md, 'Extend a study')")
         return change.additions
