@@ -524,9 +524,9 @@ def _study_run(args: argparse.Namespace, setup: Setup, tracker: Any, environment
     # found there, and record.json there says whose it is.
     record_folder = setup.storage.join(spec.name, tracker.parent_run_id) if explicit_storage else None
     ray_root = record_folder.join("ray") if record_folder else setup.storage
-    binding = RecordBinding(mask_url(setup.tracking_uri), tracker.experiment_id, tracker.parent_run_id, spec.study_hash(),
+    # No study hash: an extended study (another file hash) keeps its folder, whose checkpoints it needs.
+    binding = RecordBinding(mask_url(setup.tracking_uri), tracker.experiment_id, tracker.parent_run_id, "",
                             ray_root.location, RECORD_VERSION)
-    binding = RecordBinding(**(binding.as_dict() | {"study_hash": ""}))  # an extended study keeps its folder
     note = claim_cache(study_dir, binding)
     if note:
         print(note, flush=True)

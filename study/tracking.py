@@ -167,8 +167,8 @@ class StudyTracker:
         change = compare_specs(old, self.spec.model_dump(mode="json"))
         if change.invalid is not None:
             raise StudyConflict(
-                f"study {name!r} in {mask_url(self.tracking_uri)} was run from a different study file: {change.invalid} would "
-                "change what its finished runs mean; rerun with --restart to start it over, or give the study "
+                f"study {name!r} in {mask_url(self.tracking_uri)} was run from a different study file: "
+                f"{change.invalid} would change what its finished runs mean; rerun with --restart to start it over, or give the study "
                 "another name (additive edits: docs/study.md, 'Extend a study')")
         return change.additions
 
