@@ -168,8 +168,8 @@ class StudyTracker:
         if change.invalid is not None:
             raise StudyConflict(
                 f"study {name!r} in {mask_url(self.tracking_uri)} was run from a different study file: "
-                f"{change.invalid} would change what its finished runs mean; rerun with --restart to start it over, or give the study "
-                "another name (additive edits: docs/study.md, 'Extend a study')")
+                f"{change.invalid} would change what its finished runs mean; rerun with --restart to start it over, "
+                "or give the study another name (additive edits: docs/study.md, 'Extend a study')")
         return change.additions
 
     def _recorded_spec(self, parent: Run) -> dict[str, Any]:
