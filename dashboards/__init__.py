@@ -2,9 +2,11 @@
 
 Data flows one way: MLflow (written by ``study/``, layout in ``docs/mlflow-layout.md``) ->
 :mod:`dashboards.load` (tidy frames) -> :mod:`dashboards.outcome` (did each run learn?) ->
-:mod:`dashboards.stats` (protocols, intervals, paired/Welch tests, verdicts) -> :mod:`dashboards.figures`
--> :mod:`dashboards.report` (``report.html`` + ``report.md``), with the tidy CSV tables of
-:mod:`dashboards.tables`.
+:mod:`dashboards.stats` (protocols, intervals, paired/Welch tests, verdicts; with
+:mod:`dashboards.improvement`, :mod:`dashboards.stop_reason`, :mod:`dashboards.machine_load` and
+:mod:`dashboards.equal_time`) and :mod:`dashboards.expected_best` (tuning budget) -> :mod:`dashboards.figures`
+(with :mod:`dashboards.importance`) -> :mod:`dashboards.report` (``report.html`` + ``report.md``), with the
+tidy CSV tables of :mod:`dashboards.tables`.
 Nothing here trains; torch is imported only through :mod:`nlstm.params`, to judge runs of a store that
 records neither the corpus's entropy nor its vocabulary. The layout's names come from :mod:`study.layout`
 (no Ray, MLflow or torch behind it). ``study/write_report.py`` (``nlstm-report``) is the command line.

@@ -3,7 +3,9 @@
 Each ``figure_*`` function returns a :class:`FigureResult`: a figure and a one-line caption saying
 what it shows and how many runs/seeds it rests on, or, when its data is absent (no search phase,
 no memory metrics, nested and stacked never at the same budget, ...), no figure and a sentence
-saying so. Intervals are the same Student-t intervals as the tables (:func:`dashboards.stats.t_errorbar`).
+saying so. Intervals are the same Student-t intervals as the tables (:func:`dashboards.stats.t_errorbar`): no
+bar where the tables show none (fewer than 3 seeds, or a bound below 0), and a note names those groups.
+Families that would sit at the same x are drawn side by side (:func:`dodge_log`, :func:`dodge_offsets`).
 """
 
 from __future__ import annotations
@@ -22,18 +24,30 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter, ScalarFormatter
 
 from dashboards.equal_time import add_equal_time
+from dashboards.expected_best import MIN_TRIALS, expected_best_table, search_trials
+from dashboards.importance import (
+    PED_ANOVA,
+    family_importances,
+    mean_importance,
+    spec_search_space,
+)
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
+from dashboards.machine_load import add_machine_load
 from dashboards.outcome import NOT_LEARNED
 from dashboards.stats import (
     EQUAL_TIME_S,
+    MIN_INTERVAL_N,
     AnalysisSet,
     analysis_set,
+    bpc_interval,
     family_key,
+    family_line,
     format_budget,
     protocol_key,
     same_value,
     sorted_families,
     t_errorbar,
+    t_errorbar_signed,
 )
 from dashboards.timescales import levels_of, load_memories, timescale_frame
 
@@ -125,6 +139,43 @@ def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def dodge_offsets(groups: list[str], step: float) -> dict[str, float]:
+    """Offsets centred on 0, ``step`` apart, one per group in order: groups drawn at the same x (families at one
+    budget, one dependency length) side by side instead of one marker over the other."""
+    k = len(groups)
+    return {g: step * (i - (k - 1) / 2) for i, g in enumerate(groups)}
+
+
+def dodge_log(frame: pd.DataFrame, column: str, families: list[str], fraction: float = 0.03) -> pd.Series:
+    """``column`` (on a log axis) moved per family by a few % of the axis span (``fraction`` of it in decades,
+    at least 0.01 decade), so families at the same x stand side by side."""
+    x = frame[column].astype(float)
+    positive = x[x > 0]
+    decades = float(np.log10(positive.max() / positive.min())) + 2 * np.log10(1.25) if len(positive) else 1.0
+    offsets = dodge_offsets(families, max(0.01, fraction * decades))
+    return x * 10.0 ** frame["family"].map(offsets).astype(float).fillna(0.0)
+
+
+def _unsupported(frame: pd.DataFrame, metrics: list[str], by: list[str]) -> list[str]:
+    """The groups (``family at budget``, ...) whose interval the figure does not draw: fewer than
+    MIN_INTERVAL_N values or a bound below 0 (:func:`dashboards.stats.supported`)."""
+    out = []
+    for key, group in frame.groupby(by, dropna=False, sort=False):
+        for metric in metrics:
+            values = group[metric].dropna()
+            if len(values) and not np.isfinite(bpc_interval(values).low):
+                key = key if isinstance(key, tuple) else (key,)
+                label = " at ".join(format_budget(k) if isinstance(k, float) else str(k) for k in key)
+                out.append(f"{label} (n = {len(values)})")
+                break
+    return out
+
+
+def _interval_note(unsupported: list[str]) -> str:
+    return (f"No interval bar where the data cannot support one (fewer than {MIN_INTERVAL_N} seeds, or a bound "
+            f"below 0 BPC): {', '.join(unsupported)}.")
+
+
 # ---------------------------------------------------------------------------- 1. parameter-matched
 def _budget_axis(ax, runs: pd.DataFrame) -> None:
     """Log x axis with a tick at each budget (the achieved counts sit within about 1 % of them)."""
@@ -148,12 +199,13 @@ def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
     metrics = [m for m in ("best_valid_bpc", "test_bpc") if np.isfinite(sel[m].astype(float)).any()]
     families = sorted_families(sel["family"])
     palette = family_palette(families)
+    sel = sel.assign(x_dodged=dodge_log(sel, "num_params", families))
     fig = new_figure(5.2 * len(metrics), 4.0)
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
     with quiet():
         for ax, metric in zip(axes, metrics, strict=True):
             data = sel[np.isfinite(sel[metric].astype(float))]
-            sns.lineplot(data=data, x="num_params", y=metric, hue="family", hue_order=families, palette=palette,
+            sns.lineplot(data=data, x="x_dodged", y=metric, hue="family", hue_order=families, palette=palette,
                          marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax,
                          legend=ax is axes[-1])
             _budget_axis(ax, sel)
@@ -168,6 +220,12 @@ def figure_parameter_matched(aset: AnalysisSet) -> FigureResult:
     res.caption = _capital(f"{' and '.join(METRIC_LABEL[m] for m in metrics)} against achieved parameter count for "
                    f"{len(families)} families at {n_budgets} budget{'s' if n_budgets > 1 else ''}: mean over seeds "
                    f"with 95 % t-interval bars ({_runs_seeds(sel)}).")
+    if len(families) > 1:
+        res.notes.append("Families are drawn side by side (moved by a few per cent along the log axis) so that one "
+                         "does not hide another; the tables hold the exact parameter counts.")
+    unsupported = _unsupported(sel, metrics, ["family", "budget"])
+    if unsupported:
+        res.notes.append(_interval_note(unsupported))
     if n_budgets < 2:
         res.notes.append("Only one budget has completed runs, so the figure shows no trend over model size.")
     if note:
@@ -194,23 +252,36 @@ def _depth_budgets(sel: pd.DataFrame) -> list[tuple[float, list[int]]]:
 
 
 def _depth_pairs(runs: pd.DataFrame, depths: list[int], metric: str) -> pd.DataFrame:
-    """nested - stacked per seed at each depth (seeds run in both arms only)."""
+    """nested - stacked per seed at each depth (seeds run in both arms only), per nested line (``nlstm``, and
+    ``nlstm-tanh`` where the outer candidate was varied)."""
     pairs = []
-    for depth in depths:
-        a = runs[(runs["arch"] == "nlstm") & (runs["depth"] == depth)].groupby("seed")[metric].mean()
-        b = runs[(runs["arch"] == "stacked") & (runs["depth"] == depth)].groupby("seed")[metric].mean()
-        pairs += [{"depth": depth, "seed": s, "diff": a[s] - b[s]} for s in a.index.intersection(b.index)]
-    return pd.DataFrame(pairs, columns=["depth", "seed", "diff"])
+    stacked_runs = runs[runs["arch"] == "stacked"]
+    for line in sorted({family_line(f) for f in runs.loc[runs["arch"] == "nlstm", "family"]}):
+        nested_runs = runs[(runs["arch"] == "nlstm") & (runs["family"].map(family_line) == line)]
+        for depth in depths:
+            a = nested_runs[nested_runs["depth"] == depth].groupby("seed")[metric].mean()
+            b = stacked_runs[stacked_runs["depth"] == depth].groupby("seed")[metric].mean()
+            pairs += [{"line": line, "depth": depth, "seed": s, "diff": a[s] - b[s]}
+                      for s in a.index.intersection(b.index)]
+    return pd.DataFrame(pairs, columns=["line", "depth", "seed", "diff"])
+
+
+DEPTH_DODGE = 0.08  # depth units between lines drawn at the same depth
 
 
 def _depth_row(ax_l, ax_r, at: pd.DataFrame, depths: list[int], budget: float, metric: str,
                legend: bool) -> int:
     """One budget's row of figure 2: the metric against depth (left) and the paired differences (right).
     Returns the number of seed pairs."""
-    arch_runs = at[at["arch"].isin(["nlstm", "stacked"])]
+    arch_runs = at[at["arch"].isin(["nlstm", "stacked"])].assign(line=lambda f: f["family"].map(family_line))
+    lines = sorted(set(arch_runs["line"]), key=lambda line: (family_key(line.partition("-")[0] + "-d0")[0], line))
+    offsets = dodge_offsets(lines, DEPTH_DODGE)
+    arch_runs = arch_runs.assign(x_dodged=arch_runs["depth"].astype(float) + arch_runs["line"].map(offsets))
     diffs = _depth_pairs(arch_runs, depths, metric)
-    colors = {arch: family_palette([f"{arch}-d2"])[f"{arch}-d2"] for arch in ("nlstm", "stacked")}
-    sns.lineplot(data=arch_runs, x="depth", y=metric, hue="arch", hue_order=["nlstm", "stacked"], palette=colors,
+    palette = family_palette(sorted_families(arch_runs["family"]))
+    colors = {line: palette[next(f for f in sorted_families(arch_runs["family"]) if family_line(f) == line)]
+              for line in lines}
+    sns.lineplot(data=arch_runs, x="x_dodged", y=metric, hue="line", hue_order=lines, palette=colors,
                  marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3}, ax=ax_l, legend=legend)
     single = at[at["arch"] == "single"][metric].dropna()
     if len(single):
@@ -225,12 +296,21 @@ def _depth_row(ax_l, ax_r, at: pd.DataFrame, depths: list[int], budget: float, m
     ax_l.set_title(f"{METRIC_LABEL[metric]} at budget {format_budget(budget)}")
     ax_r.axhline(0.0, color="0.4", lw=1, ls="--")
     if not diffs.empty:
-        sns.stripplot(data=diffs, x="depth", y="diff", native_scale=True, color="0.45", size=5, jitter=0.08, ax=ax_r)
-        for depth, group in diffs.groupby("depth"):
-            lo, hi = t_errorbar(group["diff"])
-            mean = group["diff"].mean()
-            ax_r.errorbar([depth + 0.18], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D", color="k", capsize=4)
+        nested_lines = sorted(set(diffs["line"]))
+        shift = dodge_offsets(nested_lines, 2 * DEPTH_DODGE)
+        for line, part in diffs.groupby("line"):
+            color = colors.get(line, "0.45")
+            ax_r.scatter(part["depth"] + shift[line] + np.random.default_rng(0).uniform(-0.04, 0.04, len(part)),
+                         part["diff"], s=18, color=color, alpha=0.7, label=line if len(nested_lines) > 1 else None)
+            for depth, group in part.groupby("depth"):
+                lo, hi = t_errorbar_signed(group["diff"])
+                mean = group["diff"].mean()
+                ax_r.errorbar([depth + shift[line] + 0.12], [mean], yerr=[[mean - lo], [hi - mean]], fmt="D",
+                              color="k", capsize=4)
+        if len(nested_lines) > 1:
+            ax_r.legend(frameon=False, fontsize=8)
         ax_r.set_xticks(sorted(diffs["depth"].unique()))
+        ax_r.set_xlim(diffs["depth"].min() - 0.5, diffs["depth"].max() + 0.5)
     ax_r.set_xlabel("depth")
     ax_r.set_ylabel(f"nested - stacked ({METRIC_LABEL[metric]})")
     ax_r.set_title(f"paired by seed at {format_budget(budget)} (< 0: nesting better)")
@@ -383,52 +463,16 @@ def figure_learning_curves(data: StudyData, aset: AnalysisSet) -> FigureResult:
 
 
 # ---------------------------------------------------------------------------- 5. search diagnostics
-def _rebuild_optuna_study(trials: pd.DataFrame, params: list[str]):
-    """An in-memory Optuna study with one COMPLETE trial per search run (value = best valid BPC)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    distributions = {}
-    for name in params:
-        values = trials[name].dropna()
-        numeric = pd.to_numeric(values, errors="coerce")
-        if len(values) and numeric.notna().all() and not values.map(lambda v: isinstance(v, bool)).any():
-            lo, hi = float(numeric.min()), float(numeric.max())
-            distributions[name] = FloatDistribution(lo, hi, log=lo > 0 and hi / lo >= 20)
-        else:
-            distributions[name] = CategoricalDistribution(sorted({str(v) for v in values}))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize")
-    for _, row in trials.iterrows():
-        present = {k: d for k, d in distributions.items() if pd.notna(row.get(k))}
-        values = {k: (float(row[k]) if isinstance(d, FloatDistribution) else str(row[k])) for k, d in present.items()}
-        study.add_trial(optuna.trial.create_trial(params=values, distributions=present,
-                                                  value=float(row["best_valid_bpc"])))
-    return study, distributions
-
-
-def hyperparameter_importance(trials: pd.DataFrame, params: list[str]) -> tuple[pd.Series, str]:
-    """fANOVA importances (Optuna's ``FanovaImportanceEvaluator`` on a study rebuilt from the runs) of the
-    parameters present in every trial; falls back to |Spearman rho| with BPC when fANOVA is unavailable."""
-    try:
-        import optuna
-
-        study, _ = _rebuild_optuna_study(trials, params)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            imp = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-        if imp:
-            return pd.Series(imp, dtype=float).sort_values(ascending=False), "fANOVA (Optuna)"
-    except Exception:  # optuna or scikit-learn missing, or too few trials for the forest
-        pass
-    rho = {}
-    for name in params:
-        x = pd.to_numeric(trials[name], errors="coerce")
-        ok = x.notna()
-        if ok.sum() >= 3 and x[ok].nunique() > 1:
-            rho[name] = abs(float(pd.Series(x[ok]).rank().corr(trials.loc[ok, "best_valid_bpc"].rank())))
-    return pd.Series(rho, dtype=float).sort_values(ascending=False), "|Spearman rho| with BPC"
+def _importance_panel(ax, table: pd.DataFrame, families: list[str], palette: dict) -> None:
+    """Grouped bars: one bar per (hyper-parameter, family)."""
+    order = list(mean_importance(table).index)
+    sns.barplot(data=table, x="importance", y="parameter", hue="family", order=order,
+                hue_order=[f for f in families if f in set(table["family"])], palette=palette, ax=ax,
+                legend=False)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel(f"importance per family: {table['method'].iloc[0]}")
+    ax.set_ylabel("")
+    ax.set_title("hyper-parameter importance per family")
 
 
 def figure_search(data: StudyData, aset: AnalysisSet) -> FigureResult:
@@ -448,11 +492,10 @@ def figure_search(data: StudyData, aset: AnalysisSet) -> FigureResult:
         return res
     done = done.sort_values("start_time", kind="stable").reset_index(drop=True)
     done["trial"] = np.arange(1, len(done) + 1)
-    candidates = [p for p in data.param_names if p not in DERIVED_PARAMS and p not in ("arch", "depth")
+    candidates = [p for p in data.param_names if p not in DERIVED_PARAMS and p not in ("arch", "depth", "family")
                   and p in done and done[p].dropna().astype(str).nunique() > 1]
-    if done["family"].nunique() > 1:
-        candidates.append("family")
-    importance, method = hyperparameter_importance(done, candidates) if candidates else (pd.Series(dtype=float), "")
+    space = spec_search_space(data.client, (data.parent or {}).get("run_id")) if candidates else None
+    importance = family_importances(done, candidates, space) if candidates else pd.DataFrame()
     families = sorted_families(search["family"])
     palette = family_palette(families)
     fig = new_figure(11.0, 7.2)
@@ -469,39 +512,59 @@ def figure_search(data: StudyData, aset: AnalysisSet) -> FigureResult:
         ax_hist.set_ylabel("best valid BPC")
         ax_hist.set_title("optimisation history")
         if importance.empty:
-            ax_imp.text(0.5, 0.5, "no hyper-parameter varies\nacross the search trials", ha="center", va="center",
-                        transform=ax_imp.transAxes)
+            ax_imp.text(0.5, 0.5, "no hyper-parameter varies within a family\nwith 2 or more completed trials",
+                        ha="center", va="center", transform=ax_imp.transAxes)
             ax_imp.set_axis_off()
         else:
-            sns.barplot(x=importance.to_numpy(), y=importance.index.astype(str), color="0.55", ax=ax_imp)
-            ax_imp.set_xlabel(f"importance: {method}")
-            ax_imp.set_ylabel("")
-            ax_imp.set_title("hyper-parameter importance")
-        top = [p for p in importance.index if p != "family"][:2] or candidates[:2]
+            _importance_panel(ax_imp, importance, families, palette)
+        top = list(mean_importance(importance).index[:2]) if not importance.empty else candidates[:2]
         for ax, name in zip((ax_p1, ax_p2), (top + [None, None])[:2], strict=True):
             if name is None:
                 ax.set_axis_off()
                 continue
-            x = pd.to_numeric(done[name], errors="coerce")
-            plot = done.assign(**{name: x if x.notna().all() else done[name].astype(str)})
+            present = done[done[name].notna()]  # a conditional parameter is absent from some trials
+            x = pd.to_numeric(present[name], errors="coerce")
+            numeric = x.notna().all() and not present[name].map(lambda v: isinstance(v, bool)).any()
+            plot = present.assign(**{name: x if numeric else present[name].astype(str)})
             sns.scatterplot(data=plot, x=name, y="best_valid_bpc", hue="family", hue_order=families,
                             palette=palette, ax=ax, legend=False)
-            if x.notna().all() and x.min() > 0 and x.max() / x.min() >= 20:
+            if numeric and x.min() > 0 and x.max() / x.min() >= 20:
                 ax.set_xscale("log")
             ax.set_ylabel("best valid BPC")
             ax.set_title(f"{name} vs BPC")
     n_pruned, n_failed = int((search["state"] == "pruned").sum()), int((search["state"] == "failed").sum())
+    method = importance["method"].iloc[0] if not importance.empty else "n/a"
+    per_family = (", ".join(f"{f} {n}" for f, n in importance.groupby("family")["n_trials"].first().items())
+                  if not importance.empty else "none")
     res.figure = fig
     res.caption = (f"Search phase: best validation BPC per completed trial with the running best, hyper-parameter "
-                   f"importance ({method or 'n/a'}) and the top hyper-parameters against BPC ({len(done)} completed "
-                   f"trials; {n_pruned} pruned, {n_failed} failed"
+                   f"importance per family ({method}; completed trials per family: {per_family}) and the top "
+                   f"hyper-parameters against BPC ({len(done)} completed trials; {n_pruned} pruned, {n_failed} failed"
                    + (f" and {n_not_learned} that completed without learning" if n_not_learned else "")
                    + " not shown).")
+    if not importance.empty:
+        res.notes.append(_importance_note(importance, method))
     if len(done) < 10:
         res.notes.append(f"With {len(done)} completed trials the importances are indicative only.")
     if search["budget"].nunique() > 1:
         res.notes.append("The search spans several budgets, so part of the spread in BPC is model size.")
     return res
+
+
+def _importance_note(importance: pd.DataFrame, method: str) -> str:
+    """How these importances relate to optuna-dashboard's (docs/report.md, figure 5)."""
+    if method != PED_ANOVA:
+        return (f"PED-ANOVA could not run here, so the importances are {method}: they are not comparable with "
+                "optuna-dashboard's.")
+    observed = sorted(set(importance.loc[importance["domain"] == "observed range", "parameter"]))
+    domain = ("the search space's bounds from spec.json" if not observed else
+              f"the observed range for {', '.join(observed)} (spec.json gave no bounds for them; optuna-dashboard "
+              "uses the search space's, so these can differ)")
+    return ("Importance as optuna-dashboard computes it (optuna.importance.get_param_importances with "
+            "PedAnovaImportanceEvaluator: how the top 10 % of trials differ from all, normalised to sum 1), but per "
+            f"family, on that family's completed search trials, with {domain}. The architecture is not a parameter "
+            "here; it equals the dashboard's for an Optuna study that holds one family's trials, while an Optuna "
+            "study that holds every family mixes them (the family then competes with each hyper-parameter).")
 
 
 # ---------------------------------------------------------------------------- 6. memory timescales
@@ -571,9 +634,10 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
     with quiet():
         for ax, col, label in ((ax_ts, "timescale", "autocorrelation timescale (steps)"),
                                (ax_sc, "step_change", "mean |c_t - c_(t-1)| per unit")):
+            # seaborn divides the dodge by the hue levels less one: with one family it must be off
             sns.pointplot(data=ts_at, x="level", y=col, hue="family", hue_order=families, palette=palette,
-                          errorbar=t_errorbar, dodge=0.3, capsize=0.08, markersize=5, linewidth=1.2, ax=ax,
-                          legend=ax is ax_sc)
+                          errorbar=t_errorbar, dodge=0.3 if len(families) > 1 else False, capsize=0.08,
+                          markersize=5, linewidth=1.2, ax=ax, legend=ax is ax_sc)
             ax.set_xlabel("level k (NLSTM: 0 = outer memory) / layer k (stacked: 0 = bottom)")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
@@ -588,6 +652,10 @@ def figure_timescales(data: StudyData, aset: AnalysisSet) -> FigureResult:
                    f"change per level (NLSTM) / layer (stacked), mean and 95 % t-interval over seeds ({n_runs} runs, "
                    f"{_span(seeds)} seeds per family)"
                    + ("; below, example memory traces on held-out text." if traces else "."))
+    unsupported = _unsupported(ts_at.rename(columns={"level": "level "}), ["timescale", "step_change"],
+                               ["family", "level "])
+    if unsupported:
+        res.notes.append(_interval_note(unsupported).replace(" BPC", ""))
     if not traces:
         res.notes.append("No memories.npz artifact could be read, so no example traces are shown.")
     if ts["budget"].nunique() > 1:
@@ -616,15 +684,16 @@ def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
     lengths = sorted(runs["dependency_length"].unique())
     bound = float(runs["closer_bound_bits"].median()) if "closer_bound_bits" in runs else math.nan
     ts = timescale_frame(runs).merge(runs[["run_id", "dependency_length"]], on="run_id", how="left")
+    runs = runs.assign(x_dodged=dodge_log(runs, "dependency_length", families))
     fig = new_figure(11.0, 4.2)
     ax_c, ax_t = fig.subplots(1, 2)
     with quiet():
-        sns.lineplot(data=runs, x="dependency_length", y="closer_bpc", hue="family", hue_order=families,
+        sns.lineplot(data=runs, x="x_dodged", y="closer_bpc", hue="family", hue_order=families,
                      palette=palette, marker="o", errorbar=t_errorbar, err_style="bars", err_kws={"capsize": 3},
                      ax=ax_c, legend=False)
         # every run as a dot: a length where some seeds learned the dependency and others did not is
         # bimodal, which a mean and t-interval alone hide
-        sns.scatterplot(data=runs, x="dependency_length", y="closer_bpc", hue="family", hue_order=families,
+        sns.scatterplot(data=runs, x="x_dodged", y="closer_bpc", hue="family", hue_order=families,
                         palette=palette, s=14, alpha=0.55, linewidth=0, legend=False, ax=ax_c)
         if np.isfinite(bound):
             ax_c.axhline(bound, color="0.3", lw=1.2, ls="--")
@@ -667,17 +736,69 @@ def figure_long_range(data: StudyData, aset: AnalysisSet) -> FigureResult:
         f"({_runs_seeds(runs)}); dashed: "
         + (f"the no-memory bound log2({types} bracket types) = {bound:g} bits" if types else "no bound recorded")
         + "; right: autocorrelation timescale of each level (NLSTM, 0 = outer) or layer (stacked, 0 = bottom).")
+    if len(families) > 1:
+        res.notes.append("Families are drawn side by side at each dependency length (moved by a few per cent along "
+                         "the log axis) so that one does not hide another.")
+    unsupported = _unsupported(runs, ["closer_bpc"], ["family", "dependency_length"])
+    if unsupported:
+        res.notes.append(_interval_note(unsupported))
     if ts.empty:
         res.notes.append("No memory-timescale metrics were recorded for these runs, so the right panel is empty.")
     return res
 
 
-def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[FigureResult]:
-    aset = aset or add_equal_time(analysis_set(data.trials, (data.parent or {}).get("params")), data.histories)
+# ---------------------------------------------------------------------------- 8. expected best vs tuning trials
+def figure_expected_best(aset: AnalysisSet, table: pd.DataFrame | None = None) -> FigureResult:
+    """Dodge et al. (2019): the expected best validation BPC of n tuning trials, per family, with its bootstrap
+    band (``dashboards.expected_best``; the numbers are ``tables/expected_best.csv``)."""
+    res = FigureResult(8, "expected-best", "Expected best validation BPC against tuning trials")
+    table = expected_best_table(aset.trials) if table is None else table
+    if table.empty:
+        res.missing = ("No search trial has completed at the search fidelity, so there is no expected best "
+                       "validation BPC per tuning budget.")
+        return res
+    families = sorted_families(table["family"])
+    palette = family_palette(families)
+    fig = new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    for family in families:
+        part = table[table["family"] == family]
+        n, y = part["n_trials"].to_numpy(float), part["expected_best_valid_bpc"].to_numpy(float)
+        ax.plot(n, y, marker="o", markersize=3, lw=1.5, color=palette[family], label=f"{family} (N = {len(part)})")
+        banded = np.isfinite(part["band_low"].to_numpy(float))
+        if banded.any():
+            ax.fill_between(n[banded], part["band_low"].to_numpy(float)[banded],
+                            part["band_high"].to_numpy(float)[banded], color=palette[family], alpha=0.18, lw=0)
+    ax.set_xlabel("tuning trials n (search trials at the search fidelity)")
+    ax.set_ylabel("expected best valid BPC")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1), title="family")
+    sizes = table.groupby("family")["n_trials"].max()
+    res.figure = fig
+    res.caption = (f"Expected best validation BPC of a search of n trials (Dodge et al. 2019: the expected minimum of "
+                   f"n draws from the family's completed search trials) with a 95 % bootstrap band, per family "
+                   f"({int(sizes.sum())} completed search trials; {_span(sizes)} per family).")
+    thin = [f for f, size in sizes.items() if size < MIN_TRIALS]
+    if thin:
+        res.notes.append(f"No band for {', '.join(thin)}: fewer than {MIN_TRIALS} completed search trials.")
+    pruned = int(search_trials(aset.trials).pruned.sum())
+    if pruned:
+        res.notes.append(f"{pruned} search trial{'s' if pruned > 1 else ''} stopped early by the scheduler "
+                         "(pruned) did not train to the search fidelity and are not drawn.")
+    return res
+
+
+def all_figures(data: StudyData, aset: AnalysisSet | None = None,
+                expected: pd.DataFrame | None = None) -> list[FigureResult]:
+    """Figures 1-8 (``expected``: ``tables/expected_best.csv`` when the caller has it, else computed)."""
+    if aset is None:
+        aset = analysis_set(data.trials, (data.parent or {}).get("params"))
+        aset = add_machine_load(add_equal_time(aset, data.histories), data.histories)
     builders = (lambda: figure_parameter_matched(aset), lambda: figure_depth(aset),
                 lambda: figure_time_matched(data, aset), lambda: figure_learning_curves(data, aset),
                 lambda: figure_search(data, aset), lambda: figure_timescales(data, aset),
-                lambda: figure_long_range(data, aset))
+                lambda: figure_long_range(data, aset), lambda: figure_expected_best(aset, expected))
     out = []
     for number, build in enumerate(builders, start=1):
         try:
@@ -688,6 +809,7 @@ def all_figures(data: StudyData, aset: AnalysisSet | None = None) -> list[Figure
     return out
 
 
-__all__ = ["FigureResult", "all_figures", "family_key", "family_palette", "figure_depth", "figure_learning_curves",
-           "figure_long_range", "figure_parameter_matched", "figure_search", "figure_time_matched", "figure_timescales",
-           "hyperparameter_importance", "one_protocol", "quiet"]
+__all__ = ["FigureResult", "all_figures", "dodge_log", "dodge_offsets", "family_key", "family_palette", "figure_depth",
+           "figure_expected_best", "figure_learning_curves", "figure_long_range", "figure_parameter_matched",
+           "figure_search", "figure_time_matched", "figure_timescales", "one_protocol",
+           "quiet"]

@@ -3,7 +3,9 @@
 - ``trials``: one row per trial run: identity tags (phase, arch, depth, family, config hash, seed),
   its ``state`` (completed | running | pruned | failed), every hyper-parameter (typed), the final
   metrics and the memory-timescale metrics; ablation factors (``factor.<name>``) joined from the
-  config run above it.
+  config run above it; the next record's tags (``candidate_activation``, ``code_version``,
+  ``record_version``, ``cpus``, ``threads``) and ``stop_reason`` (recorded, or derived where certain:
+  :mod:`dashboards.stop_reason`; ``stop_reason_source`` says which), empty where not recorded.
 - ``configs``: one row per config run of the evaluate/ablation phases.
 - ``histories``: the long per-epoch frame ``run_id, metric, step, value`` from
   ``MlflowClient.get_metric_history`` (``step`` is the 1-based epoch); :func:`epoch_frame` pivots it.
@@ -29,10 +31,27 @@ import pandas as pd
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from study.layout import EPOCH_METRICS, FINAL_METRICS, PARENT_RUN_TAG, PHASES, TAG, factors_of
+from dashboards.stop_reason import derive_stop_reason
+from study.layout import (
+    CANDIDATE_TAG,
+    CODE_VERSION_TAG,
+    CPUS_TAG,
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    PARENT_RUN_TAG,
+    PHASES,
+    RECORD_VERSION_TAG,
+    STOP_REASON_TAG,
+    TAG,
+    THREADS_TAG,
+    factors_of,
+)
 
 IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_hash", "seed", "trial_id", "status",
                  "fail_reason")
+# Tags of the next record (study.layout); absent on older runs, where the columns stay empty ("not recorded").
+RECORD_TAGS = {"candidate_activation": CANDIDATE_TAG, "code_version": CODE_VERSION_TAG,
+               "record_version": RECORD_VERSION_TAG, "cpus": CPUS_TAG, "threads": THREADS_TAG}
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.
 DERIVED_PARAMS = frozenset({"seed", "width", "embedding_dim", "num_params", "trial_id", "config_hash", "parent_id",
                             "study", "phase", "family", "data_fingerprint"})
@@ -215,7 +234,14 @@ def _trial_frame(runs: list[Run], configs: pd.DataFrame) -> tuple[pd.DataFrame, 
         }
         for key in IDENTITY_TAGS:
             row[key] = tags.get(TAG + key)
+        for key, tag in RECORD_TAGS.items():
+            row[key] = tags.get(tag)
         row["state"] = _state(run)
+        row["stop_reason"], row["stop_reason_source"] = derive_stop_reason(
+            tags.get(STOP_REASON_TAG), tags.get(TAG + "status"), tags.get(TAG + "fail_reason"), run.data.params,
+            metrics.get("epochs_run"))
+        if row["candidate_activation"] is None:
+            row["candidate_activation"] = _candidate_of(tags, run.data.params)
         for key, value in run.data.params.items():
             param_names.add(key)  # arch and depth are hyper-parameters too when a search samples them
             if key not in row and key not in metrics:
@@ -225,13 +251,13 @@ def _trial_frame(runs: list[Run], configs: pd.DataFrame) -> tuple[pd.DataFrame, 
             row["num_params"] = parse_value(run.data.params["num_params"])
         rows.append(row)
     columns = ["run_id", "run_name", "mlflow_status", "start_time", "end_time", "parent_run_id", *IDENTITY_TAGS,
-               "state", "budget", "num_params", *FINAL_METRICS]
+               *RECORD_TAGS, "state", "stop_reason", "stop_reason_source", "budget", "num_params", *FINAL_METRICS]
     frame = pd.DataFrame(rows)
     for col in columns:
         if col not in frame:
             frame[col] = pd.Series(dtype=float if col in FINAL_METRICS or col == "budget" else object)
     frame = frame.loc[:, ~frame.columns.duplicated()]
-    for col in ("depth", "seed"):
+    for col in ("depth", "seed", "cpus", "threads"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     for col in ("budget", "num_params", *FINAL_METRICS):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
@@ -247,6 +273,16 @@ def _trial_frame(runs: list[Run], configs: pd.DataFrame) -> tuple[pd.DataFrame, 
         frame = frame.sort_values("start_time", kind="stable").reset_index(drop=True)
     hyper = sorted(p for p in param_names if p not in DERIVED_PARAMS)
     return frame, hyper
+
+
+def _candidate_of(tags: dict[str, str], params: dict[str, str]) -> str | None:
+    """An older run's outer candidate: a stacked, single or depth-1 model has the LSTM's tanh by definition; a
+    nested model's is its ``candidate_activation`` param where logged, else unknown (None)."""
+    arch, depth = tags.get(TAG + "arch") or params.get("arch"), tags.get(TAG + "depth") or params.get("depth")
+    if arch in ("stacked", "single") or str(depth) == "1":
+        return "tanh"
+    value = params.get("candidate_activation")
+    return value if value in ("identity", "tanh") else None
 
 
 def _drop_duplicate_trials(trials: pd.DataFrame) -> pd.DataFrame:

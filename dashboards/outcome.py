@@ -1,22 +1,25 @@
 """Did a run learn? The bar every character model must clear, and each trial run's outcome.
 
 A model that ignores context scores the corpus's unigram entropy; one that guesses uniformly scores
-``log2(V)`` for a vocabulary of V symbols. A run whose validation or test BPC is not below that bar
-has not learned anything, whatever its MLflow status says: with a learning rate far too high a
+``log2(V)`` for a vocabulary of V symbols. A run whose validation or test BPC is not clearly below that
+bar has not learned anything, whatever its MLflow status says: with a learning rate far too high a
 trial "completes" at 15-700 BPC, and such numbers must never enter a mean, an interval or a test.
+The rule is the project's one chance rule, :func:`study.layout.below_chance` (the trainer and the
+driver use it too): learned only if ``CHANCE_MARGIN_BITS`` (0.1 bit) below chance.
 
-The bar, per run, from the most specific record available (``docs/report.md`` lists the keys):
+Chance, per run, from the most specific record available (``docs/report.md`` lists the keys):
 
 1. the corpus's unigram entropy, ``unigram_entropy_bits`` (or ``unigram_entropy``), logged on the
    trial run (param or metric) or as a data param of the study's parent run;
-2. else ``log2(vocab_size)``, from a ``vocab_size`` param of the trial or the parent run;
+2. only where no entropy is recorded, ``log2(vocab_size)``, from a ``vocab_size`` param of the trial or
+   the parent run: an upper bound of the entropy, so a more lenient bar (the report says which bar it used);
 3. else ``log2(V)`` with V solved from the run's own parameter count: :func:`nlstm.params.lm_parameters`
    is linear in V for a fixed architecture, width and embedding size, and only an exact integer
    solution is accepted. Every store written by ``study/`` records what this needs, so old stores
    are judged too.
 
 Outcomes: ``learned`` (the only runs statistics use), ``did not learn`` (a failed run whose reason
-starts with "diverged" or "did not learn", or a completed run at or above the bar or without a
+starts with "diverged" or "did not learn", or a completed run not 0.1 bit below chance or without a
 finite BPC), ``failed`` (any other failure), ``pruned`` (stopped early by the scheduler) and
 ``running`` (not finished; counted, never judged).
 """
@@ -28,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from study.layout import CHANCE_MARGIN_BITS, below_chance
 
 LEARNED, NOT_LEARNED, FAILED, PRUNED, RUNNING = "learned", "did not learn", "failed", "pruned", "running"
 OUTCOMES = (LEARNED, NOT_LEARNED, FAILED, PRUNED, RUNNING)
@@ -136,8 +141,9 @@ def _judge(row: pd.Series) -> tuple[str, str]:
     if math.isfinite(bar):
         for column, label in BPC_COLUMNS.items():
             value = _number(row.get(column))
-            if math.isfinite(value) and value >= bar:
-                return NOT_LEARNED, f"{label} BPC {value:.3f} is not below chance, {bar:.3f} ({row['chance_source']})"
+            if math.isfinite(value) and not below_chance(value, bar):
+                return NOT_LEARNED, (f"{label} BPC {value:.3f} is not {CHANCE_MARGIN_BITS:g} bit below chance, "
+                                     f"{bar:.3f} ({row['chance_source']})")
     return LEARNED, ""
 
 

@@ -19,11 +19,14 @@ import pandas as pd
 
 from dashboards.efficiency import study_efficiency
 from dashboards.equal_time import add_equal_time
+from dashboards.expected_best import budget_sentence, expected_best_table, ranking_verdict
 from dashboards.figures import FigureResult, all_figures
 from dashboards.load import STATES, StudyData
+from dashboards.machine_load import CPU_SHARE_MIN, LOAD_PER_CPU_MAX, LoadCheck, add_machine_load, check_load
 from dashboards.outcome import EXCLUDED, FAILED, NOT_LEARNED, PRUNED
 from dashboards.stats import (
     EQUAL_TIME,
+    MIN_INTERVAL_N,
     MIN_SEEDS,
     TEST_NAME,
     WELCH,
@@ -37,26 +40,32 @@ from dashboards.stats import (
     has_equal_time,
     has_probe,
     paired_comparisons,
+    same_value,
 )
 from dashboards.tables import (
     tidy_arms,
     tidy_comparisons,
     tidy_configs,
     tidy_excluded,
+    tidy_expected_best,
     tidy_runs,
     tidy_timescales,
     trials_table,
 )
+from study.layout import CHANCE_MARGIN_BITS
 
 FIGURE_DPI = 110
 
 
 # ---------------------------------------------------------------------------- formatting
 def fmt_ci(mean: float, low: float, high: float, n: int | None = None) -> str:
-    """``mean [low, high]``, or ``mean (n = 1)`` when there is no interval."""
+    """``mean [low, high]``; ``mean (n = 2)`` when there are too few values for an interval, and
+    ``mean (n = 3; no interval: ...)`` when its bounds would leave the metric's range (``stats.supported``)."""
     if mean is None or not np.isfinite(mean):
         return "n/a"
     if not (np.isfinite(low) and np.isfinite(high)):
+        if n is not None and n >= MIN_INTERVAL_N:
+            return f"{mean:.3f} (n = {n}; no interval: it would reach below 0)"
         return f"{mean:.3f} (n = {n})" if n is not None else f"{mean:.3f}"
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -167,20 +176,31 @@ def _arm_rows(arms: pd.DataFrame) -> Table:
              fmt_ci(r["test_mean"], r["test_low"], r["test_high"], r["n_test"]),
              *([fmt_ci(r["closer_mean"], r["closer_low"], r["closer_high"], r["n_closer"])] if probed else []),
              *([_equal_time_cell(r)] if timed else []),
-             fmt_int(r["tokens_per_s"]), fmt_seconds(r["train_time_s"]), str(r["excluded"])]
+             fmt_int(r["tokens_per_s"]), fmt_seconds(r["train_time_s"]), _time_cell(r), str(r["excluded"])]
             for _, r in arms.iterrows()]
     return Table("Per arm: mean and 95 % t-interval over seeds",
                  ["protocol", "budget", "family", "seeds", "configs", "parameters", "valid BPC [95 % CI]",
                   "test BPC [95 % CI]", *(["closer BPC [95 % CI]"] if probed else []),
                   *(["valid BPC at T* [95 % CI]"] if timed else []), "tokens/s",
-                  "train time (s)", "excluded runs"], rows,
+                  "train time (s)", "times measured", "excluded runs"], rows,
                  note="seeds: runs that learned in the arm's representative configuration. configs > 1: the arm is "
                       "represented by a configuration in which every finished run learned, if any, then the lowest "
                       "mean valid BPC. Excluded runs: of the arm's finished runs in this protocol, how many were left "
-                      "out and why (did not learn: diverged, or BPC not below chance)."
+                      "out and why (did not learn: diverged, or BPC not below chance). Times measured: whether the "
+                      f"arm's runs had their CPUs to themselves (cpu_share >= {CPU_SHARE_MIN:g}, load per CPU <= "
+                      f"{LOAD_PER_CPU_MAX:g}); only then are tokens/s, train time"
+                      + (" and valid BPC at T*" if timed else "") + " a measurement of the model."
                       + (" Valid BPC at T*: interpolated at equal training time (the shortest selected run's "
                          "training time at the budget); runs with no evaluation before T* are counted, not "
                          "extrapolated." if timed else ""))
+
+
+def _time_cell(r: pd.Series) -> str:
+    """``yes``, ``no: shared CPUs (cpu_share 0.40-0.60)``, ``not recorded``, or empty for an arm without runs."""
+    if not r["time_measurement"]:
+        return ""
+    return LoadCheck(r["time_measurement"], int(r["n_seeds"]), r["cpu_share_min"], r["cpu_share_max"],
+                     r["load_per_cpu_max"]).cell()
 
 
 def _equal_time_cell(r: pd.Series) -> str:
@@ -189,8 +209,9 @@ def _equal_time_cell(r: pd.Series) -> str:
     return cell + (f" ({missing} run{'s' if missing > 1 else ''}: no evaluation before T*)" if missing else "")
 
 
-def _equal_time_paragraphs(doc: Report, arms: pd.DataFrame, comparisons: list) -> None:
-    """Per protocol and budget with a T* and a comparison: what the arms say at equal training time."""
+def _equal_time_paragraphs(doc: Report, arms: pd.DataFrame, comparisons: list, selected: pd.DataFrame) -> None:
+    """Per protocol and budget with a T* and a comparison: what the arms say at equal training time, and whether
+    the runs had their CPUs (else the times are no measurement)."""
     if not has_equal_time(arms):
         return
     several = arms["protocol"].nunique() > 1
@@ -201,16 +222,17 @@ def _equal_time_paragraphs(doc: Report, arms: pd.DataFrame, comparisons: list) -
             continue
         where = f" in protocol \"{protocol}\"" if several else ""
         head = (f"At equal training time (T* = {fmt_seconds(t_star)} s, the shortest run's training time at this "
-                f"budget, {format_budget(budget)}{where}), valid BPC interpolated at T*:")
+                f"budget, {format_budget(budget)}{where}), valid BPC is interpolated at T*.")
         late = [f"{r['family']} {int(r['n_no_eval_before_equal_time'])}" for _, r in at.iterrows()
                 if r["n_no_eval_before_equal_time"]]
         note = (f" Runs with no evaluation before T* (left out, not extrapolated; the equal-time view needs several "
                 f"evaluations per run): {', '.join(late)}." if late else "")
         verdicts = [c.verdict for c in here if c.metric == EQUAL_TIME]
         if not verdicts:
-            doc.p(f"{head} no comparison has runs evaluated before T* in both arms.{note}")
+            doc.p(f"{head} No comparison has runs evaluated before T* in both arms.{note}")
             continue
-        doc.p(head + note)
+        load = check_load(selected[(selected["protocol"] == protocol) & same_value(selected["budget"], budget)])
+        doc.p(head + note + " " + load.sentence())
         doc.ul(verdicts)
 
 
@@ -221,19 +243,29 @@ def _seeds_cell(r: pd.Series) -> str:
 
 
 def _comparison_rows(comparisons: pd.DataFrame) -> Table:
+    timed = bool((comparisons["time_measurement"] != "").any()) if len(comparisons) else False
     rows = []
     for _, r in comparisons.iterrows():
         mean, ci = fmt_signed_ci(r["diff_mean"], r["diff_low"], r["diff_high"])
+        if ci == "n/a" and np.isfinite(r["diff_mean"]) and min(r["n_nested"], r["n_other"]) < MIN_INTERVAL_N:
+            ci = f"none (fewer than {MIN_INTERVAL_N} seeds a side)"
         rows.append([str(r["protocol"]), format_budget(r["budget"]), str(r["comparison"]), str(r["metric"]),
                      str(r["test"]), _seeds_cell(r), mean, ci, f"{r['t']:.2f}" if np.isfinite(r["t"]) else "n/a",
-                     fmt_p(r["p"]), str(r["excluded"])])
+                     fmt_p(r["p"]), str(r["improvement"]), *([str(r["time_measurement"])] if timed else []),
+                     str(r["excluded"])])
     return Table("Differences between arms of one protocol (nested - other; negative: the Nested LSTM is better)",
                  ["protocol", "budget", "comparison", "metric", "test", "seeds", "mean diff", "95 % CI", "t", "p",
-                  "excluded runs"], rows,
+                  "P(nested better) [95 % bootstrap]", *(["times measured"] if timed else []), "excluded runs"],
+                 rows,
                  note=f"Test: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the seeds "
                       f"are not truly paired and the test is {WELCH_NAME} over all seeds of both arms; none with "
-                      "fewer than 2 seeds a side or arms without a common protocol. No correction for multiple "
-                      "comparisons.")
+                      f"fewer than 2 seeds a side or arms without a common protocol; no interval with fewer than "
+                      f"{MIN_INTERVAL_N}. No correction for multiple comparisons. P(nested better): the share of "
+                      "common seeds in which the Nested LSTM has the lower BPC (ties half), with a "
+                      "percentile-bootstrap interval over those pairs (Bouthillier et al. 2021); seeds only one arm "
+                      "has are left out."
+                      + (" Times measured (valid BPC at T* rows): whether both arms' runs had their CPUs." if timed
+                         else ""))
 
 
 def _config_rows(configs: pd.DataFrame) -> Table | None:
@@ -249,6 +281,19 @@ def _config_rows(configs: pd.DataFrame) -> Table | None:
              "yes" if r["selected"] else ""]
             for _, r in configs.iterrows()]
     return Table("Every configuration of the analysed phases", headers, rows)
+
+
+def _code_versions_sentence(arms: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Which code trained the runs: one version for all, else each arm that spans several (tag nlstm.code_version)."""
+    if "code_version" not in runs or runs["code_version"].isna().all():
+        return "Code versions: not recorded (runs recorded before nlstm.code_version)."
+    several = arms[arms["code_versions"].str.contains(r"\(\d+\)", regex=True)]
+    if several.empty:
+        versions = sorted(set(arms["code_versions"]))
+        return f"Code version: {', '.join(versions)} (every arm's runs)."
+    return "Code versions: " + "; ".join(
+        f"{r['family']} at {format_budget(r['budget'])} ({r['protocol']}) spans {r['code_versions']}"
+        for _, r in several.iterrows()) + " (runs per version in brackets)."
 
 
 def excluded_frame(aset: AnalysisSet) -> pd.DataFrame:
@@ -275,8 +320,10 @@ def _excluded_rows(excluded: pd.DataFrame) -> Table | None:
 
 def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Report, dict[str, pd.DataFrame]]:
     """The document and the tidy full-precision tables behind it (:mod:`dashboards.tables`), by CSV name."""
-    aset = add_equal_time(aset or analysis_set(data.trials, (data.parent or {}).get("params")), data.histories)
+    aset = aset or analysis_set(data.trials, (data.parent or {}).get("params"))
+    aset = add_machine_load(add_equal_time(aset, data.histories), data.histories)
     arms = arm_table(aset)
+    expected = expected_best_table(aset.trials)
     comparisons = paired_comparisons(aset, arms) if len(arms) else []
     comp_frame = comparison_table(comparisons)
     configs = config_table(aset)
@@ -300,6 +347,7 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         doc.p("No arm has a finished run yet.")
     else:
         doc.blocks.append(_arm_rows(arms))
+        doc.p(_code_versions_sentence(arms, aset.runs))
 
     doc.h2("Nested vs stacked and single, within one protocol")
     primary = "test_bpc" if any(c.metric == "test_bpc" and c.n_nested for c in comparisons) else "best_valid_bpc"
@@ -313,10 +361,16 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
               f"when both arms learned, with at least {MIN_SEEDS} seeds (pairs) per arm, a 95 % interval of the "
               "difference that excludes 0, and no run of the winner's configuration that did not learn):")
         doc.ul([c.verdict for c in comparisons if c.metric in (primary, "closer_bpc")])
-        _equal_time_paragraphs(doc, arms, comparisons)
+        _equal_time_paragraphs(doc, arms, comparisons, aset.selected)
+
+    if (aset.trials["phase"] == "search").any() if len(aset.trials) else False:
+        doc.h2("Tuning budget")
+        doc.p(budget_sentence((data.parent or {}).get("tags"), aset.trials))
+        doc.p(ranking_verdict(expected) + (" Figure 8 draws the curves; tables/expected_best.csv holds them."
+                                           if len(expected) else ""))
 
     doc.h2("Figures")
-    for result in all_figures(data, aset):
+    for result in all_figures(data, aset, expected):
         doc.blocks.append(FigureBlock(result))
 
     config_rows = _config_rows(configs)
@@ -333,13 +387,30 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "An arm is a family (nlstm-dD: Nested LSTM of depth D; stacked-dD: D stacked layers; single-d1) at a "
         "parameter budget; the width of each was solved from the budget, and the achieved count is shown.",
         "Only runs that learned enter the statistics: a run that diverged or failed, was pruned, or finished with a "
-        "valid or test BPC not below chance (the corpus's unigram entropy when recorded, else log2 of the vocabulary "
-        "size) is excluded and counted per arm; running runs are counted above.",
+        f"valid or test BPC not {CHANCE_MARGIN_BITS:g} bit below chance (study.layout.below_chance; chance is the "
+        "corpus's unigram entropy when recorded, else log2 of the vocabulary size) is excluded and counted per arm; "
+        "running runs are counted above.",
         "A protocol is one phase's seeds and training budget; an arm (and its representative configuration) lives in "
         "one protocol, and arms are compared only within the same protocol and budget.",
-        "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval).",
+        "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval), given only "
+        f"with at least {MIN_INTERVAL_N} seeds and where both bounds lie in the metric's range (BPC >= 0); "
+        "otherwise the mean is shown with its n.",
         f"Differences: the {TEST_NAME} when both arms learned on exactly the same seeds; otherwise the {WELCH_NAME} "
-        "over all their seeds, with its interval of the difference of means.",
+        "over all their seeds, with its interval of the difference of means. Beside it, the probability of "
+        "improvement (Bouthillier et al., MLSys 2021): the share of common seeds in which the Nested LSTM has the "
+        "lower BPC (ties count half), with a 95 % percentile-bootstrap interval over those pairs "
+        "(scipy.stats.bootstrap, 10,000 resamples, seeded).",
+        "Wording: a lower BPC is said to mean that a model ends better or worse only when every compared run "
+        "stopped at its plateau (tag nlstm.stop_reason); otherwise the verdict says which learns faster within the "
+        "training budget and how many runs stopped at max_epochs.",
+        f"Times (tokens/s, train time{', valid BPC at T*' if has_equal_time(arms) else ''}) are a measurement only "
+        f"where every run had its CPUs: lowest "
+        f"cumulative cpu_share >= {CPU_SHARE_MIN:g} and highest 1-minute load average per logical CPU <= "
+        f"{LOAD_PER_CPU_MAX:g} (dashboards.machine_load); otherwise the rows say so.",
+        *(["Expected best validation BPC of n tuning trials (Dodge et al., EMNLP 2019): the expected minimum of n "
+           "draws from a family's completed search trials, exact over the sorted values, with a 95 % "
+           "percentile-bootstrap band (the values resampled with replacement, 2,000 times, seeded); pruned and "
+           "failed search trials do not enter."] if len(expected) else []),
         *(["Equal training time: per protocol and budget, T* is the smallest final cumulative training time "
            "(evaluation excluded) among the runs in the statistics, so every one of them trained at least T* "
            "seconds; each run's valid BPC at T* is the linear interpolation (numpy.interp) of its per-epoch "
@@ -351,7 +422,7 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
     frames = {"trials": trials_table(aset.trials, data.param_names), "runs": tidy_runs(data.state_counts()),
               "arms": tidy_arms(arms), "comparisons": tidy_comparisons(comparisons),
               "configs": tidy_configs(configs), "excluded": tidy_excluded(excluded),
-              "timescales": tidy_timescales(aset.trials)}
+              "timescales": tidy_timescales(aset.trials), "expected_best": tidy_expected_best(expected)}
     return doc, frames
 
 

@@ -11,13 +11,16 @@ Methods (the report states them too):
   one protocol. When it has several configurations (top-k evaluation, other ablation factors), the arm
   is represented by one of them: a configuration in which every finished run learned if there is one,
   then the lowest mean validation BPC; selection uses validation only, so its test BPC stays honest.
-- Interval of an arm: the two-sided Student-t interval of the mean over seeds (``scipy.stats.t.interval``).
+- Interval of an arm: the two-sided Student-t interval of the mean over seeds (``scipy.stats.t.interval``),
+  shown only where the data support it (:func:`supported`): at least :data:`MIN_INTERVAL_N` seeds and both
+  bounds within the metric's range (BPC >= 0); otherwise the mean and its n.
 - Difference ``nested - other`` within a protocol and budget. When both arms have learned on exactly
   the same seeds, the runs are paired by seed: paired t-test (``scipy.stats.ttest_rel``) and the
   t-interval of the per-seed differences. Otherwise (a seed excluded in one arm only, different
   seeds) the seeds are not truly paired: Welch's t-test over all seeds of both arms
   (``scipy.stats.ttest_ind(equal_var=False)``) and its interval of the difference of means.
-  Negative means the Nested LSTM has the lower (better) BPC. No correction for multiple comparisons.
+  Negative means the Nested LSTM has the lower (better) BPC. No correction for multiple comparisons. Beside it,
+  the probability of improvement over the common seeds (:mod:`dashboards.improvement`).
 - Equal training time (:mod:`dashboards.equal_time`): per protocol and budget, T* is the smallest final
   cumulative training time among the selected runs; each run's valid BPC at T* is the linear interpolation of its
   (train_time_s, valid_bpc) epoch history, NaN when T* precedes its first evaluation (counted per arm, never
@@ -25,7 +28,11 @@ Methods (the report states them too):
 - Verdict: a winner is named only when both arms learned, with at least :data:`MIN_SEEDS` seeds
   (pairs) per arm, a 95 % interval of the difference that excludes 0, and no run of the winner's
   configuration that did not learn (its surviving seeds would be a biased sample); otherwise the
-  sentence says why no winner is declared. Every verdict lists each arm's excluded runs.
+  sentence says why no winner is declared. Every verdict lists each arm's excluded runs. A named winner's
+  sentence goes on to say what the difference means given how the runs stopped
+  (:func:`dashboards.stop_reason.ending_sentence`: "ends better" only when every run stopped at its plateau).
+- Times (tokens/s, training time, valid BPC at T*) carry whether the runs had their CPUs
+  (:mod:`dashboards.machine_load`).
 """
 
 from __future__ import annotations
@@ -40,11 +47,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from dashboards.improvement import Improvement, probability_of_improvement
+from dashboards.machine_load import LoadCheck, check_load
 from dashboards.outcome import EXCLUDED, LEARNED, NOT_LEARNED, OUTCOMES, RUNNING, classify_runs, exclusion_text
-from study.layout import ARCHS
+from dashboards.stop_reason import describe_counts, ending_sentence, stop_counts
+from study.layout import ARCHS, CHANCE_MARGIN_BITS
 
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
+MIN_INTERVAL_N = 3  # fewer values: no interval is shown (supported)
 FINAL_PHASES = ("evaluate", "ablation")
 PHASE_ORDER = {"evaluate": 0, "ablation": 1, "search": 2}
 EQUAL_TIME = "valid_bpc_equal_time"  # valid BPC at equal training time T* (dashboards.equal_time adds it to selected)
@@ -95,15 +106,56 @@ def t_interval(values, confidence: float = CONFIDENCE) -> Interval:
     return Interval(mean, float(low), float(high), n, sd)
 
 
+def supported(ci: Interval, lower: float = 0.0, upper: float = math.inf) -> Interval:
+    """``ci`` with NaN bounds where the data cannot support an interval: fewer than :data:`MIN_INTERVAL_N`
+    values (a t-interval over 2 seeds has t = 12.7 and says little but its width), or a bound outside the
+    metric's range [``lower``, ``upper``] (a negative BPC): the table then shows the mean and n alone, never
+    ``2.647 [-0.654, 5.948]``."""
+    if ci.n < MIN_INTERVAL_N or not (np.isfinite(ci.low) and np.isfinite(ci.high)) \
+            or ci.low < lower or ci.high > upper:
+        return Interval(ci.mean, math.nan, math.nan, ci.n, ci.sd)
+    return ci
+
+
+def bpc_interval(values) -> Interval:
+    """:func:`t_interval` of a BPC (at least 0), :func:`supported` only."""
+    return supported(t_interval(values), lower=0.0)
+
+
 def t_errorbar(values) -> tuple[float, float]:
-    """The t-interval as seaborn's ``errorbar=`` callable wants it (so figures and tables agree)."""
-    ci = t_interval(values)
-    return (ci.low, ci.high) if ci.n >= 2 else (ci.mean, ci.mean)
+    """The BPC t-interval as seaborn's ``errorbar=`` callable wants it (so figures and tables agree): no bar
+    where the tables show no interval (:func:`supported`)."""
+    ci = bpc_interval(values)
+    return (ci.low, ci.high) if np.isfinite(ci.low) else (ci.mean, ci.mean)
 
 
-def family_key(family: str) -> tuple[int, int, str]:
-    arch, _, depth = str(family).partition("-d")
-    return (ARCH_ORDER.get(arch, 9), int(depth) if depth.isdigit() else 0, str(family))
+def t_errorbar_signed(values) -> tuple[float, float]:
+    """As :func:`t_errorbar` for a difference (any sign)."""
+    ci = supported(t_interval(values), lower=-math.inf)
+    return (ci.low, ci.high) if np.isfinite(ci.low) else (ci.mean, ci.mean)
+
+
+FAMILY = re.compile(r"^(?P<arch>[a-z]+)-d(?P<depth>\d+)(?:-(?P<variant>.+))?$")
+
+
+def family_parts(family: str) -> tuple[str, int, str]:
+    """``nlstm-d2-tanh`` -> ``("nlstm", 2, "tanh")``; ``stacked-d2`` -> ``("stacked", 2, "")``. The family tag
+    names the outer candidate of a nested model when it is not the identity (study.layout.FAMILY_TAG)."""
+    match = FAMILY.match(str(family))
+    if not match:
+        return str(family), 0, ""
+    return match["arch"], int(match["depth"]), match["variant"] or ""
+
+
+def family_line(family: str) -> str:
+    """The family without its depth: ``nlstm``, ``nlstm-tanh``, ``stacked``, ``single`` (one line over depths)."""
+    arch, _, variant = family_parts(family)
+    return f"{arch}-{variant}" if variant else arch
+
+
+def family_key(family: str) -> tuple[int, int, str, str]:
+    arch, depth, variant = family_parts(family)
+    return (ARCH_ORDER.get(arch, 9), depth, variant, str(family))
 
 
 def sorted_families(families) -> list[str]:
@@ -201,7 +253,11 @@ def _bar_sentence(runs: pd.DataFrame) -> str:
     sources = finished.groupby("chance_source")["chance_bpc"].agg(["min", "max"])
     known = [f"{lo:.3f}" + (f"-{hi:.3f}" if hi > lo else "") + f" bits ({src})"
              for src, (lo, hi) in sources.iterrows() if src != "unknown"]
-    text = f" A run learned if its valid and test BPC are below chance: {'; '.join(known)}." if known else ""
+    text = (f" A run learned if its valid and test BPC are at least {CHANCE_MARGIN_BITS:g} bit below chance "
+            f"(study.layout.below_chance): {'; '.join(known)}." if known else "")
+    if any(src.startswith("log2(vocabulary") for src in sources.index):
+        text += (" Where a run records no unigram entropy, chance is log2 of the vocabulary, an upper bound of the "
+                 "entropy: a more lenient bar.")
     unknown = int((finished["chance_source"] == "unknown").sum())
     if unknown:
         text += (f" For {unknown} run{'s' if unknown > 1 else ''} the store records neither the corpus's unigram "
@@ -246,9 +302,9 @@ ARM_COLUMNS = ["protocol", "budget", "family", "arch", "depth", "n_seeds", "n_co
                "valid_mean", "valid_low", "valid_high", "test_mean", "test_low", "test_high", "n_test",
                "closer_mean", "closer_low", "closer_high", "n_closer", "equal_time_mean", "equal_time_low",
                "equal_time_high", "n_equal_time", "equal_time_s", "n_no_eval_before_equal_time", "tokens_per_s",
-               "train_time_s", "config_hash",
-               "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
-               "config_not_learned", "excluded"]
+               "train_time_s", "time_measurement", "cpu_share_min", "cpu_share_max", "load_per_cpu_max",
+               "config_hash", "n_runs", *(f"n_{o.replace(' ', '_')}" for o in OUTCOMES),
+               "config_not_learned", "excluded", "stop_reasons", "code_versions"]
 
 
 def has_probe(arms: pd.DataFrame) -> bool:
@@ -269,12 +325,13 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
         protocol, budget, family = key
         group = aset.selected[(aset.selected["protocol"] == protocol) & same_value(aset.selected["budget"], budget)
                               & (aset.selected["family"] == family)]
-        valid, test = t_interval(group["best_valid_bpc"]), t_interval(group["test_bpc"])
-        closer = t_interval(group["closer_bpc"] if "closer_bpc" in group else [])  # the long-range probe
-        at_equal = t_interval(group[EQUAL_TIME] if EQUAL_TIME in group else [])
+        valid, test = bpc_interval(group["best_valid_bpc"]), bpc_interval(group["test_bpc"])
+        closer = bpc_interval(group["closer_bpc"] if "closer_bpc" in group else [])  # the long-range probe
+        at_equal = bpc_interval(group[EQUAL_TIME] if EQUAL_TIME in group else [])
         t_star = equal_time_at(aset.selected, protocol, budget)
         counts = arm_runs["outcome"].value_counts()
         basis = group if len(group) else arm_runs
+        load = check_load(group)
         rows.append({
             "protocol": protocol, "budget": budget, "family": family, "arch": arm_runs["arch"].iloc[0],
             "depth": arm_runs["depth"].iloc[0],
@@ -288,12 +345,31 @@ def arm_table(aset: AnalysisSet) -> pd.DataFrame:
             "n_no_eval_before_equal_time": len(group) - at_equal.n if np.isfinite(t_star) else 0,
             "tokens_per_s": float(group["tokens_per_s"].mean()) if len(group) else math.nan,
             "train_time_s": float(group["train_time_s"].mean()) if len(group) else math.nan,
+            "time_measurement": load.status if len(group) else "", "cpu_share_min": load.cpu_share_min,
+            "cpu_share_max": load.cpu_share_max, "load_per_cpu_max": load.load_per_cpu_max,
             "config_hash": group["config_hash"].iloc[0] if len(group) else None, "n_runs": len(arm_runs),
             **{f"n_{o.replace(' ', '_')}": int(counts.get(o, 0)) for o in OUTCOMES},
             "config_not_learned": int(group["config_not_learned"].iloc[0]) if len(group) else 0,
             "excluded": exclusion_text(arm_runs),
+            "stop_reasons": describe_counts(stop_counts(group.get("stop_reason", pd.Series(dtype=object)))),
+            "code_versions": code_versions_text(arm_runs),
         })
     return _sort_arms(pd.DataFrame(rows, columns=ARM_COLUMNS))
+
+
+def code_versions_text(runs: pd.DataFrame) -> str:
+    """The code versions (tag ``nlstm.code_version``) of ``runs``: ``0.2.0+g1a2b3c4`` when one, else each with its
+    run count (``0.2.0+g1a2b3c4 (3), 0.2.0+g5d6e7f8.dirty (2)``); ``not recorded`` for runs without the tag."""
+    if "code_version" not in runs or runs.empty:
+        return "not recorded"
+    versions = runs["code_version"].where(runs["code_version"].notna() & (runs["code_version"] != ""),
+                                          "not recorded")
+    counts = versions.value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    recorded = sorted(v for v in counts.index if v != "not recorded")
+    ordered = recorded + (["not recorded"] if "not recorded" in counts.index else [])
+    return ", ".join(f"{v} ({int(counts[v])})" for v in ordered)
 
 
 def config_table(aset: AnalysisSet) -> pd.DataFrame:
@@ -308,7 +384,7 @@ def config_table(aset: AnalysisSet) -> pd.DataFrame:
     for (protocol, config), group in runs.assign(_config=_config_key(runs)).groupby(["protocol", "_config"],
                                                                                     sort=False):
         learned = group[group["outcome"] == LEARNED]
-        valid, test = t_interval(learned["best_valid_bpc"]), t_interval(learned["test_bpc"])
+        valid, test = bpc_interval(learned["best_valid_bpc"]), bpc_interval(learned["test_bpc"])
         first = group.iloc[0]
         row = {"protocol": protocol, "budget": first["budget"], "family": first["family"], "config_hash": config}
         row.update({f: first[f] for f in factors})
@@ -359,24 +435,47 @@ class Comparison:
     excluded: str  # "nested: ...; other: ..."
     verdict: str
     equal_time_s: float = math.nan  # T* of the protocol and budget, for the equal-time metric only
+    improvement: Improvement | None = None  # P(nested better) over common seeds (dashboards.improvement)
+    load: LoadCheck | None = None  # equal-time metric only: did both arms' runs have their CPUs?
 
     @property
     def n_pairs(self) -> int | None:
         return self.n_nested if self.test == PAIRED else None
 
 
-def _per_seed(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str) -> pd.Series:
-    rows = selected[(selected["protocol"] == protocol) & (selected["family"] == family)
+def _arm_runs(selected: pd.DataFrame, protocol: str, family: str, budget: float) -> pd.DataFrame:
+    return selected[(selected["protocol"] == protocol) & (selected["family"] == family)
                     & same_value(selected["budget"], budget)]
-    rows = rows[np.isfinite(rows[metric].astype(float)) & rows["seed"].notna()]
-    return rows.groupby("seed")[metric].mean()
+
+
+def _compared(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str) -> pd.DataFrame:
+    rows = _arm_runs(selected, protocol, family, budget)
+    return rows[np.isfinite(rows[metric].astype(float)) & rows["seed"].notna()]
+
+
+def _per_seed(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str) -> pd.Series:
+    return _compared(selected, protocol, family, budget, metric).groupby("seed")[metric].mean()
+
+
+def _stops(selected: pd.DataFrame, protocol: str, family: str, budget: float, metric: str):
+    """Stop reasons of the runs a comparison of ``metric`` uses (dashboards.stop_reason)."""
+    rows = _compared(selected, protocol, family, budget, metric)
+    return stop_counts(rows["stop_reason"] if "stop_reason" in rows else [""] * len(rows))
 
 
 def difference_test(a: pd.Series, b: pd.Series) -> tuple[str, Interval, float, float, float]:
     """(test, interval of nested - other, t, df, p) for two per-seed series (index: seed).
 
     Identical seed sets are truly paired: paired t-test over them. Anything else is not: Welch's test over all
-    seeds. With fewer than 2 seeds (pairs) per side there is no test; the mean difference is still given."""
+    seeds. With fewer than 2 seeds (pairs) per side there is no test; the mean difference is still given. With
+    fewer than :data:`MIN_INTERVAL_N` pairs (seeds on a side) the interval is not given (:func:`supported`)."""
+    test, diff, t_stat, df, p = _difference_test(a, b)
+    if min(len(a), len(b)) < MIN_INTERVAL_N:
+        diff = Interval(diff.mean, math.nan, math.nan, diff.n, diff.sd)
+    return test, diff, t_stat, df, p
+
+
+def _difference_test(a: pd.Series, b: pd.Series) -> tuple[str, Interval, float, float, float]:
     if len(a) >= 2 and set(a.index) == set(b.index):
         d = (a - b[a.index]).to_numpy(float)
         ci = t_interval(d)
@@ -406,8 +505,9 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
     for _, nested_row in arms[arms["arch"] == "nlstm"].iterrows():
         protocol, budget, nested = nested_row["protocol"], nested_row["budget"], nested_row["family"]
         at_budget = arms[same_value(arms["budget"], budget)]
-        depth = nested.removeprefix("nlstm-d")
-        wanted = sorted_families(f for f in at_budget["family"] if f == f"stacked-d{depth}" or f.startswith("single"))
+        depth = family_parts(nested)[1]
+        wanted = sorted_families(f for f in at_budget["family"] if family_parts(f)[0] == "single"
+                                 or (family_parts(f)[0] == "stacked" and family_parts(f)[1] == depth))
         for other in wanted:
             same = at_budget[(at_budget["family"] == other) & (at_budget["protocol"] == protocol)]
             elsewhere = sorted(set(at_budget.loc[at_budget["family"] == other, "protocol"]), key=protocol_key)
@@ -430,10 +530,17 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
                 else:
                     test, diff, t_stat, df, p = difference_test(a, b)
                     c = Comparison(protocol, budget, nested, other, metric, test, len(a), len(b), diff, t_stat, df,
-                                   p, f"{nested}: {a_arm.excluded}; {other}: {b_arm.excluded}", "")
+                                   p, f"{nested}: {a_arm.excluded}; {other}: {b_arm.excluded}", "",
+                                   improvement=probability_of_improvement(a, b))
+                    ending = "" if metric == EQUAL_TIME else ending_sentence(
+                        nested, other, c.diff.mean < 0, _stops(aset.selected, protocol, nested, budget, metric),
+                        _stops(aset.selected, protocol, other, budget, metric), label)
                     text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)),
                                    bar=_probe_bar(aset.selected) if metric == "closer_bpc" else None,
-                                   means=(float(a.mean()), float(b.mean())))
+                                   means=(float(a.mean()), float(b.mean())), ending=ending)
+                    if metric == EQUAL_TIME:
+                        c = dataclasses.replace(c, load=check_load(pd.concat([
+                            _arm_runs(aset.selected, protocol, f, budget) for f in (nested, other)])))
                 out.append(dataclasses.replace(c, verdict=text, equal_time_s=equal_time_at(
                     aset.selected, protocol, budget) if metric == EQUAL_TIME else math.nan))
     return out
@@ -461,12 +568,13 @@ def _overlap(a: Interval, b: Interval) -> bool:
 
 def comparison_table(comparisons: list[Comparison]) -> pd.DataFrame:
     columns = ["protocol", "budget", "comparison", "metric", "test", "n_pairs", "n_nested", "n_other", "diff_mean",
-               "diff_low", "diff_high", "t", "df", "p", "excluded"]
+               "diff_low", "diff_high", "t", "df", "p", "improvement", "time_measurement", "excluded"]
     return pd.DataFrame([{
         "protocol": c.protocol, "budget": c.budget, "comparison": f"{c.nested} - {c.other}",
         "metric": METRICS[c.metric], "test": c.test, "n_pairs": c.n_pairs, "n_nested": c.n_nested,
         "n_other": c.n_other, "diff_mean": c.diff.mean, "diff_low": c.diff.low, "diff_high": c.diff.high,
-        "t": c.t, "df": c.df, "p": c.p, "excluded": c.excluded,
+        "t": c.t, "df": c.df, "p": c.p, "improvement": c.improvement.text() if c.improvement else "n/a",
+        "time_measurement": c.load.cell() if c.load else "", "excluded": c.excluded,
     } for c in comparisons], columns=columns)
 
 
@@ -490,12 +598,14 @@ def _exclusions(nested: ArmRecord, other: ArmRecord) -> str:
 
 
 def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arms_overlap: bool = False,
-            bar: float | None = None, means: tuple[float, float] = (math.nan, math.nan)) -> str:
+            bar: float | None = None, means: tuple[float, float] = (math.nan, math.nan), ending: str = "") -> str:
     """One plain sentence (and the arms' exclusions); it names a winner only when the evidence allows it.
 
     ``bar``: the winner's mean (``means``: nested, other) must be below it, else it learned nothing the
     metric measures (closer BPC at the no-memory bound: both arms forgot the opener, and a difference
-    between them is only in how they guess)."""
+    between them is only in how they guess). ``ending`` (:func:`dashboards.stop_reason.ending_sentence`)
+    follows a named winner: whether the runs' stop reasons let the difference say where a model ends or only
+    how fast it learns."""
     head = f"{c.nested} vs {c.other} {_where(c, metric)}"
     tail = _exclusions(nested, other)
     silent = [a for a in (nested, other) if a.n_learned == 0]
@@ -530,6 +640,8 @@ def verdict(c: Comparison, metric: str, nested: ArmRecord, other: ArmRecord, arm
                 f"a biased sample and no winner is declared.{tail}")
     sentence = (f"{winner.family} has a lower {metric} than {loser.family} at budget {format_budget(c.budget)} "
                 f"in protocol \"{c.protocol}\": {detail}.")
+    if ending:
+        sentence += " " + ending
     if paired and arms_overlap:
         sentence += (" The two arms' own 95 % intervals overlap, so the edge shows only when runs are paired by "
                      "seed; treat it as tentative.")

@@ -8,18 +8,22 @@ One row per observation, one column per variable, every column documented in doc
 - ``comparisons.csv``: one row per comparison x split (``nested - other``);
 - ``configs.csv``: one row per configuration x split;
 - ``excluded.csv``: one row per run left out of the statistics;
-- ``timescales.csv``: one row per trial run x memory level/layer (the memory timescales of figure 6).
+- ``timescales.csv``: one row per trial run x memory level/layer (the memory timescales of figure 6);
+- ``expected_best.csv``: one row per family x number of tuning trials (:mod:`dashboards.expected_best`).
 
 Column names carry the unit (``_bpc`` bits per symbol, ``_s`` seconds, ``_per_s``) and the interval
 level (``ci95``: two-sided 95 % Student-t); the sign of a difference is in its name
 (``nested_minus_other_bpc``). Budgets, counts, depths and seeds are integers (pandas ``Int64``,
-empty where unknown), never ``20000.0``. The report's Markdown and HTML tables are formatted from
+empty where unknown), never ``20000.0``; a column with empty cells reads back as integers with
+``pd.read_csv(path, dtype_backend="numpy_nullable")`` (a plain ``read_csv`` has no integer with a
+missing value, so it gives floats there). The report's Markdown and HTML tables are formatted from
 the same statistics (:mod:`dashboards.stats`); these are their full-precision, machine-readable form.
 
-``trials.csv`` columns: identity (``study, phase, family, arch, depth, budget,
-num_params, seed, trial_id, run_id``), how it ended (``status``: completed | pruned | failed |
-running, as recorded; ``outcome``: learned | did not learn | failed | pruned | running, as the
-report judges it, with ``outcome_reason``), results (``valid_bpc`` = the best validation BPC of
+``trials.csv`` columns: identity (``study, phase, family, arch, depth, candidate_activation, budget,
+num_params, seed, trial_id, run_id, code_version``), how it ended (``status``: completed | pruned | failed |
+running, as recorded; ``stop_reason`` with ``stop_reason_source``: recorded, or derived where the record
+makes it certain, :mod:`dashboards.stop_reason`; ``outcome``: learned | did not learn | failed | pruned |
+running, as the report judges it, with ``outcome_reason``), results (``valid_bpc`` = the best validation BPC of
 the run, ``test_bpc`` of the weights selected on validation, ``epochs_run``, ``train_time_s``,
 ``tokens_per_s``), the hyper-parameters and ablation factors that vary in the study, and the
 long-range probe (``dependency_length``, ``closer_bpc``) where recorded.
@@ -35,8 +39,9 @@ from dashboards.outcome import OUTCOMES
 from dashboards.stats import CONFIDENCE, EQUAL_TIME, PAIRED, Comparison, has_equal_time, has_probe
 from dashboards.timescales import timescale_frame
 
-IDENTITY = ["study", "phase", "family", "arch", "depth", "budget", "num_params", "seed", "trial_id", "run_id"]
-ENDING = ["status", "outcome", "outcome_reason"]
+IDENTITY = ["study", "phase", "family", "arch", "depth", "candidate_activation", "budget", "num_params", "seed",
+            "trial_id", "run_id", "code_version"]
+ENDING = ["status", "stop_reason", "stop_reason_source", "outcome", "outcome_reason"]
 RESULTS = ["valid_bpc", "test_bpc", "epochs_run", "train_time_s", "tokens_per_s"]
 PROBE = ["dependency_length", "closer_bpc"]
 INTEGERS = ["depth", "budget", "num_params", "seed", "epochs_run", "dependency_length"]
@@ -98,9 +103,10 @@ def tidy_runs(counts: pd.DataFrame) -> pd.DataFrame:
 
 
 ARM_IDENTITY = ["protocol", "budget", "family", "arch", "depth"]
+LOAD = ["time_measurement", "cpu_share_min", "cpu_share_max", "load_per_cpu_max"]
 ARMS_COLUMNS = [*ARM_IDENTITY, "split", "n_seeds", *BPC, "equal_time_s", "n_no_eval_before_equal_time", "num_params",
-                "n_configs", "config_hash", "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS,
-                "config_not_learned", "excluded"]
+                "n_configs", "config_hash", "tokens_per_s_mean", "train_time_s_mean", *LOAD, "n_runs", *OUTCOME_COUNTS,
+                "config_not_learned", "excluded", "stop_reasons", "code_versions"]
 ARMS_INTEGERS = ["budget", "depth", "n_seeds", "n_no_eval_before_equal_time", "num_params", "n_configs", "n_runs",
                  *OUTCOME_COUNTS, "config_not_learned"]
 
@@ -136,9 +142,12 @@ def tidy_arms(arms: pd.DataFrame) -> pd.DataFrame:
 
 
 DIFF = ["nested_minus_other_bpc_mean", f"nested_minus_other_bpc_{CI}_low", f"nested_minus_other_bpc_{CI}_high"]
+BOOT = f"boot{round(CONFIDENCE * 100)}"  # a percentile-bootstrap interval: boot95
+IMPROVEMENT = ["p_nested_better", f"p_nested_better_{BOOT}_low", f"p_nested_better_{BOOT}_high", "n_common_seeds",
+               "n_unpaired_seeds"]
 COMPARISONS_COLUMNS = ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
-                       "n_seeds_nested", "n_seeds_other", *DIFF, "t_statistic", "t_df", "p_value", "equal_time_s",
-                       "excluded", "verdict"]
+                       "n_seeds_nested", "n_seeds_other", *DIFF, "t_statistic", "t_df", "p_value", *IMPROVEMENT,
+                       "equal_time_s", *LOAD, "excluded", "verdict"]
 
 
 def tidy_comparisons(comparisons: list[Comparison]) -> pd.DataFrame:
@@ -149,12 +158,36 @@ def tidy_comparisons(comparisons: list[Comparison]) -> pd.DataFrame:
         "other_family": c.other, "test": c.test, "n_pairs": c.n_nested if c.test == PAIRED else None,
         "n_seeds_nested": c.n_nested, "n_seeds_other": c.n_other, DIFF[0]: c.diff.mean, DIFF[1]: c.diff.low,
         DIFF[2]: c.diff.high, "t_statistic": c.t, "t_df": c.df, "p_value": c.p,
-        "equal_time_s": c.equal_time_s, "excluded": c.excluded,
+        **_improvement(c), "equal_time_s": c.equal_time_s, **_load(c), "excluded": c.excluded,
         "verdict": c.verdict,
     } for c in comparisons], columns=COMPARISONS_COLUMNS)
-    for column in ("budget", "n_pairs", "n_seeds_nested", "n_seeds_other"):
+    for column in ("budget", "n_pairs", "n_seeds_nested", "n_seeds_other", "n_common_seeds", "n_unpaired_seeds"):
         table[column] = as_integers(table[column])
     return table
+
+
+def _improvement(c: Comparison) -> dict:
+    i = c.improvement
+    if i is None:
+        return dict.fromkeys(IMPROVEMENT, np.nan)
+    return dict(zip(IMPROVEMENT, (i.share, i.low, i.high, i.n_pairs, i.n_unpaired), strict=True))
+
+
+def _load(c: Comparison) -> dict:
+    """The machine-load check of an equal-time comparison's runs (both arms); empty on the other splits."""
+    if c.load is None:
+        return {"time_measurement": "", "cpu_share_min": np.nan, "cpu_share_max": np.nan, "load_per_cpu_max": np.nan}
+    return {"time_measurement": c.load.status, "cpu_share_min": c.load.cpu_share_min,
+            "cpu_share_max": c.load.cpu_share_max, "load_per_cpu_max": c.load.load_per_cpu_max}
+
+
+def tidy_expected_best(table: pd.DataFrame) -> pd.DataFrame:
+    """``dashboards.expected_best.expected_best_table`` as written (its columns are the CSV's)."""
+    from dashboards.expected_best import COLUMNS
+
+    out = table.reindex(columns=COLUMNS).reset_index(drop=True)
+    out["n_trials"] = as_integers(out["n_trials"])
+    return out
 
 
 def tidy_configs(configs: pd.DataFrame) -> pd.DataFrame:

@@ -27,6 +27,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from study.layout import CANDIDATE_TAG, CODE_VERSION_TAG, CPUS_TAG, STOP_REASON_TAG
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "tiny-study"
 SEEDS = (1, 2, 3)
@@ -34,6 +36,9 @@ BUDGET = 3_000
 EMBEDDING = 8
 EPOCHS = 2
 TAG = "nlstm."
+CODE_VERSION = "0.0.0+gtest"
+# the trainer's stop reasons, before and after they took the layout's names (study.layout.STOP_REASONS)
+STOP_REASONS = {"epochs": "max_epochs", "early stopping": "plateau", "time budget": "time_budget"}
 # MLflow's sqlite store trips SQLAlchemy's "noload is deprecated" warning on first use (not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")
 CORPUS_OPTIONS = {"seed": 0, "train_chars": 8_000, "valid_chars": 1_000, "test_chars": 1_000}
@@ -122,7 +127,13 @@ def log_trial(client, exp_id: str, parent_id: str, corpus, *, phase: str, arch: 
     metrics = [Metric(key, float(getattr(r, key)), now + r.epoch, r.epoch) for r in history
                for key in ("train_bpc", "valid_bpc", "lr", "tokens_per_s", "train_time_s", "wall_time_s",
                            "tokens_seen")]
-    run_tags = []
+    # The next record's machine load: cpu_share where this trainer measures it, the node's load at each epoch end.
+    metrics += [Metric("cpu_share", float(r.cpu_share), now + r.epoch, r.epoch) for r in history
+                if math.isfinite(getattr(r, "cpu_share", math.nan))]
+    metrics += [Metric("load_avg_1m", os.getloadavg()[0], now + r.epoch, r.epoch) for r in history]
+    run_tags = [RunTag(CANDIDATE_TAG, model_cfg.candidate_activation if arch == "nlstm" and depth > 1 else "tanh"),
+                RunTag(CODE_VERSION_TAG, CODE_VERSION), RunTag(CPUS_TAG, str(os.cpu_count())),
+                RunTag(TAG + "threads", str(torch.get_num_threads()))]
     if state != "running":
         final = {"best_valid_bpc": result.best_valid_bpc, "test_bpc": result.test_bpc,
                  "num_params": model.num_params(), "tokens_per_s": result.tokens_per_s,
@@ -137,8 +148,10 @@ def log_trial(client, exp_id: str, parent_id: str, corpus, *, phase: str, arch: 
             torch.save({"model_config": model_cfg.to_dict(), "state_dict": model.state_dict(),
                         "vocab": corpus.vocab.to_json()}, folder / "model.pt")
             client.log_artifacts(rid, str(folder))
+        final["load_avg_max"] = max(m.value for m in metrics if m.key == "load_avg_1m")
         metrics += [Metric(k, float(v), now + 100, 0) for k, v in final.items()]
-        run_tags = [RunTag(TAG + "status", state)]
+        run_tags += [RunTag(TAG + "status", state), RunTag(STOP_REASON_TAG, STOP_REASONS.get(result.stop_reason,
+                                                                                            result.stop_reason))]
     client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=run_tags)
     if state != "running":
         client.set_terminated(rid, "FINISHED")
@@ -446,16 +459,23 @@ def test_report_counts_unfinished_runs(report, client):
 
 
 # ---------------------------------------------------------------------------- the documents
-def test_markdown_references_existing_figures(report):
+def drawn_figures(client) -> int:
+    """Figures with data in this store: all 8 when its runs recorded the long-range probe (the study runner's, on
+    the synthetic corpus), else all but figure 7 (the layout logger's)."""
+    return 8 if any("closer_bpc" in r.data.metrics for r in completed_runs(client)) else 7
+
+
+def test_markdown_references_existing_figures(report, client):
     md = (report / "report.md").read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(refs) == 7, md  # every figure has its data in this store (synthetic: the long-range probe too)
+    assert len(refs) == drawn_figures(client), md
     for ref in refs:
         path = report / ref
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", ref
-    assert "could not be drawn" not in md and "Not shown" not in md
+    assert "could not be drawn" not in md and md.count("Not shown") == 8 - drawn_figures(client)
     captions = re.findall(r"^_Figure (\d)\. (.+)_$", md, flags=re.M)
-    assert [n for n, _ in captions] == list("1234567") and all("runs" in c or "trials" in c for _, c in captions)
+    assert [n for n, _ in captions] == [n for n in "12345678" if n != "7" or drawn_figures(client) == 8]
+    assert all("runs" in c or "trials" in c for _, c in captions)
 
 
 def test_report_is_logged_to_the_parent_run(report, client):
@@ -464,13 +484,13 @@ def test_report_is_logged_to_the_parent_run(report, client):
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.md", "report/figures", "report/tables"} <= logged
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "report/figures")}
-    assert len(figures) == 7
+    assert len(figures) == drawn_figures(client)
 
 
-def test_html_is_self_contained(report):
+def test_html_is_self_contained(report, client):
     page = (report / "report.html").read_text()
     refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", page)
-    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == 7
+    assert len([r for r in refs if r.startswith("data:image/png;base64,")]) == drawn_figures(client)
     assert all(r.startswith(("data:", "#")) for r in refs), [r[:60] for r in refs if not r.startswith("data:")]
     assert "Content-Security-Policy" in page and "<link" not in page
 
@@ -485,9 +505,9 @@ def chromium_image_sizes(page: Path, tmp_path: Path) -> list[list]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs Debian's package as root)")
-def test_html_renders_every_figure_in_headless_chromium(report, tmp_path):
+def test_html_renders_every_figure_in_headless_chromium(report, tmp_path, client):
     sizes = chromium_image_sizes(report / "report.html", tmp_path)
-    assert len(sizes) == 7 and all(w > 0 and h > 0 for _, w, h in sizes), sizes
+    assert len(sizes) == drawn_figures(client) and all(w > 0 and h > 0 for _, w, h in sizes), sizes
     # The check itself catches a broken image: corrupt one and it reports a zero natural size.
     broken = tmp_path / "broken.html"
     page = (report / "report.html").read_text()
@@ -509,7 +529,7 @@ def test_cli_refuses_unknown_study_and_store(store, tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "studies").exists()
 
 
-def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
+def test_figures_degrade_to_sentences_without_their_data(store, tmp_path, client):
     import dataclasses
 
     from dashboards import load_study
@@ -524,12 +544,12 @@ def test_figures_degrade_to_sentences_without_their_data(store, tmp_path):
     assert "Only one budget has completed runs" in md
     assert "No run has memory-timescale metrics yet" in md
     assert "no winner is declared" in md or "cannot be compared yet" in md  # search trials: one seed each
-    assert len(files.figures) == 6  # the search trials have the long-range probe
+    assert len(files.figures) == drawn_figures(client) - 1  # all but 6 (no timescales on search trials)
     # Nothing at all yet: every figure is a sentence, the report still renders.
     empty = dataclasses.replace(data, trials=data.trials.iloc[0:0], histories=data.histories.iloc[0:0])
     files = write_report(empty, tmp_path / "empty", log_to_parent=False)
     md = files.markdown.read_text()
-    assert files.figures == [] and md.count("_Not shown:_") == 7
+    assert files.figures == [] and md.count("_Not shown:_") == 8
     assert "No arm has a finished run yet." in md and "could not be drawn" not in md
 
 
@@ -544,8 +564,15 @@ def test_trials_csv_has_one_row_per_trial_run_with_the_documented_columns(report
     text = pd.read_csv(report / "tables" / "trials.csv", dtype=str, keep_default_na=False)
     for column in ("depth", "budget", "num_params", "seed"):  # integers as integers, not 20000.0
         assert text[column].str.fullmatch(r"\d*").all(), (column, text[column].tolist())
+    for column in ("candidate_activation", "stop_reason", "stop_reason_source", "code_version"):
+        assert column in trials, column
     for r in runs:
         row = trials[trials["run_id"] == r.info.run_id].iloc[0]
         assert row["family"] == r.data.tags["nlstm.family"] and row["status"] == r.data.tags["nlstm.status"]
+        assert row["phase"] == r.data.tags["nlstm.phase"]
+        for column, tag in (("candidate_activation", CANDIDATE_TAG), ("stop_reason", STOP_REASON_TAG),
+                            ("code_version", CODE_VERSION_TAG)):  # the next record's tags, where the store has them
+            if tag in r.data.tags:
+                assert row[column] == r.data.tags[tag], (column, row[column], r.data.tags[tag])
         if "best_valid_bpc" in r.data.metrics:
             assert row["valid_bpc"] == pytest.approx(r.data.metrics["best_valid_bpc"])

@@ -42,13 +42,15 @@ class FakeRun:
     test: float | None = None
     lr: float = 2e-3
     epochs: int = 4
-    state: str = "completed"  # completed | failed | running
+    state: str = "completed"  # completed | pruned | failed | running
     reason: str = ""
     extra: dict = field(default_factory=dict)  # more params (e.g. unigram_entropy_bits)
     budget: int = BUDGET
     factors: dict = field(default_factory=dict)  # more params that are part of the configuration (its hash)
     metrics: dict = field(default_factory=dict)  # more final metrics (e.g. closer_bpc)
     seconds_per_epoch: float = 10.0  # cumulative train_time_s after epoch e: e * seconds_per_epoch
+    tags: dict = field(default_factory=dict)  # more trial tags (the next record's: nlstm.stop_reason, ...)
+    epoch_metrics: dict = field(default_factory=dict)  # more per-epoch metrics, one value every epoch (cpu_share)
 
     @property
     def family(self) -> str:
@@ -74,7 +76,8 @@ def empty_db(tmp_path_factory) -> Path:
     return path
 
 
-def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = None, template: Path | None = None) -> str:
+def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = None, template: Path | None = None,
+               parent_tags: dict | None = None) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -85,7 +88,8 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment(STUDY, artifact_location=(root / "mlruns").as_uri())
-    pid = client.create_run(exp, run_name=STUDY, tags={TAG + "kind": "study", TAG + "study": STUDY}).info.run_id
+    pid = client.create_run(exp, run_name=STUDY, tags={TAG + "kind": "study", TAG + "study": STUDY}
+                            | (parent_tags or {})).info.run_id
     client.log_batch(pid, params=[Param(k, str(v)) for k, v in ({"corpus": "ptb", "metric": "valid_bpc"}
                                                                | (parent_params or {})).items()])
     config_runs: dict[tuple[str, str], str] = {}
@@ -105,40 +109,41 @@ def make_store(root: Path, runs: list[FakeRun], parent_params: dict | None = Non
             "mlflow.parentRunId": parent, TAG + "kind": "trial", TAG + "phase": run.phase, TAG + "study": STUDY,
             TAG + "arch": run.arch, TAG + "depth": str(run.depth), TAG + "family": run.family,
             TAG + "config_hash": run.config_hash, TAG + "seed": str(run.seed), TAG + "trial_id": trial_id,
-            TAG + "status": "running"}).info.run_id
+            TAG + "status": "running"} | run.tags).info.run_id
         sol = width_for_budget(run.arch, run.depth, run.budget, VOCAB, EMBEDDING)
         params = run.config | {"width": sol.width, "embedding_dim": sol.embedding_dim, "num_params": sol.params,
                                "seed": run.seed} | run.extra
         curve = [run.valid + 0.5 * (run.epochs - e) for e in range(1, run.epochs + 1)]
         metrics = [Metric(k, v, now + e, e) for e, bpc in enumerate(curve, start=1) for k, v in (
             ("valid_bpc", bpc), ("train_bpc", bpc - 0.05), ("train_time_s", run.seconds_per_epoch * e),
-            ("tokens_seen", 1e4 * e), ("tokens_per_s", 1000.0))]
+            ("tokens_seen", 1e4 * e), ("tokens_per_s", 1000.0), *run.epoch_metrics.items())]
         tags = [RunTag(TAG + "status", run.state)]
         if run.state == "failed":
             tags.append(RunTag(TAG + "fail_reason", run.reason))
             metrics = metrics[:5]
-        elif run.state == "completed":
+        elif run.state in ("completed", "pruned"):  # a pruned run: what it reached when the scheduler stopped it
             final = {"best_valid_bpc": run.valid, "num_params": sol.params, "epochs_run": run.epochs} | run.metrics
-            if run.test is not None:
+            if run.test is not None and run.state == "completed":
                 final["test_bpc"] = run.test
             metrics += [Metric(k, float(v), now + 100, 0) for k, v in final.items()]
         else:
             tags = []
         client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
         if run.state != "running":
-            client.set_terminated(rid, {"completed": "FINISHED", "failed": "FAILED"}[run.state])
+            client.set_terminated(rid, {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}[run.state])
     for phase in sorted({r.phase for r in runs}):
         client.set_tag(pid, f"{TAG}phase.{phase}", "done")
     client.set_terminated(pid, "FINISHED")
     return uri
 
 
-def render(root: Path, runs: list[FakeRun], template: Path, parent_params: dict | None = None):
+def render(root: Path, runs: list[FakeRun], template: Path, parent_params: dict | None = None,
+           parent_tags: dict | None = None):
     """(report.md text, arms.csv, comparisons.csv) of a store holding ``runs``."""
     from dashboards import load_study
     from dashboards.report import write_report
 
-    uri = make_store(root, runs, parent_params, template)
+    uri = make_store(root, runs, parent_params, template, parent_tags)
     files = write_report(load_study(STUDY, uri), root / "report", log_to_parent=False)
     tables = root / "report" / "tables"
     assert "could not be drawn" not in files.markdown.read_text()  # the figures cope with every case too
@@ -179,7 +184,8 @@ def test_arms_that_did_not_learn_name_no_winner(tmp_path, empty_db):
     assert (comparisons["test"] == "none").all() and comparisons["p_value"].isna().all()
     excluded = md.split("**Excluded runs**", 1)[1]
     assert len(re.findall(r"^\| evaluate-", excluded, flags=re.M)) == 15
-    assert "valid BPC 16.000 is not below chance, 5.644 (log2(vocabulary 50, from the parameter count))" in excluded
+    assert ("valid BPC 16.000 is not 0.1 bit below chance, 5.644 (log2(vocabulary 50, from the parameter count))"
+            in excluded)
 
 
 def test_one_arm_did_not_learn_in_some_seeds(tmp_path, empty_db):
@@ -205,7 +211,7 @@ def test_recorded_entropy_is_the_bar(tmp_path, empty_db):
             for arch, v in (("nlstm", 4.6), ("stacked", 1.5)) for s in (1, 2, 3)]
     md, arms, _ = render(tmp_path, runs, empty_db)
     assert arm(arms, "nlstm-d2")["n_did_not_learn"] == 3
-    assert "not below chance, 4.400 (unigram entropy)" in md
+    assert "not 0.1 bit below chance, 4.400 (unigram entropy)" in md
     assert not any(" has a lower " in v for v in verdicts(md))
 
 
@@ -308,8 +314,25 @@ def test_outcomes_follow_status_reason_and_bar():
     assert list(out["outcome"]) == ["learned", "did not learn", "did not learn", "did not learn", "failed",
                                     "pruned", "running", "did not learn"]
     assert (out["chance_bpc"] == 4.5).all() and (out["chance_source"] == "unigram entropy").all()
-    assert "valid BPC 5.000 is not below chance, 4.500" in out.loc[1, "outcome_reason"]
+    assert "valid BPC 5.000 is not 0.1 bit below chance, 4.500" in out.loc[1, "outcome_reason"]
     assert (classify_runs(trials)["chance_bpc"] == 5.0).all()  # no entropy recorded: log2(vocab_size)
+
+
+def test_the_chance_rule_is_study_layouts_below_chance_with_its_margin():
+    """One chance rule everywhere (study.layout.below_chance): below the unigram entropy is not enough, a run must
+    be CHANCE_MARGIN_BITS (0.1 bit) below it; log2(vocabulary) stands in only where no entropy is recorded."""
+    from dashboards.outcome import classify_runs
+    from study.layout import CHANCE_MARGIN_BITS
+
+    assert CHANCE_MARGIN_BITS == 0.1
+    trials = pd.DataFrame({"state": ["completed"] * 4, "fail_reason": [None] * 4, "mlflow_status": ["FINISHED"] * 4,
+                           "best_valid_bpc": [4.45, 4.39, 4.95, 4.85], "test_bpc": [4.0, 4.0, 4.0, 4.0],
+                           "unigram_entropy_bits": [4.5, 4.5, None, None], "vocab_size": [32] * 4})
+    out = classify_runs(trials)
+    # 4.45 < 4.5 but not by 0.1 bit; 4.39 is; without an entropy the bar is log2(32) = 5: 4.95 no, 4.85 yes
+    assert list(out["outcome"]) == ["did not learn", "learned", "did not learn", "learned"]
+    assert list(out["chance_source"]) == ["unigram entropy", "unigram entropy", "log2(vocabulary 32)",
+                                          "log2(vocabulary 32)"]
 
 
 def test_a_phase_with_two_training_budgets_is_two_protocols():
@@ -367,7 +390,9 @@ def test_the_depth_figure_has_a_row_per_budget_with_both_families_at_both_depths
     assert titles[0].endswith("at budget 20k") and titles[2].endswith("at budget 50k"), titles
     for ax in res.figure.axes[0::2]:  # nested and stacked lines at depths 2 and 3 plus the single point
         xs = sorted({x for line in ax.get_lines() for x in np.atleast_1d(line.get_xdata()) if np.isfinite(x)})
-        assert {1.0, 2.0, 3.0} <= set(xs), xs
+        assert {1.0, 2.0, 3.0} <= {round(x) for x in xs}, xs
+        for depth in (2, 3):  # side by side, not one marker over the other (figures.DEPTH_DODGE apart)
+            assert sorted({round(x, 6) for x in xs if abs(x - depth) < 0.3}) == [depth - 0.04, depth + 0.04], xs
 
 
 def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_bound(tmp_path, empty_db):
@@ -429,30 +454,35 @@ def test_closer_bpc_is_compared_per_dependency_length_and_drawn_against_the_boun
 # ---------------------------------------------------------------------------- the CSV tables (issue 12)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "report.md"
 OUTCOME_COUNTS = ["n_learned", "n_did_not_learn", "n_failed", "n_pruned", "n_running"]
+LOAD = ["time_measurement", "cpu_share_min", "cpu_share_max", "load_per_cpu_max"]
 CSV_COLUMNS = {  # trials.csv: tests/test_dashboards.py
     "runs": ["phase", "state", "n_runs"],
     "arms": ["protocol", "budget", "family", "arch", "depth", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
              "bpc_ci95_high", "equal_time_s", "n_no_eval_before_equal_time", "num_params", "n_configs", "config_hash",
-             "tokens_per_s_mean", "train_time_s_mean", "n_runs", *OUTCOME_COUNTS, "config_not_learned", "excluded"],
+             "tokens_per_s_mean", "train_time_s_mean", *LOAD, "n_runs", *OUTCOME_COUNTS, "config_not_learned",
+             "excluded", "stop_reasons", "code_versions"],
     "comparisons": ["protocol", "budget", "split", "nested_family", "other_family", "test", "n_pairs",
                     "n_seeds_nested", "n_seeds_other", "nested_minus_other_bpc_mean",
                     "nested_minus_other_bpc_ci95_low", "nested_minus_other_bpc_ci95_high", "t_statistic", "t_df",
-                    "p_value", "equal_time_s", "excluded", "verdict"],
+                    "p_value", "p_nested_better", "p_nested_better_boot95_low", "p_nested_better_boot95_high",
+                    "n_common_seeds", "n_unpaired_seeds", "equal_time_s", *LOAD, "excluded", "verdict"],
     "configs": ["protocol", "budget", "family", "config_hash", "split", "n_seeds", "bpc_mean", "bpc_ci95_low",
                 "bpc_ci95_high", "excluded", "represents_arm"],
     "excluded": ["run_name", "phase", "budget", "family", "seed", "outcome", "outcome_reason"],
     "timescales": ["phase", "family", "arch", "depth", "budget", "seed", "run_id", "outcome", "level",
                    "timescale_steps", "mean_abs_step_change"],
+    "expected_best": ["family", "n_trials", "expected_best_valid_bpc", "band_low", "band_high"],
 }
 INTEGER_COLUMNS = {
     "trials": ["depth", "budget", "num_params", "seed", "epochs_run"],
     "runs": ["n_runs"],
     "arms": ["budget", "depth", "n_seeds", "n_no_eval_before_equal_time", "num_params", "n_configs", "n_runs",
              *OUTCOME_COUNTS, "config_not_learned"],
-    "comparisons": ["budget", "n_pairs", "n_seeds_nested", "n_seeds_other"],
+    "comparisons": ["budget", "n_pairs", "n_seeds_nested", "n_seeds_other", "n_common_seeds", "n_unpaired_seeds"],
     "configs": ["budget", "n_seeds"],
     "excluded": ["budget", "seed"],
     "timescales": ["depth", "budget", "seed", "level"],
+    "expected_best": ["n_trials"],
 }
 
 

@@ -1,0 +1,90 @@
+"""Why a trial run stopped training, and what a comparison of its BPC may therefore claim.
+
+A run that stopped at its *plateau* (validation BPC no longer improving) shows where its model ends; a run
+that stopped at its epoch cap (*max_epochs*) or its time budget shows only how far it got, i.e. how fast
+it learns. Runs recorded since ``study.layout.STOP_REASON_TAG`` exists say which (:data:`STOP_REASONS`).
+
+Older records lack the tag. Their reason is derived only where the record leaves no doubt:
+
+- status ``pruned`` (the scheduler stopped it): ``pruned``;
+- status ``interrupted`` (its driver was stopped): ``interrupted``;
+- status ``failed``: ``diverged`` when ``nlstm.fail_reason`` starts with "diverged", else ``failed``;
+- status ``completed`` with every epoch run (``epochs_run`` equal to the ``epochs`` param) and the
+  ``patience`` param recorded as none (early stopping off): ``max_epochs``. With patience set, a run that
+  ran every epoch may still have stopped at a plateau reached on its last epoch, so it stays blank;
+  so does a completed run that stopped before its last epoch (plateau or time budget: not recorded).
+
+Anything else is blank (``""``): not recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from study.layout import STOP_REASONS
+
+PLATEAU, MAX_EPOCHS = "plateau", "max_epochs"
+NOT_RECORDED = ""
+
+
+def _number(value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) else math.nan
+
+
+def derive_stop_reason(tag: str | None, status: str | None, fail_reason: str | None, params: dict[str, str],
+                       epochs_run: float | None) -> tuple[str, str]:
+    """``(stop_reason, source)``: the recorded tag (source ``recorded``), else a reason the record makes
+    certain (source ``derived``), else ``("", "")``. ``params`` are the run's MLflow params as strings."""
+    if tag in STOP_REASONS:
+        return tag, "recorded"
+    if status in ("pruned", "interrupted"):
+        return status, "derived"
+    if status == "failed":
+        return ("diverged" if str(fail_reason or "").lower().startswith("diverged") else "failed"), "derived"
+    if status == "completed" and "patience" in params and params["patience"].strip().lower() in ("none", "null", ""):
+        epochs, ran = _number(params.get("epochs")), _number(epochs_run)
+        if math.isfinite(epochs) and ran == epochs:
+            return MAX_EPOCHS, "derived"
+    return NOT_RECORDED, ""
+
+
+def stop_counts(reasons) -> Counter:
+    """Runs per stop reason; blank reasons count as ``not recorded``."""
+    return Counter(r if isinstance(r, str) and r else "not recorded" for r in reasons)
+
+
+def describe_counts(counts: Counter) -> str:
+    """``"3 plateau, 2 max_epochs"`` (in the order of :data:`STOP_REASONS`, unknown last); ``""`` for none."""
+    order = [*STOP_REASONS, "not recorded"]
+    return ", ".join(f"{counts[r]} {r}" for r in order if counts.get(r))
+
+
+def ending_sentence(nested: str, other: str, nested_is_lower: bool, nested_stops: Counter,
+                    other_stops: Counter, metric: str) -> str:
+    """What a clear difference in ``metric`` says, worded by how the compared runs stopped.
+
+    Only when every run of both arms stopped at its plateau does a lower BPC mean that one model *ends*
+    better; otherwise the runs were cut off by their training budget and the difference says which
+    learns faster within it."""
+    total = nested_stops + other_stops
+    n = sum(total.values())
+    if n and total[PLATEAU] == n:
+        word = "better" if nested_is_lower else "worse"
+        return f"Every run of both arms stopped at its plateau ({n} runs), so {nested} ends {word} than {other}."
+    word = "faster" if nested_is_lower else "more slowly"
+    if n and total["not recorded"] == n:
+        return (f"No stop reason is recorded for these {n} runs (records before nlstm.stop_reason), so this says "
+                f"{nested} learns {word} than {other} within the training budget, not where it ends ({metric}).")
+    parts = [f"{total[MAX_EPOCHS]} of {n} runs stopped at max_epochs"]
+    parts += [f"{total[r]} {'at their plateau' if r == PLATEAU else r}" for r in STOP_REASONS
+              if r != MAX_EPOCHS and total[r]]
+    if total["not recorded"]:
+        parts.append(f"{total['not recorded']} with no recorded stop reason")
+    return (f"Not every run stopped at its plateau ({', '.join(parts)}), so this says {nested} learns {word} than "
+            f"{other} within the training budget, not where it ends ({metric}).")
