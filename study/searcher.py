@@ -43,7 +43,7 @@ from study.layout import (
     search_key,
 )
 from study.space import TRIAL_NUMBER, DefineByRun, SearchFamily, ablation_cells, make_sampler, resolve, tuning_families
-from study.trial import TrialSpec
+from study.trial import DISK_FULL, TrialSpec
 
 METRIC, MODE = "best_valid_bpc", "min"  # each trial's best epoch so far: what schedulers and Optuna compare
 PARAMS_ATTR, RUN_NAME_ATTR, FAMILY_ATTR = "params", "run_name", "family"
@@ -127,6 +127,12 @@ class StudySearcher(Searcher):
         if trial is None:
             return
         self.ended.setdefault(trial.phase, []).append(trial.key)
+        if error:
+            record = self.run.tracker.trial_run(trial.key)
+            reason = record.data.tags.get(FAIL_REASON_TAG, "") if record is not None else ""
+            if reason.startswith(DISK_FULL):  # stop at once: every other trial would fail the same way
+                self.failure = f"{reason}: free some space, then rerun the same command to resume"
+                self.phases, self.current = [], None
         if trial_id in self._ot:
             self._tell(trial_id, trial, result or {}, error)
         elif trial.phase in ("evaluate", "ablation") and (result or {}).get("finished"):

@@ -82,8 +82,8 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self._run(trial)
-        if run is not None and run.data.tags.get(STATUS_TAG) == "failed":
-            return
+        if run is not None and run.data.tags.get(STATUS_TAG) in ("failed", "interrupted"):
+            return  # the trial recorded its own end (a full disk is an interruption, not its failure)
         self.fence()
         reason = error_summary(trial)
         tags = [RunTag(STATUS_TAG, "failed"), RunTag(FAIL_REASON_TAG, reason[:1000]), RunTag(STOP_REASON_TAG, "failed")]

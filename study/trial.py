@@ -21,6 +21,7 @@ again. A trial that failed for any other reason is retried when the study is res
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -70,6 +71,32 @@ from study.space import TrialConfig, resolve
 from study.trial_run import MAX_ATTEMPTS, TrialRun
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
+
+
+DISK_FULL = "no space left on the device"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception's chain (sqlite says "database or disk is full")."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error) \
+                or "database or disk is full" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def full_folder(error: BaseException, default: str) -> str:
+    """The folder whose device is full, from the error's file name when it has one."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "filename", None):
+            return str(Path(error.filename).parent)
+        error = error.__cause__ or error.__context__
+    return default
 
 
 class TrialGaveUp(RuntimeError):
@@ -384,6 +411,10 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     except LeaseFence.Lost:
         raise
     except Exception as e:
+        if is_disk_full(e):  # the machine's problem, not the trial's: no attempt is spent on it
+            run.set_status("interrupted", f"{DISK_FULL} of {full_folder(e, context.checkpoints.location)}",
+                           stop_reason="interrupted")
+            raise
         run.set_status("failed", f"{type(e).__name__}: {e}", stop_reason="failed")
         raise
     reporter.report_final(trainer)
