@@ -165,7 +165,7 @@ class StudyRun:
         if key == data_key({}):
             return self.corpus
         if key not in self._corpora:
-            self._corpora[key] = load_study_corpus(self.spec, self.data_dir, overrides=overrides)
+            self._corpora[key] = load_study_corpus(self.spec, self.data_dir, overrides=overrides, cached=False)
         return self._corpora[key]
 
     def fingerprint(self, overrides: dict[str, Any]) -> str:
@@ -354,7 +354,7 @@ def phase_summary(run: Any, phase: str, limit: int = 8) -> str:
     if any(g["factors"] for g in rows[:limit]):
         lines[-1] += "  factors"
     for g in rows[:limit]:
-        name = g["key"] if phase == "search" else f"{g['config_hash'][:8]} ({len(g['valid'])})"
+        name = g["key"] if phase == "search" else f"{(g['config_hash'] or '?')[:8]} ({len(g['valid'])})"
         status = ",".join(sorted({s or "?" for s in g["status"]}))
         params = f"{int(g['num_params']):,}" if g["num_params"] else "-"
         lr = f"{float(g['lr']):.2e}" if g["lr"] not in (None, "None") else "-"

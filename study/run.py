@@ -184,7 +184,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     data_dir = args.data_dir or (Path(os.environ["NLSTM_DATA_DIR"]) if os.environ.get("NLSTM_DATA_DIR") else None)
     data_dir = str(data_dir.expanduser().resolve()) if data_dir else None
     try:
-        corpus = load_study_corpus(spec, data_dir, download=not args.dry_run)
+        corpus = load_study_corpus(spec, data_dir, download=not args.dry_run, cached=False)
     except (CorpusError, OSError, ValueError) as e:
         raise UsageError(f"{args.space}: data: {e}") from None
     try:

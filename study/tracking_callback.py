@@ -16,10 +16,12 @@ from ray import tune
 
 from study.layout import (
     FAIL_REASON_TAG,
+    FAMILY_TAG,
     KIND_TAG,
     MLFLOW_STATUS,
     PARENT_RUN_TAG,
     PHASE_TAG,
+    SEED_TAG,
     STATUS_TAG,
     STOP_REASON_TAG,
     STUDY_TAG,
@@ -94,6 +96,7 @@ class TrackingCallback(tune.Callback):
                 return
             run = self.client.create_run(self.experiment_id, run_name=key, tags={
                 PARENT_RUN_TAG: parent, KIND_TAG: "trial", PHASE_TAG: config.get("phase", ""),
+                FAMILY_TAG: config.get("family", ""), SEED_TAG: str(config.get("seed", "")),
                 STUDY_TAG: self.study, TRIAL_ID_TAG: key})
         self.client.log_batch(run.info.run_id, tags=tags)
         self.client.set_terminated(run.info.run_id, status="FAILED")

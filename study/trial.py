@@ -159,13 +159,14 @@ def data_key(overrides: dict[str, Any]) -> str:
 
 
 def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = True,
-                      overrides: dict[str, Any] | None = None) -> Corpus:
+                      overrides: dict[str, Any] | None = None, cached: bool = True) -> Corpus:
     """The study's corpus (with a trial's option ``overrides``), truncated as ``data`` says; cached
-    per process (a reused Tune actor loads it once)."""
+    per process (a reused Tune actor loads it once). The driver reads it afresh (``cached=False``): a
+    ``text:PATH`` file edited between two studies of one process is other data."""
     d = spec.data
     options = d.options | (overrides or {})
-    if not download:
-        data = load_corpus(d.corpus, data_dir=data_dir, download=False, **options)
+    if not download or not cached:
+        data = load_corpus(d.corpus, data_dir=data_dir, download=download, **options)
         if d.max_train_tokens is not None or d.max_eval_tokens is not None:
             data = data.truncated(d.max_train_tokens or len(data.train),
                                   d.max_eval_tokens or max(len(data.valid), len(data.test)))
