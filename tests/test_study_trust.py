@@ -137,7 +137,7 @@ search:
     gave_up = runs["nlstm-d2-search-001"]
     assert gave_up.data.tags["nlstm.attempts"] == "3"
     assert gave_up.data.tags["nlstm.fail_reason"].startswith("gave up after 3 attempts; the last failed with "
-                                                              "ValueError: training stream"), gave_up.data.tags
+                                                              "ValueError: "), gave_up.data.tags
     assert [t.state.name for t in optuna_trials(tmp_path, "retry")] == ["COMPLETE", "FAIL"]
     assert main(["--space", str(spec)]) == 0  # the rerun does not try it a fourth time
     again = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs_of(tmp_path, "retry")[1], "trial")}
