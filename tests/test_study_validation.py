@@ -65,8 +65,14 @@ def load_in_subprocess(path: Path) -> str:
     ("".join(f"k{i}: {i}\n" for i in range(20_000)), f"expected at most {MAX_YAML_VALUES:,} values"),
     ("description: " + "x" * 1_000_001 + "\n", "expected at most 1,000,000 characters"),
     ("? [a, b]\n: 1\n", "line 1: expected a plain name as a key, got a list"),
+    ("name: t\x00\n", "line 1, column 8: expected printable text, got the control character U+0000 (a NUL byte: "
+                       "is it a binary file?)"),
+    ("name: t\ndescription: \"\x1b[31m\"\n", "line 2, column 15: expected printable text, got the control "
+                                              "character U+001B"),
+    (BASE.replace("train_chars: 3000", "train_chars: 3000, max_word_len: 1000000") + ABLATION,
+     "data.options.max_word_len: expected an integer in [1, 32], got 1,000,000"),  # sum(26**k) took forever
 ], ids=["billion-laughs", "merge-key-bomb", "recursive", "recursive-nested", "deep-flow", "deep-block",
-        "alias-chain", "too-many-values", "too-long", "complex-key"])
+        "alias-chain", "too-many-values", "too-long", "complex-key", "nul-byte", "escape-byte", "word-length"])
 def test_hostile_yaml_is_one_line_and_fast(tmp_path, text, expected):
     path = write(tmp_path, text)
     message = load_in_subprocess(path)
@@ -224,6 +230,7 @@ def test_a_trial_that_cannot_fit_in_memory_is_refused(tmp_path):
      "expected a model that fits in memory"),
     (BASE.replace("5000", "1.0e+15") + ABLATION, "budget: expected a parameter count <= 1,000,000,000"),
     (BASE + ABLATION + "train: {lr: .inf}\n", "train.lr: expected a finite number, got Infinity"),
+    (BASE.replace("name: t", "name: t\x00") + ABLATION, "line 1, column 8: expected printable text"),
 ])
 def test_dry_run_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, text, expected):
     from study.run import main
