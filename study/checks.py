@@ -53,11 +53,25 @@ def _check_data_value(name: str, value: Any) -> str | None:
         return f"expected an integer, got {describe_value(value)}"
     from nlstm.data import SyntheticConfig  # torch import: only once the file parsed
 
+    if name in SyntheticConfig.BOUNDS:
+        return _bound_problem(name, value)
     try:
         SyntheticConfig(**{name: value})
     except ValueError as e:
         return f"expected a valid {name} ({e})"
     return None
+
+
+def _bound_problem(name: str, value: int) -> str | None:
+    """'expected an integer in [low, high], got value' outside a synthetic option's bounds."""
+    from nlstm.data import SyntheticConfig
+
+    low, high = SyntheticConfig.BOUNDS[name]
+    if low <= value <= high:
+        return None
+    why = (" (the size of enwik8; a larger split takes minutes and gigabytes to generate)"
+           if name.endswith("_chars") and value > high else "")
+    return f"expected an integer in [{low:,}, {high:,}]{why}, got {value:,}"
 
 
 def _check_value(name: str, value: Any) -> str | None:
@@ -246,6 +260,10 @@ def _check_data(file: str, spec: StudySpec) -> None:
         path, message = pydantic_problem(e.errors()[0])
         raise SpecError(file, f"data.options.{path}", message) from None
     if corpus.lower() == "synthetic":
+        for key, value in spec.data.options.items():
+            problem = _bound_problem(key, value) if key in SyntheticConfig.BOUNDS else None
+            if problem:
+                raise SpecError(file, f"data.options.{key}", problem)
         try:
             SyntheticConfig(**spec.data.options)
         except (TypeError, ValueError) as e:

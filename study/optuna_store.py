@@ -61,6 +61,39 @@ def check_optuna_file(url: str) -> None:
             raise OptunaStoreError(str(e)) from None
 
 
+def check_optuna_storage(url: str) -> None:
+    """A file storage (a sqlite URL or a journal ``.log`` path, as ``resolve_optuna_url`` returns
+    it) checked before the study writes anything: a name the file system cannot hold, or a folder
+    (or an existing file) that cannot be written, failed only once the search started, after the
+    study's record was written. Server URLs (postgresql://, ...) are not checked here."""
+    from study.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
+
+    if "://" in url:
+        if url.split("://", 1)[0].split("+", 1)[0].lower() != "sqlite":
+            return
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        path = path[1:] if path.startswith("/") else path  # sqlite:////abs -> /abs, sqlite:///rel -> rel
+        if path in ("", ":memory:"):
+            return
+    else:
+        path = url
+    file = Path(path).expanduser().absolute()
+    what = "--optuna-storage"
+    try:
+        check_path_names(file, what)
+        folder = existing_ancestor(file.parent)
+        if folder != file.parent and "://" in url:  # sqlite creates the file, not its folder
+            raise StoreError(f"{what}: folder {file.parent} does not exist")
+        check_writable_folder(folder, what)
+        if file.exists():
+            with open(file, "ab"):  # os.access says yes to root on a read-only mount; opening tells
+                pass
+    except StoreError as e:
+        raise OptunaStoreError(str(e)) from None
+    except OSError as e:
+        raise OptunaStoreError(f"{what}: cannot write {file} ({e.strerror or e})") from None
+
+
 def open_storage(url: str) -> BaseStorage:
     """The storage at ``url``; a damaged database or journal is one ``OptunaStoreError`` naming it."""
     check_optuna_file(url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from nlstm.model import CharLM, ModelConfig
 from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
 from study.layout import ARCHS, search_key
+from study.memory import trial_room
 from study.schema import MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
 from study.space import (
     TrialConfig,
@@ -427,27 +427,31 @@ def _memory_needed(cfg: TrialConfig, vocab_size: int) -> int:
     return weights + max(train, evaluate)
 
 
-def trial_memory(gpus_per_trial: float) -> tuple[int, str]:
-    """(bytes, what they are) that one trial may use: its share of this machine's GPU, or this
-    machine's RAM; a trial on a GPU this machine lacks (a cluster's) gets HARD_MEMORY_CAP."""
+def trial_memory(gpus_per_trial: float, concurrency: int = 1, local: bool = True) -> tuple[int, str]:
+    """(bytes, what they are) that one trial may use: its share of this machine's GPU; or, on CPUs,
+    the tightest of this machine's RAM and cgroup limit shared by the ``concurrency`` trials that run
+    at once, and this process's resource limits, which each trial inherits (``local``: the trials
+    run on this machine, or this process measures them as ``--dry-run`` does; else only the RAM,
+    as before); a trial on a GPU this machine lacks (a cluster's) gets HARD_MEMORY_CAP."""
     if gpus_per_trial > 0:
         if not torch.cuda.is_available():
             return HARD_MEMORY_CAP, "the cap for a device that is not on this machine"
         total = torch.cuda.get_device_properties(0).total_memory
         share = min(gpus_per_trial, 1.0)
         return int(total * share), f"{share:g} of this machine's GPU ({total / 2**30:.1f} GiB)"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(ram, HARD_MEMORY_CAP), "this machine's memory"
+    room = trial_room(concurrency if local else 1, limits=local)
+    return min(room.bytes, HARD_MEMORY_CAP), room.what
 
 
 def check_budgets(spec: StudySpec, vocab_size: int, file: str | Path = "<spec>",
-                  gpus_per_trial: float | None = None) -> None:
+                  gpus_per_trial: float | None = None, concurrency: int = 1, local: bool = True) -> None:
     """Raise SpecError (one line, naming the budget's key) if a budget of the study is below the
     one that matches every architecture within ``budget_tolerance`` (naming that minimum), or if
-    a trial would not fit in the memory one trial gets (``gpus_per_trial`` defaults to the file's)."""
+    a trial would not fit in the memory one trial gets (``gpus_per_trial`` defaults to the file's;
+    ``concurrency`` and ``local`` as ``trial_memory`` takes them)."""
     tolerance = spec.budget_tolerance
     gpus = spec.resources.gpus_per_trial if gpus_per_trial is None else gpus_per_trial
-    available, where = trial_memory(gpus)
+    available, where = trial_memory(gpus, concurrency, local)
     for use in budget_uses(spec):
         configs = [cfg.solve(vocab_size) if math.isfinite(_relative_error(cfg, vocab_size)) else cfg
                    for cfg in use.configs]

@@ -41,6 +41,14 @@ from study.spec_errors import SpecError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ADDRESS_TIMEOUT_S = 10.0
+ANSWER_TIMEOUT_S = 5.0  # for the Ray GCS's first HTTP/2 frame (it answers in milliseconds)
+# A gRPC server (Ray's GCS, the Ray Client server) speaks HTTP/2: to the client's connection
+# preface (RFC 9113 section 3.4) it answers with a SETTINGS frame, the first frame it sends.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, 0x4, 0, 0, 0, 0, 0])  # length 0, type SETTINGS, no flags, stream 0
+# ray.init(address=...) tries the GCS this many times (about 40 s each at Ray's defaults) instead
+# of 20 (about 13 minutes) when something answers at the address but is not a Ray GCS.
+RAY_CONNECT_ATTEMPTS = "1"
 
 
 class UsageError(ValueError):
@@ -136,18 +144,60 @@ class Setup:
     checkpoints_dir: str = ""  # a resumed study's recorded checkpoint folder (default: <study_dir>/checkpoints)
 
 
-def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
-    """An unreachable Ray address makes ``ray.init`` retry for minutes: try the port first."""
-    if address in ("auto", "local"):
-        return
+def _split_address(address: str) -> tuple[str, int]:
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--address {address!r}: expected auto or HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """An unreachable Ray address makes ``ray.init`` retry for minutes: try the port first."""
+    if address in ("auto", "local"):
+        return
+    host, port = _split_address(address)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
         raise UsageError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
+def check_ray_answers(address: str, timeout_s: float = ADDRESS_TIMEOUT_S,
+                      answer_timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Something that accepts connections but is not Ray (an MLflow server's port, a silent
+    listener) made ``ray.init`` print GCS warnings for minutes, after the study had written its
+    record. Ray's GCS (and the Ray Client server) is a gRPC server: it answers the HTTP/2 client
+    preface with a SETTINGS frame. Skipped with ``RAY_USE_TLS`` (the GCS then speaks TLS first)."""
+    if address in ("auto", "local") or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    host, port = _split_address(address)
+    answer, closed = b"", False
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            deadline = time.monotonic() + answer_timeout_s
+            while len(answer) < 9 and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                chunk = conn.recv(64)
+                closed = not chunk
+                if closed:
+                    break
+                answer += chunk
+    except TimeoutError:
+        pass
+    except OSError as e:  # refused, or reset by a server that hung up on the preface
+        closed = True
+        if not answer and not isinstance(e, ConnectionResetError):
+            raise UsageError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+    frame = answer[:9]
+    if len(frame) == 9 and frame[3] == 0x4 and not frame[4] & 0x1 and frame[5:9] == bytes(4):
+        return  # a SETTINGS frame (not an ACK) on stream 0: an HTTP/2 server
+    first_line = answer.split(b"\r\n")[0][:40]
+    got = (f"it answered {first_line!r}" if answer else
+           "it closed the connection" if closed else f"it did not answer in {answer_timeout_s:g} s")
+    raise UsageError(f"--address {address}: something listens there but it is not a Ray cluster (Ray's GCS answers "
+                     f"in HTTP/2; {got}); pass the head node's GCS port (`ray start --head --port`, 6379 by default)")
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -187,8 +237,9 @@ def prepare(args: argparse.Namespace) -> Setup:
         corpus = load_study_corpus(spec, data_dir, download=not args.dry_run, cached=False)
     except (CorpusError, OSError, ValueError) as e:
         raise UsageError(f"{args.space}: data: {e}") from None
-    try:
-        check_budgets(spec, len(corpus.vocab), args.space, gpus_per_trial=gpus)
+    try:  # --dry-run measures the models in this process; a local study's trials inherit its limits
+        check_budgets(spec, len(corpus.vocab), args.space, gpus_per_trial=gpus,
+                      concurrency=local_concurrency(args, cpus), local=args.dry_run or not args.address)
     except SpecError as e:
         raise UsageError(str(e)) from None
 
@@ -215,27 +266,38 @@ def prepare(args: argparse.Namespace) -> Setup:
         if args.address:
             check_address(args.address)
         storage, optuna_url = _check_cluster_storage(args, tracking_uri, study_dir)
+        if args.address:  # last: the other checks are local and quick
+            check_ray_answers(args.address)
     return Setup(spec, phases, cpus, gpus, corpus, data_dir, tracking_uri, study_dir, storage, optuna_url)
 
 
 def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_dir: Path) -> tuple[Any, str]:
     """The tracking store, Tune storage and Optuna storage, checked for where the trials run."""
     from study.cluster import ClusterError, check_tracking_for_cluster, resolve_storage
-    from study.optuna_store import OptunaStoreError, resolve_optuna_url
+    from study.optuna_store import OptunaStoreError, check_optuna_storage, resolve_optuna_url
+    from study.store import StoreError, check_path_names, scheme_of
 
     try:
         if args.address:
             check_tracking_for_cluster(tracking_uri)
         optuna_url = resolve_optuna_url(args.optuna_storage, study_dir)
+        if args.optuna_storage:  # the default is a file of the study folder, checked with --output
+            check_optuna_storage(optuna_url)
+        if args.storage and scheme_of(args.storage) in ("", "file"):
+            check_path_names(Path(args.storage.removeprefix("file://")).expanduser(), "--storage")
         return resolve_storage(args.storage, args.address, study_dir), optuna_url
-    except (ClusterError, OptunaStoreError) as e:
+    except (ClusterError, OptunaStoreError, StoreError) as e:
         raise UsageError(str(e)) from None
 
 
 def _check_output(study_dir: Path) -> None:
-    from study.store import StoreError, check_writable_folder
+    from study.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
 
-    existing = next(p for p in [study_dir, *study_dir.parents] if p.exists())
+    try:
+        check_path_names(study_dir, "--output")
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+    existing = existing_ancestor(study_dir)
     if not existing.is_dir():
         raise UsageError(f"--output: {existing} is not a folder")
     try:
@@ -244,14 +306,18 @@ def _check_output(study_dir: Path) -> None:
         raise UsageError(str(e)) from None
 
 
+def local_concurrency(args: argparse.Namespace, cpus: float) -> int:
+    """Trials at a time on this machine's CPUs (``--max-concurrent`` caps it)."""
+    concurrency = max(1, int((os.cpu_count() or 1) // cpus))
+    return min(concurrency, args.max_concurrent) if args.max_concurrent else concurrency
+
+
 def print_plan(args: argparse.Namespace, setup: Setup) -> None:
     import torch
 
     from study.plan import build_plan
 
-    concurrency = max(1, int((os.cpu_count() or 1) // setup.cpus))
-    if args.max_concurrent:
-        concurrency = min(concurrency, args.max_concurrent)
+    concurrency = local_concurrency(args, setup.cpus)
     measure = not (setup.gpus > 0 and not torch.cuda.is_available())  # CPU timings say nothing of a GPU study
     print(build_plan(setup.spec, setup.corpus, setup.cpus, setup.gpus, concurrency, measure=measure))
 
@@ -266,7 +332,16 @@ def start_ray(args: argparse.Namespace) -> bool:
 
     level = logging.INFO if args.verbose else logging.ERROR
     if args.address:  # other machines: the project's code travels with the job
-        ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.verbose, logging_level=level)
+        # Bounded: Ray reads this when ray.init connects (ray._private.node's GCS client loop; unset, it
+        # makes 20 attempts of about 40 s each). A value the user set is kept.
+        previous = os.environ.get("RAY_gcs_server_port_wait_time_s")
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_CONNECT_ATTEMPTS)
+        try:
+            ray.init(address=args.address, runtime_env=runtime_env(), log_to_driver=args.verbose,
+                     logging_level=level)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
         return True
     # Trials import `study` and `nlstm` from this checkout even without `pip install -e .`.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))

@@ -141,7 +141,14 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError(file, "", f"cannot read it ({e})") from None
     if len(text) > MAX_YAML_CHARS:  # PyYAML reads ~2 MB/s: bound the time before parsing
         raise SpecError(file, "", f"expected at most {MAX_YAML_CHARS:,} characters, got {len(text):,}")
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # PyYAML's reader refuses a NUL byte or another control character here
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - text.rfind("\n", 0, e.position)
+        character = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise SpecError(file, "", f"line {line}, column {column}: expected printable text, got the control character "
+                        f"{character}{' (a NUL byte: is it a binary file?)' if e.character == 0 else ''}") from None
     try:
         node = loader.get_single_node()
         if node is None:

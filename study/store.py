@@ -76,6 +76,7 @@ def check_store(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds, in one line, if the store cannot be written (sqlite) or reached (a server)."""
     db = sqlite_path(uri)
     if db is not None:
+        check_path_names(db, "tracking store")
         check_writable_folder(db.parent, f"tracking store {db}")
         if db.exists() and not os.access(db, os.W_OK):
             raise StoreError(f"tracking store {db} is not writable")
@@ -138,6 +139,40 @@ def check_sqlite_file(path: Path, what: str) -> None:
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and start "
                          "the study over (its runs are in that file)") from None
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The deepest folder of ``path`` (or ``path`` itself) that exists; a name the file system
+    refuses (ENAMETOOLONG, ELOOP) counts as missing."""
+    for candidate in [path, *path.parents]:
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError:
+            continue
+    return Path(path.anchor or "/")
+
+
+def check_path_names(path: Path, what: str) -> None:
+    """Refuse, in one line, a path the file system cannot hold: a name longer than its NAME_MAX
+    (255 bytes on ext4, xfs, tmpfs) or a whole path longer than its PATH_MAX. Such a path makes
+    every later call fail with ENAMETOOLONG, from deep inside pathlib, sqlite or pyarrow."""
+    path = Path(os.path.abspath(path))
+    anchor = existing_ancestor(path)
+    try:
+        name_max, path_max = os.pathconf(anchor, "PC_NAME_MAX"), os.pathconf(anchor, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for name in path.parts[1:]:
+        size = len(os.fsencode(name))
+        if size > name_max:
+            shown = name if len(name) <= 24 else name[:24] + "..."
+            raise StoreError(f"{what}: the name {shown!r} in it is {size} bytes long; the file system allows at most "
+                             f"{name_max} (ENAMETOOLONG)")
+    size = len(os.fsencode(str(path)))
+    if size >= path_max:
+        raise StoreError(f"{what}: the path is {size} bytes long; the file system allows at most {path_max - 1} "
+                         "(ENAMETOOLONG)")
 
 
 def check_writable_folder(folder: Path, what: str) -> None:

@@ -115,6 +115,20 @@ MALFORMED = [
     (BASE + "search: {scheduler: {type: asha, reduction_factor: 1}}\n",
      "search.scheduler.reduction_factor: expected greater than 1, got 1"),
     (BASE + "search: {num_samples: ten}\n", "search.num_samples: expected an integer, got 'ten'"),
+    # synthetic sizes are bounded (issue 20: 10^11 characters ran out of memory after 40 s)
+    (BASE.replace("train_chars: 3000", "train_chars: 100000000000") + ABLATION,
+     "data.options.train_chars: expected an integer in [1, 100,000,000] (the size of enwik8; a larger split takes "
+     "minutes and gigabytes to generate), got 100,000,000,000"),
+    (BASE.replace("valid_chars: 500", "valid_chars: 100000001") + ABLATION,
+     "data.options.valid_chars: expected an integer in [1, 100,000,000]"),
+    (BASE.replace("test_chars: 500", "test_chars: 0") + ABLATION,
+     "data.options.test_chars: expected an integer in [1, 100,000,000], got 0"),
+    (BASE.replace("train_chars: 3000", "train_chars: 3000, max_nesting: 101") + ABLATION,
+     "data.options.max_nesting: expected an integer in [0, 100], got 101"),
+    (BASE.replace("train_chars: 3000", "train_chars: 3000, dependency_length: 100000001") + ABLATION,
+     "data.options.dependency_length: expected an integer in [2, 100,000,000], got 100,000,001"),
+    (BASE.replace("train_chars: 3000", "train_chars: 3000, brackets: '" + "()" * 33 + "'") + ABLATION,
+     "data.options: expected valid synthetic options (brackets must be distinct opener/closer pairs (at most 64"),
     (BASE + "search: {metric: test_bpc}\n", "search.metric: expected 'valid_bpc', got 'test_bpc'"),
     (BASE + "search: {train: {bptt: 0}}\n", "search.train.bptt: expected greater than or equal to 1, got 0"),
     (BASE + "evaluate: {seeds: [1]}\n", "evaluate: expected a search section"),
@@ -146,7 +160,8 @@ MALFORMED = [
      "data.options.colour: unknown option for synthetic; expected one of seed, train_chars"),
     (BASE.replace("synthetic, options: {train_chars: 3000, valid_chars: 500, test_chars: 500}",
                   "ptb, options: {split: 0.5}") + ABLATION, "data.options.split: unknown option for ptb; expected no"),
-    (BASE.replace("train_chars: 3000", "train_chars: 0") + ABLATION, "data.options: expected valid synthetic options"),
+    (BASE.replace("train_chars: 3000", "train_chars: 0") + ABLATION,
+     "data.options.train_chars: expected an integer in [1, 100,000,000], got 0"),
     (BASE + ABLATION + "resources: {gpus_per_trial: -1}\n",
      "resources.gpus_per_trial: expected greater than or equal to 0, got -1"),
     (BASE + ABLATION + "resources: {gpus_per_trial: 1.5}\n",
@@ -383,7 +398,9 @@ def test_dependency_length_is_a_data_factor_with_its_own_corpus_and_hash(tmp_pat
 
 
 @pytest.mark.parametrize(("factor", "problem"), [
-    ("[1]", "ablation.factors.dependency_length[0]: expected a valid dependency_length (dependency_length must be"),
+    ("[1]", "ablation.factors.dependency_length[0]: expected an integer in [2, 100,000,000], got 1"),
+    ("[40, 100000001]", "ablation.factors.dependency_length[1]: expected an integer in [2, 100,000,000], got "
+                        "100,000,001"),
     ("['40']", "ablation.factors.dependency_length[0]: expected an integer, got '40'"),
     ("[true]", "ablation.factors.dependency_length[0]: expected an integer, got true"),
 ])

@@ -40,11 +40,21 @@ import json
 import random
 import string
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from nlstm.data.corpora import Corpus
 from nlstm.data.vocab import Vocabulary
 
 __all__ = ["SyntheticConfig", "bracket_spans", "synthetic_corpus", "synthetic_texts"]
+
+# Upper bounds: generation is a Python loop (~1 s and ~100 MB per 10^7 characters), so a split of
+# 10^11 characters would run out of memory after minutes instead of being refused. 10^8 is the
+# size of the largest real corpora here (enwik8, text8). A word length of 10^6 would make even the
+# count of possible words (sum of 26^k) take forever.
+MAX_SPLIT_CHARS = 100_000_000
+MAX_WORD_LEN = 32
+MAX_NESTING = 100
+MAX_BRACKETS = 64
 
 
 @dataclass(frozen=True)
@@ -61,14 +71,26 @@ class SyntheticConfig:
     open_prob: float = 0.1  # chance, at each item boundary, of opening a span (if depth allows)
     brackets: str = "()[]{}<>"  # opener/closer pairs
 
+    # (lowest, highest) of each integer option, checked before anything is generated
+    BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
+        "train_chars": (1, MAX_SPLIT_CHARS), "valid_chars": (1, MAX_SPLIT_CHARS), "test_chars": (1, MAX_SPLIT_CHARS),
+        "dependency_length": (2, MAX_SPLIT_CHARS), "max_nesting": (0, MAX_NESTING),
+        "min_word_len": (1, MAX_WORD_LEN), "max_word_len": (1, MAX_WORD_LEN)}
+
+    @classmethod
+    def bound_problem(cls, name: str, value: int) -> str | None:
+        """'must be in [low, high], got value' if ``value`` is out of ``name``'s bounds, else None."""
+        if name not in cls.BOUNDS:
+            return None
+        low, high = cls.BOUNDS[name]
+        return None if low <= value <= high else f"{name} must be in [{low:,}, {high:,}], got {value:,}"
+
     def __post_init__(self) -> None:
-        if min(self.train_chars, self.valid_chars, self.test_chars) < 1:
-            raise ValueError("split lengths must be >= 1")
-        if self.dependency_length < 2:
-            raise ValueError("dependency_length must be >= 2")
-        if self.max_nesting < 0:
-            raise ValueError("max_nesting must be >= 0")
-        if not 1 <= self.min_word_len <= self.max_word_len:
+        for name in self.BOUNDS:
+            problem = self.bound_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        if not self.min_word_len <= self.max_word_len:
             raise ValueError("need 1 <= min_word_len <= max_word_len")
         possible = sum(26**k for k in range(self.min_word_len, self.max_word_len + 1))
         if not 1 <= self.n_words <= min(possible, 10_000):
@@ -76,8 +98,10 @@ class SyntheticConfig:
         if not 0.0 <= self.open_prob < 1.0:
             raise ValueError("open_prob must be in [0, 1)")
         b = self.brackets
-        if len(b) < 2 or len(b) % 2 or len(set(b)) != len(b) or set(b) & set(string.ascii_lowercase + " "):
-            raise ValueError("brackets must be distinct opener/closer pairs, not letters or space")
+        if (len(b) < 2 or len(b) > MAX_BRACKETS or len(b) % 2 or len(set(b)) != len(b)
+                or set(b) & set(string.ascii_lowercase + " ")):
+            raise ValueError(f"brackets must be distinct opener/closer pairs (at most {MAX_BRACKETS} characters), "
+                             "not letters or space")
 
     @property
     def pairs(self) -> dict[str, str]:
