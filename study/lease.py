@@ -30,6 +30,8 @@ from mlflow import MlflowClient
 from study.layout import LEASE_TAG
 from study.processes import process_start_time, stop_processes
 
+DISK_FULL_ALARM = "no space left on the tracking store's device"
+
 
 class LeaseHeld(RuntimeError):
     """Another live driver holds the study's lease."""
@@ -160,8 +162,10 @@ class StudyLease:
                 failures = 0
             except Exception as e:  # a store hiccup: try again at the next beat; staleness is judged by others
                 failures += 1
-                if failures >= self.unreachable_after and self.on_lost:
-                    self.on_lost(f"the tracking store is unreachable ({str(e).strip().splitlines()[0][:200]})")
+                full = "database or disk is full" in str(e) or "No space left on device" in str(e)
+                if (full or failures >= self.unreachable_after) and self.on_lost:
+                    self.on_lost(DISK_FULL_ALARM if full else
+                                 f"the tracking store is unreachable ({str(e).strip().splitlines()[0][:200]})")
                     return
 
     def check(self) -> None:

@@ -121,6 +121,8 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore")
         for name in ("mlflow", "alembic", "ray", "ray.train", "optuna", "filelock"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # a store error is raised and said in one line by the driver; MLflow also logs it with its traceback
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial gets one line, not a traceback
         import optuna
 
@@ -412,12 +414,12 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
     import ray
 
     from study.cache import FolderInUse, FolderLock
-    from study.lease import LeaseHeld, LeaseLost
+    from study.lease import DISK_FULL_ALARM, LeaseHeld, LeaseLost
     from study.optuna_store import OptunaStoreError, check_optuna_file
     from study.phases import StudyFailed, StudyInterrupted, run_phases
     from study.processes import DriverRecord
     from study.searcher import RecordMismatch, SearchIncomplete
-    from study.store import limit_http_retries
+    from study.store import limit_http_retries, sqlite_path
     from study.tracking import StudyConflict, StudyTracker
 
     spec, study_dir = setup.spec, setup.study_dir
@@ -499,6 +501,11 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
         if why.startswith("another driver"):  # not a signal: the lease thread saw another driver take over
             _close_quietly(tracker, None)
             return fail(f"{why}; this driver wrote nothing more and stopped", code=1)
+        if why == DISK_FULL_ALARM:  # the lease thread could not write the store: its disk is full
+            _close_quietly(tracker, "KILLED")
+            db = sqlite_path(setup.tracking_uri)
+            return fail(f"no space left on the device of {db.parent if db else setup.study_dir}: free some space, "
+                        "then rerun the same command to resume", code=1)
         if why.startswith("the tracking store"):  # the lease thread could not reach the store
             _close_quietly(tracker, "KILLED")
             return fail(f"the tracking store {mask_url(setup.tracking_uri)} is unreachable; the runs so far are "

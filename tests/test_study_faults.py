@@ -4,6 +4,7 @@ rerun closes what it could not; the one chance rule decides what the evaluate ph
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from fault_harness import small_disk  # noqa: F401 (the fixture)
 from mlflow import MlflowClient
 from test_study_run import REPO, kind, runs_of, steps, study_file
 from test_study_trust import ENV, driver, finish
@@ -86,6 +88,46 @@ def test_a_damaged_tracking_store_is_one_line_naming_it(tmp_path, monkeypatch, c
     line = _one_line(capsys.readouterr().err)
     assert f"tracking store {db} is damaged" in line and "restore it from a copy" in line, line
     assert not (tmp_path / "studies").exists()
+
+
+# ------------------------------------------------------------------ item 4: a full disk
+def test_a_full_disk_is_one_line_and_the_study_finishes_once_space_is_freed(small_disk, tmp_path):  # noqa: F811
+    """The store and the output on a small tmpfs that fills up mid-search: one line naming the folder, no
+    trial spends an attempt on it; once space is freed the rerun finishes with exactly the trials asked for."""
+    disk = small_disk(tmp_path / "disk", size_mb=96)
+    spec = study_file(tmp_path, "full", FAMILIES.replace("epochs: 2", "epochs: 4")).resolve()
+    spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 20000"))
+    command = [sys.executable, str(REPO / "study" / "run.py"), "--space", str(spec), "--tracking-uri",
+               str(disk.folder / "mlflow.db"), "--output", str(disk.folder / "studies")]
+    first = disk.popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240  # a checkpoint is written before its epoch is logged
+        checkpoints = disk.view / "studies" / "full" / "checkpoints"
+        while time.monotonic() < deadline and first.poll() is None and not list(checkpoints.glob("*/trainer.pt")):
+            time.sleep(0.2)
+        disk.fill()
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 1, out + err
+    line = _one_line(err)
+    assert "no space left on the device of" in line and str(disk.folder) in line, line
+    assert "rerun the same command" in line and "interrupted" not in line, line
+    disk.free()
+    again = disk.run(command, cwd=tmp_path, env=ENV, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # the record, read where the disk is mounted (MLflow resolves /proc/<pid>/root paths to the host's view)
+    script = ("import json; from mlflow import MlflowClient; c = MlflowClient('sqlite:///{db}'); "
+              "e = c.get_experiment_by_name('full'); print(json.dumps([[r.data.tags, sorted(m.step for m in "
+              "c.get_metric_history(r.info.run_id, 'valid_bpc'))] for r in c.search_runs([e.experiment_id]) "
+              "if r.data.tags.get('nlstm.kind') == 'trial']))").format(db=disk.folder / "mlflow.db")
+    read = disk.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV)
+    trials = json.loads(read.stdout.strip().splitlines()[-1])
+    assert sorted(tags["nlstm.trial_id"] for tags, _ in trials) == ["nlstm-d2-search-000", "single-d1-search-000"]
+    for tags, epochs in trials:
+        assert tags["nlstm.status"] == "completed" and "nlstm.attempts" not in tags, tags
+        assert epochs == [1, 2, 3, 4], tags["nlstm.trial_id"]
 
 
 # ------------------------------------------------------------------ item 9: two drivers, one folder
