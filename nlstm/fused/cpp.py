@@ -174,7 +174,7 @@ def _build():
                 if lock.locked:  # the lock is ours: a torch `lock` here was left by a killed builder
                     (folder / "lock").unlink(missing_ok=True)
                 (folder / STAMP).unlink(missing_ok=True)
-                copy = folder / SOURCE.name  # compiled from inside the folder: its path is part of the key
+                copy = folder / SOURCE.name  # compiled from here: where SOURCE lies is not in the build
                 if not copy.is_file() or copy.read_bytes() != source:
                     _write_atomically(copy, source)
                 cpp_extension.load(name=NAME, sources=[str(copy)], extra_cflags=list(CFLAGS),
