@@ -36,19 +36,27 @@ def scratch_folder() -> Path:
 # Nothing the suite runs writes into $HOME (issue 19). What would, unless pointed elsewhere (a
 # setting the user made is kept): the corpus and C++ build cache (~/.cache/nlstm), matplotlib's
 # font cache and config (~/.cache/matplotlib, ~/.config/matplotlib), other per-user caches such as
-# pip's in test_packaging (~/.cache), MLflow's telemetry id (~/.config/mlflow/telemetry.json) and
-# Ray's token (~/.ray/auth_token: every Ray the suite starts is private). Tune's ~/ray_results is
-# avoided by every Tuner getting a storage path; `home_stays_clean` below checks all of it.
+# pip's in test_packaging (~/.cache), Chromium's profile and crash reports (~/.config/chromium*),
+# MLflow's telemetry id (~/.config/mlflow/telemetry.json) and Ray's token (~/.ray/auth_token: every
+# Ray the suite starts is private). Tune's ~/ray_results is avoided by every Tuner getting a storage
+# path; `home_stays_clean` below checks all of it. Moving XDG_CONFIG_HOME would hide the user's pip
+# configuration (an index, a certificate) from test_packaging's `pip wheel`: it is named explicitly.
 SCRATCH = scratch_folder()
 os.environ.setdefault("NLSTM_CACHE_DIR", str(SCRATCH / "cache"))
 os.environ.setdefault("MPLCONFIGDIR", str(SCRATCH / "matplotlib"))
 os.environ.setdefault("XDG_CACHE_HOME", str(SCRATCH / "xdg-cache"))
+if "XDG_CONFIG_HOME" not in os.environ:
+    _pip_config = Path.home() / ".config" / "pip" / "pip.conf"
+    if _pip_config.is_file():
+        os.environ.setdefault("PIP_CONFIG_FILE", str(_pip_config))
+    os.environ["XDG_CONFIG_HOME"] = str(SCRATCH / "xdg-config")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # Where the suite wrote into $HOME before (checked when $HOME is not empty; an empty one must stay empty).
 HOME_WRITERS = ("ray_results", ".ray", ".cache/nlstm", ".cache/matplotlib", ".config/matplotlib", ".config/mlflow",
-                ".cache/torch_extensions", ".cache/pip", ".mlflow", ".optuna")
+                ".config/chromium", ".config/chromium-headless", ".cache/chromium", ".pki", ".cache/torch_extensions",
+                ".cache/pip", ".mlflow", ".optuna")
 
 
 def _home_entries(home: Path, was_empty: bool) -> set[str]:
