@@ -9,6 +9,9 @@ CONSTRAINTS ?= constraints.txt
 PIP_C  := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 SPACE  ?= search_spaces/smoke.yaml
 export RAY_AUTH_MODE ?= disabled
+# The corpus cache and the fused kernel's C++ build stay in the checkout (as in .ci/run), not in
+# ~/.cache/nlstm: `make install` builds the C++ loops there once and `make test`/`make demo` load them.
+export NLSTM_CACHE_DIR ?= $(CURDIR)/.cache/nlstm
 
 .PHONY: install demo test lint bench ui clean
 

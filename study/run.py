@@ -68,12 +68,30 @@ def _number(kind: type, low: float, inclusive: bool) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from study.catalog import builtin_studies
+
+    studies = builtin_studies()
+    folder = next(iter(studies.values())).parent if studies else None
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "docs" / "study.md").is_file():  # a checkout
+        formats = f"The study file format in full: {REPO_ROOT / 'docs' / 'study.md'}"
+    else:  # installed: docs/ is not in the wheel, the README is (as the package's description)
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            dist = distribution("nlstm")
+            meta = next((f for f in dist.files or [] if f.name == "METADATA"), None)
+        except PackageNotFoundError:
+            meta = None
+        where = f" (in {Path(str(dist.locate_file(meta))).resolve()})" if meta else ""
+        formats = (f"The study file format: the README's \"Studies\" section, shipped as this package's "
+                   f"description{where};\nin full in docs/study.md of the project's source.")
+    epilog = (f"built-in studies (--space NAME): {', '.join(studies)}\n"
+              + (f"their files, annotated examples of the format: {folder}\n" if folder else "") + formats)
     p = argparse.ArgumentParser(prog=invoked_as("nlstm-study"), description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="The study file format: docs/study.md")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     add = p.add_argument
     add("--space", required=True, type=Path, metavar="FILE", help="the study file (YAML), or the name of a built-in "
-        "study (smoke, ptb-cpu, ptb, text8, enwik8, ablation-depth)")
+        "study (listed below)")
     add("--dry-run", action="store_true", help="validate and print the trial plan (configurations, widths, "
         "parameter counts, estimated duration); train and write nothing")
     add("--smoke", action="store_true", help="the same study shrunk as its `smoke` section says (tiny data, 1-2 "

@@ -8,47 +8,60 @@ docs/benchmarks.md.
 
 The source ships with the package and is compiled by :func:`torch.utils.cpp_extension.load` the
 first time a CPU call wants it (about a minute on 2 cores), into ``$NLSTM_CACHE_DIR`` (else
-``~/.cache/nlstm``)/``torch_extensions``, one folder per torch version and CPU feature set (it is
-compiled with ``-march=native``); later processes load the built library. A fresh install needs
-no compiler: if the build fails for any reason the Python loops run and one warning line says
-why, once per process. ``NLSTM_CPP=0`` runs the Python loops. The C++ loops are the default at
-every width: they were measured faster than (or, at large widths where the GEMMs dominate, as
-fast as) the Python loops at every size tried (docs/benchmarks.md). CUDA tensors never come here.
+``~/.cache/nlstm``)/``torch_extensions``, one folder per :class:`BuildKey`: everything torch's build
+rebuilds on (torch's and Python's header and library paths, the compiler and its flags) and what
+the library depends on (torch's version, the CPU's features, as it is compiled with
+``-march=native``, and the source's content, which is copied into the folder). Two environments
+with the same torch on one machine (a checkout's ``.venv`` and an installed wheel, two checkouts,
+the code Ray ships to a node) therefore build once each instead of rebuilding each other's build on
+every first call. A finished build is marked by ``built.json``; later processes load the library
+without running the build again. Builds run under :class:`nlstm.fused.build_lock.BuildLock`: a
+process waiting for another's build says so on stderr, and a build whose process was killed is
+taken over at once. A fresh install needs no compiler: if the build fails for any reason the
+Python loops run and one warning line says why, once per process. ``NLSTM_CPP=0`` runs the Python
+loops. The C++ loops are the default at every width: they were measured faster than (or, at large
+widths where the GEMMs dominate, as fast as) the Python loops at every size tried
+(docs/benchmarks.md). CUDA tensors never come here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
+import sysconfig
 import threading
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "CPP_CHOICES", "MIN_ONEDNN_STEP_MACS", "SOURCE", "backward_loop_cpp", "build_dir",
+    "CPP_CHOICES", "MIN_ONEDNN_STEP_MACS", "SOURCE", "BuildKey", "backward_loop_cpp", "build_dir",
     "build_failure", "clear_stale_lock", "forward_loop_cpp", "kernels", "onednn_in_cpp", "prepare", "setting",
     "use_cpp",
 ]
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "fused_cpu.cpp"
 NAME = "nlstm_fused_cpu"
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno")
+STAMP = "built.json"  # written after a finished build: its BuildKey
 CPP_CHOICES = ("1", "0")
 MIN_ONEDNN_STEP_MACS = 6_000_000  # smaller per-step GEMMs: the C++ loops use ATen's (see onednn_in_cpp)
 
-STALE_LOCK_SECONDS = 1800  # a build lock older than this was left by a process killed mid-build
+STALE_LOCK_SECONDS = 1800  # without a BuildLock: a torch build lock older than this was left by a killed build
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "ops": the loaded op namespace, or "failed": the reason
 
 
-def _cpu_tag() -> str:
-    """A short hash of what the built library depends on: torch's version and the CPU's features
-    (``-march=native`` code must not run on another CPU sharing the cache folder)."""
+def _cpu_features() -> str:
+    """The machine and the CPU's features (``-march=native`` code must not run on another CPU
+    sharing the cache folder)."""
     flags = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -57,15 +70,70 @@ def _cpu_tag() -> str:
                 flags += line
                 if line.startswith("flags"):
                     break
-    key = f"{torch.__version__}|{platform.machine()}|{flags}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{platform.machine()}|{flags}"
 
 
-def build_dir() -> Path:
-    """Where the library is built: ``$NLSTM_CACHE_DIR`` (else ``~/.cache/nlstm``)/torch_extensions/<tag>."""
+@dataclass(frozen=True)
+class BuildKey:
+    """What a build of the C++ loops depends on; one build folder per distinct key.
+
+    torch writes the include and library paths, the compiler and the flags into the build's
+    ``build.ninja``, and ninja rebuilds whenever that command changes: two environments sharing a
+    folder rebuilt each other's library on every first call (issue 19: 30+ builds in 22 minutes).
+    So those are all in the key, with torch's version, the CPU and the source's content. The
+    interpreter itself is not: it only enters the build through these paths (a venv shares its base
+    Python's headers), so environments that would write the same ``build.ninja`` share one build."""
+
+    torch_version: str
+    include_paths: tuple[str, ...]  # torch's headers and Python.h (-isystem)
+    library_paths: tuple[str, ...]  # torch's libraries (-L)
+    compiler: str  # $CXX as torch runs it, and where it resolves
+    cflags: tuple[str, ...]
+    cpu: str
+    source_sha256: str
+
+    @classmethod
+    def current(cls, source: bytes) -> BuildKey:
+        """The key of a build of ``source`` in this process's environment."""
+        from torch.utils import cpp_extension
+
+        includes = list(cpp_extension.include_paths())  # the CPU build's, as torch's build uses them
+        python_include = sysconfig.get_path("include", scheme="nt" if os.name == "nt" else "posix_prefix")
+        if python_include:
+            includes.append(python_include)
+        cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
+        return cls(torch.__version__, tuple(includes), tuple(cpp_extension.library_paths()),
+                   f"{cxx} ({shutil.which(cxx)})", CFLAGS, _cpu_features(), hashlib.sha256(source).hexdigest())
+
+    def tag(self) -> str:
+        """A short hash of the key: the build folder's suffix."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_dir(key: BuildKey | None = None) -> Path:
+    """Where the library is built: ``$NLSTM_CACHE_DIR`` (else ``~/.cache/nlstm``)/torch_extensions/<name>-<tag>,
+    for ``key`` (default: this environment's key for :data:`SOURCE`)."""
     from nlstm.data.download import default_cache_dir  # lazily: only a build needs it
 
-    return default_cache_dir() / "torch_extensions" / f"{NAME}-{_cpu_tag()}"
+    key = key or BuildKey.current(SOURCE.read_bytes())
+    return default_cache_dir() / "torch_extensions" / f"{NAME}-{key.tag()}"
+
+
+def _is_built(folder: Path, key: BuildKey) -> bool:
+    """A finished build of ``key`` is in ``folder``: its stamp names the key and the library is there."""
+    from torch.utils.cpp_extension import LIB_EXT
+
+    try:
+        return (json.loads((folder / STAMP).read_text()) == json.loads(json.dumps(asdict(key)))
+                and (folder / f"{NAME}{LIB_EXT}").is_file())
+    except (OSError, ValueError):
+        return False
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def clear_stale_lock(folder: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
@@ -73,7 +141,8 @@ def clear_stale_lock(folder: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
 
     torch's build holds that file while it compiles, and every other process waits (with no time
     limit) until it disappears; a process killed mid-build (a trial stopped by its scheduler)
-    leaves it behind, and every later process would hang. A build takes about a minute here."""
+    leaves it behind. Only the fallback where the build folder cannot be locked (see
+    :mod:`nlstm.fused.build_lock`) relies on this age rule; a build takes about a minute here."""
     lock = folder / "lock"
     try:
         if time.time() - lock.stat().st_mtime > max_age:
@@ -88,20 +157,31 @@ def _build():
     """Compile (or load the already compiled) library; returns ``torch.ops.nlstm_fused_cpu``."""
     from torch.utils import cpp_extension
 
+    from nlstm.fused.build_lock import BuildLock
+
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:  # checked first: torch would log a screenful before failing
         raise RuntimeError(f"no C++ compiler found ({compiler!r}; set CXX to use another)")
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_stale_lock(folder)
-    cpp_extension.load(
-        name=NAME,
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    source = SOURCE.read_bytes()
+    key = BuildKey.current(source)
+    folder = build_dir(key)
+    if not _is_built(folder, key):
+        folder.mkdir(parents=True, exist_ok=True)
+        with BuildLock(folder, what="the build of the C++ loops") as lock:
+            if not lock.locked:
+                clear_stale_lock(folder)
+            if not _is_built(folder, key):  # else: built while this process waited
+                if lock.locked:  # the lock is ours: a torch `lock` here was left by a killed builder
+                    (folder / "lock").unlink(missing_ok=True)
+                (folder / STAMP).unlink(missing_ok=True)
+                copy = folder / SOURCE.name  # compiled from here: where SOURCE lies is not in the build
+                if not copy.is_file() or copy.read_bytes() != source:
+                    _write_atomically(copy, source)
+                cpp_extension.load(name=NAME, sources=[str(copy)], extra_cflags=list(CFLAGS),
+                                   build_directory=str(folder), is_python_module=False, verbose=False)
+                _write_atomically(folder / STAMP, json.dumps(asdict(key), indent=1).encode())
+                return torch.ops.nlstm_fused_cpu
+    torch.ops.load_library(str(folder / f"{NAME}{cpp_extension.LIB_EXT}"))
     return torch.ops.nlstm_fused_cpu
 
 
