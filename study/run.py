@@ -134,6 +134,7 @@ def _quiet_libraries(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output prints banners even at verbose=0
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also reaches the Ray workers
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a failed trial is said once, by the driver
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when imported
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." per run with a server
         warnings.filterwarnings("ignore")
@@ -392,7 +393,7 @@ def build_cpu_loops(args: argparse.Namespace, setup: Setup) -> None:
     took = time.monotonic() - start
     if took > 2:  # a build, not a load of the cached library (0.4 s)
         outcome = "built its C++ loops" if ready else "could not build its C++ loops (the Python loops run)"
-        print(f"fused kernel: {outcome} in {took:.0f} s, once per machine", flush=True)
+        print(f"fused kernel: {outcome} in {took:.0f} s, once per environment", flush=True)
 
 
 def trial_concurrency(args: argparse.Namespace, cpus: float, gpus: float) -> int:

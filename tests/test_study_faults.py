@@ -37,7 +37,7 @@ search:
 
 def _one_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), (len(lines), lines[:3], lines[-3:])
     return lines[0]
 
 
