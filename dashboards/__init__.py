@@ -8,7 +8,7 @@ Data flows one way: MLflow (written by ``study/``, layout in ``docs/mlflow-layou
 (with :mod:`dashboards.importance`) -> :mod:`dashboards.report` (``report.html`` + ``report.md``), with the
 tidy CSV tables of :mod:`dashboards.tables`.
 Nothing here trains; torch is imported only through :mod:`nlstm.params`, to judge runs of a store that
-records neither the corpus's entropy nor its vocabulary. The layout's names come from :mod:`study.layout`
+records neither the corpus's entropy nor its vocabulary. The layout's names come from :mod:`study.record.layout`
 (no Ray, MLflow or torch behind it). ``study/write_report.py`` (``nlstm-report``) is the command line.
 """
 

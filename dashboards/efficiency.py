@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from study.layout import TRIAL_SLOTS_TAG
+from study.record.layout import TRIAL_SLOTS_TAG
 
 
 @dataclass(frozen=True)

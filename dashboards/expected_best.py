@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from dashboards.stats import sorted_families
-from study.layout import SEARCH_BUDGET_TAG, SEARCH_FIDELITY_TAG
+from study.record.layout import SEARCH_BUDGET_TAG, SEARCH_FIDELITY_TAG
 
 MIN_TRIALS = 3
 N_RESAMPLES = 2_000

@@ -32,7 +32,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from dashboards.stop_reason import derive_stop_reason
-from study.layout import (
+from study.record.layout import (
     CANDIDATE_TAG,
     CODE_VERSION_TAG,
     CPUS_TAG,
@@ -49,7 +49,7 @@ from study.layout import (
 
 IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_hash", "seed", "trial_id", "status",
                  "fail_reason")
-# Tags of the next record (study.layout); absent on older runs, where the columns stay empty ("not recorded").
+# Tags of the next record (study.record.layout); absent on older runs, where the columns stay empty ("not recorded").
 RECORD_TAGS = {"candidate_activation": CANDIDATE_TAG, "code_version": CODE_VERSION_TAG,
                "record_version": RECORD_VERSION_TAG, "cpus": CPUS_TAG, "threads": THREADS_TAG}
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.

@@ -1,7 +1,7 @@
 """Did a run have its CPUs to itself? Only then are its times (tokens/s, training time, valid BPC at equal
 training time T*) a measurement of the model rather than of the machine's other tenants.
 
-Per run, from the record (``study.layout``):
+Per run, from the record (``study.record.layout``):
 
 - ``cpu_share``: process CPU seconds spent in training steps / (training seconds x torch threads),
   cumulative, logged per epoch. Near 1 when every torch thread ran whenever the run trained; 0.5 when the

@@ -4,7 +4,7 @@ A model that ignores context scores the corpus's unigram entropy; one that guess
 ``log2(V)`` for a vocabulary of V symbols. A run whose validation or test BPC is not clearly below that
 bar has not learned anything, whatever its MLflow status says: with a learning rate far too high a
 trial "completes" at 15-700 BPC, and such numbers must never enter a mean, an interval or a test.
-The rule is the project's one chance rule, :func:`study.layout.below_chance` (the trainer and the
+The rule is the project's one chance rule, :func:`study.record.layout.below_chance` (the trainer and the
 driver use it too): learned only if ``CHANCE_MARGIN_BITS`` (0.1 bit) below chance.
 
 Chance, per run, from the most specific record available (``docs/report.md`` lists the keys):
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from study.layout import CHANCE_MARGIN_BITS, below_chance
+from study.record.layout import CHANCE_MARGIN_BITS, below_chance
 
 LEARNED, NOT_LEARNED, FAILED, PRUNED, RUNNING = "learned", "did not learn", "failed", "pruned", "running"
 OUTCOMES = (LEARNED, NOT_LEARNED, FAILED, PRUNED, RUNNING)

@@ -52,7 +52,7 @@ from dashboards.tables import (
     tidy_timescales,
     trials_table,
 )
-from study.layout import CHANCE_MARGIN_BITS
+from study.record.layout import CHANCE_MARGIN_BITS
 
 FIGURE_DPI = 110
 
@@ -387,9 +387,9 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "An arm is a family (nlstm-dD: Nested LSTM of depth D; stacked-dD: D stacked layers; single-d1) at a "
         "parameter budget; the width of each was solved from the budget, and the achieved count is shown.",
         "Only runs that learned enter the statistics: a run that diverged or failed, was pruned, or finished with a "
-        f"valid or test BPC not {CHANCE_MARGIN_BITS:g} bit below chance (study.layout.below_chance; chance is the "
-        "corpus's unigram entropy when recorded, else log2 of the vocabulary size) is excluded and counted per arm; "
-        "running runs are counted above.",
+        f"valid or test BPC not {CHANCE_MARGIN_BITS:g} bit below chance (study.record.layout.below_chance; chance "
+        "is the corpus's unigram entropy when recorded, else log2 of the vocabulary size) is excluded and counted per "
+        "arm; running runs are counted above.",
         "A protocol is one phase's seeds and training budget; an arm (and its representative configuration) lives in "
         "one protocol, and arms are compared only within the same protocol and budget.",
         "Means are over seeds; intervals are two-sided 95 % Student-t intervals (scipy.stats.t.interval), given only "

@@ -51,7 +51,7 @@ from dashboards.improvement import Improvement, probability_of_improvement
 from dashboards.machine_load import LoadCheck, check_load
 from dashboards.outcome import EXCLUDED, LEARNED, NOT_LEARNED, OUTCOMES, RUNNING, classify_runs, exclusion_text
 from dashboards.stop_reason import describe_counts, ending_sentence, stop_counts
-from study.layout import ARCHS, CHANCE_MARGIN_BITS
+from study.record.layout import ARCHS, CHANCE_MARGIN_BITS
 
 CONFIDENCE = 0.95
 MIN_SEEDS = 3
@@ -68,7 +68,7 @@ TEST_NAME = "paired t-test (two-sided, scipy.stats.ttest_rel)"
 WELCH_NAME = "Welch's t-test (two-sided, scipy.stats.ttest_ind with equal_var=False)"
 ARCH_ORDER = {arch: i for i, arch in enumerate(ARCHS)}
 TRAINING_BUDGET = ("epochs", "max_steps_per_epoch", "max_train_tokens")  # params that set how long a run trains
-DATA_FACTORS = ("dependency_length",)  # params that give a run another corpus (study.spec.DATA_PARAMS)
+DATA_FACTORS = ("dependency_length",)  # params that give a run another corpus (study.spec.schema.DATA_PARAMS)
 PROBE_MARGIN_BITS = 0.1  # below the no-memory bound by this much: the dependency was learned (the trainer's margin)
 ARM = ["protocol", "budget", "family"]
 
@@ -140,7 +140,7 @@ FAMILY = re.compile(r"^(?P<arch>[a-z]+)-d(?P<depth>\d+)(?:-(?P<variant>.+))?$")
 
 def family_parts(family: str) -> tuple[str, int, str]:
     """``nlstm-d2-tanh`` -> ``("nlstm", 2, "tanh")``; ``stacked-d2`` -> ``("stacked", 2, "")``. The family tag
-    names the outer candidate of a nested model when it is not the identity (study.layout.FAMILY_TAG)."""
+    names the outer candidate of a nested model when it is not the identity (study.record.layout.FAMILY_TAG)."""
     match = FAMILY.match(str(family))
     if not match:
         return str(family), 0, ""
@@ -254,7 +254,7 @@ def _bar_sentence(runs: pd.DataFrame) -> str:
     known = [f"{lo:.3f}" + (f"-{hi:.3f}" if hi > lo else "") + f" bits ({src})"
              for src, (lo, hi) in sources.iterrows() if src != "unknown"]
     text = (f" A run learned if its valid and test BPC are at least {CHANCE_MARGIN_BITS:g} bit below chance "
-            f"(study.layout.below_chance): {'; '.join(known)}." if known else "")
+            f"(study.record.layout.below_chance): {'; '.join(known)}." if known else "")
     if any(src.startswith("log2(vocabulary") for src in sources.index):
         text += (" Where a run records no unigram entropy, chance is log2 of the vocabulary, an upper bound of the "
                  "entropy: a more lenient bar.")

@@ -2,7 +2,7 @@
 
 A run that stopped at its *plateau* (validation BPC no longer improving) shows where its model ends; a run
 that stopped at its epoch cap (*max_epochs*) or its time budget shows only how far it got, i.e. how fast
-it learns. Runs recorded since ``study.layout.STOP_REASON_TAG`` exists say which (:data:`STOP_REASONS`).
+it learns. Runs recorded since ``study.record.layout.STOP_REASON_TAG`` exists say which (:data:`STOP_REASONS`).
 
 Older records lack the tag. Their reason is derived only where the record leaves no doubt:
 
@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from study.layout import STOP_REASONS
+from study.record.layout import STOP_REASONS
 
 PLATEAU, MAX_EPOCHS = "plateau", "max_epochs"
 NOT_RECORDED = ""

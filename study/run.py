@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from study.cli import invoked_as
-from study.layout import PHASES, TRIAL_SLOTS_TAG
-from study.redact import mask_url
-from study.schema import StudySpec
-from study.smoke import shrink_for_smoke
-from study.spec import load_spec
-from study.spec_errors import SpecError
+from study.record.layout import PHASES, TRIAL_SLOTS_TAG
+from study.record.redact import mask_url
+from study.spec.errors import SpecError
+from study.spec.load import load_spec
+from study.spec.schema import StudySpec
+from study.spec.smoke import shrink_for_smoke
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def _number(kind: type, low: float, inclusive: bool) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from study.catalog import builtin_studies
+    from study.spec.catalog import builtin_studies
 
     studies = builtin_studies()
     folder = next(iter(studies.values())).parent if studies else None
@@ -160,7 +160,7 @@ class Setup:
     data_dir: str | None
     tracking_uri: str
     study_dir: Path
-    storage: Any = None  # study.cluster.Storage: the Ray experiments' root (None for --dry-run)
+    storage: Any = None  # study.driver.cluster.Storage: the Ray experiments' root (None for --dry-run)
     optuna_url: str = ""
     checkpoints_dir: str = ""  # a resumed study's recorded checkpoint folder (default: <study_dir>/checkpoints)
 
@@ -224,10 +224,10 @@ def check_ray_answers(address: str, timeout_s: float = ADDRESS_TIMEOUT_S,
 def prepare(args: argparse.Namespace) -> Setup:
     """Validate the study file, arguments, data, budgets, store and cluster address."""
     from nlstm.data import CorpusError
-    from study.catalog import find_study_file
-    from study.plan import check_budgets
-    from study.store import StoreError, check_store, resolve_tracking_uri
-    from study.trial import load_study_corpus
+    from study.record.store import StoreError, check_store, resolve_tracking_uri
+    from study.spec.catalog import find_study_file
+    from study.spec.plan import check_budgets
+    from study.trials.corpus import load_study_corpus
 
     try:
         args.space = find_study_file(args.space)
@@ -294,9 +294,9 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_dir: Path) -> tuple[Any, str]:
     """The tracking store, Tune storage and Optuna storage, checked for where the trials run."""
-    from study.cluster import ClusterError, check_tracking_for_cluster, resolve_storage
-    from study.optuna_store import OptunaStoreError, check_optuna_storage, resolve_optuna_url
-    from study.store import StoreError, check_path_names, scheme_of
+    from study.driver.cluster import ClusterError, check_tracking_for_cluster, resolve_storage
+    from study.record.store import StoreError, check_path_names, scheme_of
+    from study.search.optuna_store import OptunaStoreError, check_optuna_storage, resolve_optuna_url
 
     try:
         if args.address:
@@ -312,7 +312,7 @@ def _check_cluster_storage(args: argparse.Namespace, tracking_uri: str, study_di
 
 
 def _check_output(study_dir: Path) -> None:
-    from study.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
+    from study.record.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
 
     try:
         check_path_names(study_dir, "--output")
@@ -336,7 +336,7 @@ def local_concurrency(args: argparse.Namespace, cpus: float) -> int:
 def print_plan(args: argparse.Namespace, setup: Setup) -> None:
     import torch
 
-    from study.plan import build_plan
+    from study.spec.plan import build_plan
 
     concurrency = local_concurrency(args, setup.cpus)
     measure = not (setup.gpus > 0 and not torch.cuda.is_available())  # CPU timings say nothing of a GPU study
@@ -349,7 +349,7 @@ def start_ray(args: argparse.Namespace) -> bool:
 
     if ray.is_initialized():
         return False
-    from study.cluster import runtime_env
+    from study.driver.cluster import runtime_env
 
     level = logging.INFO if args.verbose else logging.ERROR
     if args.address:  # other machines: the project's code travels with the job
@@ -432,14 +432,14 @@ def run_study(args: argparse.Namespace, setup: Setup) -> int:
 
     import ray
 
-    from study.cache import FolderInUse, FolderLock
-    from study.lease import DISK_FULL_ALARM, LeaseHeld, LeaseLost
-    from study.optuna_store import OptunaStoreError, check_optuna_file
-    from study.phases import StudyFailed, StudyInterrupted, run_phases
-    from study.processes import DriverRecord
-    from study.searcher import RecordMismatch, SearchIncomplete
-    from study.store import limit_http_retries, sqlite_path
-    from study.tracking import StudyConflict, StudyTracker
+    from study.driver.phases import StudyFailed, StudyInterrupted, run_phases
+    from study.driver.processes import DriverRecord
+    from study.record.folder import FolderInUse, FolderLock
+    from study.record.lease import DISK_FULL_ALARM, LeaseHeld, LeaseLost
+    from study.record.store import limit_http_retries, sqlite_path
+    from study.record.tracker import StudyConflict, StudyTracker
+    from study.search.optuna_store import OptunaStoreError, check_optuna_file
+    from study.search.searcher import RecordMismatch, SearchIncomplete
 
     spec, study_dir = setup.spec, setup.study_dir
     started = time.monotonic()
@@ -575,7 +575,7 @@ def _close_quietly(tracker: Any, status: str | None) -> None:
 
 
 def _store_answers(uri: str) -> bool:
-    from study.store import StoreError, check_store
+    from study.record.store import StoreError, check_store
 
     try:
         check_store(uri, timeout_s=5)
@@ -610,14 +610,14 @@ def _one_line(error: BaseException) -> str:
 
 def _study_run(args: argparse.Namespace, setup: Setup, tracker: Any, environment: dict[str, Any]) -> Any:
     """The record's folders and stores bound to this driver: Ray's experiments, the checkpoints, Optuna."""
-    from study.cache import RecordBinding, claim_cache
-    from study.checkpoints import CheckpointStore
-    from study.cluster import bind_storage
-    from study.layout import CHECKPOINTS_TAG, RECORD_VERSION
-    from study.optuna_store import prepare_studies
-    from study.phases import StudyRun
-    from study.space import tuning_families
-    from study.tracking import code_version
+    from study.driver.cluster import bind_storage
+    from study.driver.phases import StudyRun
+    from study.record.folder import RecordBinding, claim_cache
+    from study.record.layout import CHECKPOINTS_TAG, RECORD_VERSION
+    from study.record.tracker import code_version
+    from study.search.optuna_store import prepare_studies
+    from study.search.space import tuning_families
+    from study.trials.checkpoints import CheckpointStore
 
     spec, study_dir = setup.spec, setup.study_dir
     explicit_storage = bool(args.storage)
@@ -660,7 +660,7 @@ def _study_run(args: argparse.Namespace, setup: Setup, tracker: Any, environment
 def _use_recorded_stores(args: argparse.Namespace, setup: Setup, tags: dict[str, str]) -> None:
     """A resumed study goes on with the Optuna storage and checkpoints its record names, from whatever folder
     the driver runs in (unless the command names others)."""
-    from study.layout import CHECKPOINTS_TAG, OPTUNA_STORAGE_TAG
+    from study.record.layout import CHECKPOINTS_TAG, OPTUNA_STORAGE_TAG
 
     recorded_optuna = tags.get(OPTUNA_STORAGE_TAG, "")
     if not args.optuna_storage and recorded_optuna and recorded_optuna == mask_url(recorded_optuna):
@@ -696,8 +696,8 @@ def _clear_outputs(setup: Setup, explicit_storage: bool) -> None:
 
 def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     """environment.json of the parent run: the machine and packages, and this run's settings and data
-    (URLs and the command line with their passwords masked: study.redact)."""
-    from study.tracking import environment_info
+    (URLs and the command line with their passwords masked: study.record.redact)."""
+    from study.record.tracker import environment_info
 
     spec, corpus, cpus, gpus = setup.spec, setup.corpus, setup.cpus, setup.gpus
     return environment_info({"threads": {"torch_threads_per_trial": max(1, int(cpus)), "cpus_per_trial": cpus,
@@ -713,7 +713,7 @@ def _environment(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
 
 def _study_params(setup: Setup) -> dict[str, Any]:
     """The parent run's params (docs/mlflow-layout.md): what never changes over the study's life."""
-    from study.space import sampler_description, scheduler_description
+    from study.search.space import sampler_description, scheduler_description
 
     spec, corpus = setup.spec, setup.corpus
     return {"corpus": spec.data.corpus, "data_fingerprint": corpus.fingerprint, "vocab_size": len(corpus.vocab),
@@ -723,16 +723,16 @@ def _study_params(setup: Setup) -> dict[str, Any]:
 
 def _study_tags(args: argparse.Namespace, setup: Setup, environment: dict[str, Any]) -> dict[str, str]:
     """The parent run's tags that a rerun updates: the code, the search's budget and fidelity, the stores."""
-    from study.layout import (
+    from study.record.layout import (
         CODE_VERSION_TAG,
         OPTUNA_STORAGE_TAG,
         SEARCH_BUDGET_TAG,
         SEARCH_FIDELITY_TAG,
         SEARCH_TRIALS_TAG,
     )
-    from study.plan import steps_per_epoch
-    from study.space import num_samples, scheduler_description
-    from study.tracking import code_version
+    from study.record.tracker import code_version
+    from study.search.space import num_samples, scheduler_description
+    from study.spec.plan import steps_per_epoch
 
     spec = setup.spec
     tags = {CODE_VERSION_TAG: code_version(environment)}

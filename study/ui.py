@@ -16,7 +16,7 @@ import os
 import sys
 
 from study.cli import invoked_as
-from study.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+from study.record.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
 
 
 def build_parser() -> argparse.ArgumentParser:

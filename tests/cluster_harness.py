@@ -38,7 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from study.processes import descendants
+from study.driver.processes import descendants
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -230,7 +230,7 @@ class Cluster:
         return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *command]
 
     def node_can_import_project(self) -> bool:
-        probe = self.in_node_namespace([sys.executable, "-c", "import study.trial"])
+        probe = self.in_node_namespace([sys.executable, "-c", "import study.trials.trainable"])
         return subprocess.run(probe, env=base_env(), cwd=self.empty, capture_output=True).returncode == 0
 
     def worker(self) -> list[str]:

@@ -129,7 +129,7 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
 def test_model_file_from_a_crafted_tune_checkpoint_runs_no_code(tmp_path):
     pytest.importorskip("ray")
-    from study.trial import model_file_from_checkpoint
+    from study.trials.checkpoints import model_file_from_checkpoint
 
     marker = tmp_path / "pwned"
     (tmp_path / "trial.json").write_text('{"key": "k", "model_config": {}, "vocab": "{}"}')

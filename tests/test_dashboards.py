@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from study.layout import CANDIDATE_TAG, CODE_VERSION_TAG, CPUS_TAG, STOP_REASON_TAG
+from study.record.layout import CANDIDATE_TAG, CODE_VERSION_TAG, CPUS_TAG, STOP_REASON_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "tiny-study"
@@ -37,7 +37,7 @@ EMBEDDING = 8
 EPOCHS = 2
 TAG = "nlstm."
 CODE_VERSION = "0.0.0+gtest"
-# the trainer's stop reasons, before and after they took the layout's names (study.layout.STOP_REASONS)
+# the trainer's stop reasons, before and after they took the layout's names (study.record.layout.STOP_REASONS)
 STOP_REASONS = {"epochs": "max_epochs", "early stopping": "plateau", "time budget": "time_budget"}
 # MLflow's sqlite store trips SQLAlchemy's "noload is deprecated" warning on first use (not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")

@@ -7,7 +7,7 @@ PostgreSQL 15 or the namespaces are missing.
 The PostgreSQL roles have passwords, and the password must stay out of everything the study
 prints and records: the drivers' output, the MLflow runs (params, tags, artifacts such as
 environment.json), the Optuna studies' attributes, the drivers' folders and the MLflow artifacts
-in the bucket. The fast tests at the end check ``study.redact.mask_url`` against SQLAlchemy's own
+in the bucket. The fast tests at the end check ``study.record.redact.mask_url`` against SQLAlchemy's own
 password masking and the one-line refusals that quote a URL.
 """
 
@@ -24,7 +24,7 @@ from cluster_harness import PG_PORT, S3_PORT, TRACKING, postgres_missing
 from test_study_cluster import needs_namespaces
 from test_study_run import DATA
 
-from study.redact import mask_url
+from study.record.redact import mask_url
 
 REPO = Path(__file__).resolve().parents[1]
 ADDRESS = "127.0.0.1:6380"

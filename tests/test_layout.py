@@ -1,4 +1,4 @@
-"""study.layout: the MLflow layout's names, shared by study/ and dashboards/. Fast, no Ray."""
+"""study.record.layout: the MLflow layout's names, shared by study/ and dashboards/. Fast, no Ray."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from study import layout
-from study.layout import CHANCE_MARGIN_BITS, below_chance, planned_key, search_key, trial_key_of
+from study.record.layout import CHANCE_MARGIN_BITS, below_chance, planned_key, search_key, trial_key_of
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_layout_loads_neither_ray_mlflow_nor_torch():
-    code = ("import sys, study.layout\n"
+    code = ("import sys, study.record.layout\n"
             "print(sorted(m for m in ('ray', 'mlflow', 'torch', 'pandas', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -53,7 +53,7 @@ def test_an_installed_package_runs_a_built_in_study_by_name_from_any_folder(inst
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "study smoke" in out.stdout and "dry run: nothing was trained or written." in out.stdout
-    probe = "import study.tracking as t; print(t.__file__); print(t.environment_info()['git_commit'])"
+    probe = "import study.record.tracker as t; print(t.__file__); print(t.environment_info()['git_commit'])"
     where, commit = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                                    text=True, timeout=120).stdout.split()
     assert where.startswith(str(installed)) and commit == "None"
@@ -73,7 +73,7 @@ def test_the_console_commands_name_themselves_and_find_studies_by_name(tmp_path)
                            timeout=120)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
         "error: nope: no such file, nor a built-in study "
-        "(ablation-depth, enwik8, long-range, ptb-cpu, ptb, smoke, text8)")
+        "(ablation-depth, enwik8, long-range-plateau, long-range, ptb-cpu, ptb-tuned, ptb, smoke, text8)")
 
 
 def help_epilog(env: dict, cwd: Path, *command: str) -> tuple[str, list[str], list[Path]]:

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from mlflow import MlflowClient
 
-from study.layout import CONFIG_HASH_TAG, FAMILY_TAG, KIND_TAG, PHASE_TAG, STATUS_TAG, TRIAL_ID_TAG, factor_tag
-from study.phases import phase_summary
+from study.driver.phases import phase_summary
+from study.record.layout import CONFIG_HASH_TAG, FAMILY_TAG, KIND_TAG, PHASE_TAG, STATUS_TAG, TRIAL_ID_TAG, factor_tag
 
 
 def test_ablation_rows_name_their_factors_but_not_the_family_again(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from study.progress import ProgressLine
+from study.driver.progress import ProgressLine
 
 
 def trial(key: str, phase: str = "search", status: str = "RUNNING", **result) -> SimpleNamespace:

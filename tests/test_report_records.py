@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from test_report_statistics import STUDY, FakeRun, analysed, make_store, noise, render
 
-from study.layout import (
+from study.record.layout import (
     CANDIDATE_TAG,
     CODE_VERSION_TAG,
     CPUS_TAG,

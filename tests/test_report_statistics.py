@@ -319,10 +319,10 @@ def test_outcomes_follow_status_reason_and_bar():
 
 
 def test_the_chance_rule_is_study_layouts_below_chance_with_its_margin():
-    """One chance rule everywhere (study.layout.below_chance): below the unigram entropy is not enough, a run must
-    be CHANCE_MARGIN_BITS (0.1 bit) below it; log2(vocabulary) stands in only where no entropy is recorded."""
+    """One chance rule everywhere (study.record.layout.below_chance): below the unigram entropy is not enough, a run
+    must be CHANCE_MARGIN_BITS (0.1 bit) below it; log2(vocabulary) stands in only where no entropy is recorded."""
     from dashboards.outcome import classify_runs
-    from study.layout import CHANCE_MARGIN_BITS
+    from study.record.layout import CHANCE_MARGIN_BITS
 
     assert CHANCE_MARGIN_BITS == 0.1
     trials = pd.DataFrame({"state": ["completed"] * 4, "fail_reason": [None] * 4, "mlflow_status": ["FINISHED"] * 4,

@@ -265,7 +265,7 @@ def test_a_cluster_study_without_reachable_tracking_or_storage_is_refused_in_one
 
 
 def _spec(tmp_path: Path, space: str, sampler: str = "{type: tpe, seed: 0, n_startup_trials: 2}"):
-    from study.spec import load_spec
+    from study.spec.load import load_spec
 
     path = tmp_path / "b.yaml"
     path.write_text("name: b\n" + DATA + f"search:\n  space:\n{space}  sampler: {sampler}\n  num_samples: 9\n")
@@ -277,7 +277,7 @@ def _spec(tmp_path: Path, space: str, sampler: str = "{type: tpe, seed: 0, n_sta
                                      "{type: random, seed: 1}", "{type: grid, seed: 0}"])
 def test_the_balanced_architecture_is_an_optuna_parameter_allocated_in_turn(tmp_path, sampler):
     """Before: `arch` was returned as a constant, so Optuna's trials had only {lr}."""
-    from study.space import DefineByRun, make_sampler
+    from study.search.space import DefineByRun, make_sampler
 
     depth = "" if "grid" in sampler else \
         "    depth: {type: categorical, choices: [2, 3], when: {arch: [nlstm, stacked]}}\n"  # grid: no conditions
@@ -301,7 +301,7 @@ def test_the_balanced_architecture_is_an_optuna_parameter_allocated_in_turn(tmp_
 
 
 def test_two_balanced_entries_take_the_digits_of_the_trial_number(tmp_path):
-    from study.space import preview_search
+    from study.search.space import preview_search
 
     spec = _spec(tmp_path, "    arch: {type: categorical, choices: [nlstm, stacked], balanced: true}\n"
                            "    lr: {type: categorical, choices: [0.02, 1.0e-6], balanced: true}\n")
@@ -310,7 +310,7 @@ def test_two_balanced_entries_take_the_digits_of_the_trial_number(tmp_path):
 
 
 def test_the_optuna_study_belongs_to_one_record(tmp_path):
-    from study.optuna_store import OptunaStoreError, prepare_studies, resolve_optuna_url
+    from study.search.optuna_store import OptunaStoreError, prepare_studies, resolve_optuna_url
 
     url = resolve_optuna_url(None, tmp_path)
     assert url == f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -336,8 +336,8 @@ def test_the_optuna_study_belongs_to_one_record(tmp_path):
 
 
 def test_the_storage_is_part_of_the_record_binding(tmp_path):
-    from study.cache import RecordBinding, claim_cache
-    from study.cluster import ClusterError, Storage, bind_storage, resolve_storage
+    from study.driver.cluster import ClusterError, Storage, bind_storage, resolve_storage
+    from study.record.folder import RecordBinding, claim_cache
 
     study_dir = tmp_path / "studies" / "s"
     local = RecordBinding("sqlite:////x/mlflow.db", "1", "run", "hash", str(study_dir / "ray"))
@@ -363,9 +363,9 @@ def test_the_storage_is_part_of_the_record_binding(tmp_path):
 
 def test_a_node_without_the_drivers_corpus_or_gpu_is_named(tmp_path, monkeypatch):
     from nlstm.data import CorpusError
-    from study.cluster import trial_device
-    from study.spec import load_spec
-    from study.trial import load_study_corpus, node_corpus
+    from study.spec.load import load_spec
+    from study.trials.corpus import load_study_corpus, node_corpus
+    from study.trials.placement import trial_device
 
     path = tmp_path / "d.yaml"
     path.write_text("name: d\n" + DATA + "ablation: {factors: {arch: [nlstm]}, seeds: [1]}\n")
@@ -380,7 +380,7 @@ def test_a_node_without_the_drivers_corpus_or_gpu_is_named(tmp_path, monkeypatch
     def absent(*args, **kwargs):
         raise CorpusError("ptb.train.txt is not in /data or the cache, and the download failed")
 
-    monkeypatch.setattr("study.trial.load_study_corpus", absent)
+    monkeypatch.setattr("study.trials.corpus.load_study_corpus", absent)
     with pytest.raises(CorpusError, match=r"node gpu-3 \(10.0.0.13, node 1a2b3c4d\): corpus 'synthetic' not "
                                           r"available there \(ptb.train.txt is not in"):
         node_corpus(spec, None, fingerprint, where)

@@ -9,7 +9,7 @@ import pytest
 
 from nlstm.fused import cpp
 from study import run
-from study.spec import load_spec
+from study.spec.load import load_spec
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "ablation-depth.yaml"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_study_run import kind, optuna_trials, runs_of, study_file
 
-from study.extension import compare_specs
 from study.run import main
-from study.spec import load_spec
+from study.spec.extension import compare_specs
+from study.spec.load import load_spec
 
 pytestmark = pytest.mark.slow
 GROWING = """\

@@ -16,11 +16,12 @@ import pytest
 
 from nlstm import CharLM, ModelConfig
 from nlstm.trainer import TrainConfig
-from study.schema import ModelDefaults, TrainDefaults
-from study.smoke import shrink_for_smoke
-from study.space import ablation_cells, grid_space, make_sampler, preview_search, resolve
-from study.spec import load_spec, validate_spec
-from study.spec_errors import SpecError
+from study.search.space import grid_space, make_sampler, preview_search
+from study.spec.configs import ablation_cells, resolve
+from study.spec.errors import SpecError
+from study.spec.load import load_spec, validate_spec
+from study.spec.schema import ModelDefaults, TrainDefaults
+from study.spec.smoke import shrink_for_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = """\
@@ -422,7 +423,7 @@ def test_dependency_length_needs_the_synthetic_corpus(tmp_path):
 
 
 def test_search_families_each_get_the_budget_and_name_their_outer_candidate(tmp_path):
-    from study.space import num_samples, tuning_families
+    from study.search.space import num_samples, tuning_families
 
     text = BASE + FAMILIES.replace("{arch: stacked, layers: 2}",
                                    "{arch: nlstm, depth: 2, candidate_activation: tanh}, {arch: stacked, layers: 2}, "

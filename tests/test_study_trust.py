@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from test_study_run import REPO, kind, optuna_trials, runs_of, steps, study_file
 
+from study.record.store import StoreError, open_client, resolve_tracking_uri
 from study.run import main
-from study.store import StoreError, open_client, resolve_tracking_uri
 
 SEARCH = """\
 train: {epochs: 2, batch_size: 8, bptt: 20, eval_batch_size: 8, patience: null}
@@ -190,7 +190,7 @@ def test_a_fresh_sqlite_store_opened_by_four_processes_at_once_is_created_once(t
 
 
 def test_the_lease_of_a_live_driver_refuses_and_a_dead_ones_is_taken_over(tmp_path):
-    from study.lease import LeaseHeld, StudyLease
+    from study.record.lease import LeaseHeld, StudyLease
 
     client = open_client(f"sqlite:///{tmp_path / 'l.db'}")
     exp = client.create_experiment("s")
@@ -313,7 +313,7 @@ def test_sigterm_while_every_trial_runs_is_an_interruption_not_a_failed_phase(tm
 
 # ------------------------------------------------------------------ item 12: only its own processes
 def test_leftover_cleanup_kills_only_the_recorded_processes_of_a_dead_driver(tmp_path):
-    from study.processes import DriverRecord, process_start_time
+    from study.driver.processes import DriverRecord, process_start_time
 
     # A "driver" that starts one child and dies; a bystander in the same process group whose
     # command line looks like Ray's (what the old /proc scan would have killed).

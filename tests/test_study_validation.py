@@ -27,9 +27,9 @@ import pytest
 from test_study_spec import ABLATION, BASE, REPO
 
 from nlstm.params import width_for_budget
-from study.plan import check_budgets, minimum_budget
-from study.spec import MAX_YAML_VALUES, load_spec
-from study.spec_errors import SpecError
+from study.spec.errors import SpecError
+from study.spec.load import MAX_YAML_VALUES, load_spec
+from study.spec.plan import check_budgets, minimum_budget
 
 SEARCH = ("search: {space: {arch: {type: categorical, choices: [nlstm, stacked, single], balanced: true},"
           " layers: {type: int, low: 2, high: 2, when: {arch: stacked}}}}\n")
@@ -55,7 +55,7 @@ def _bomb(levels: int = 9, merge: bool = False) -> str:
 def load_in_subprocess(path: Path) -> str:
     """The one-line error of loading ``path``, in a child process: if a regression made the load
     exponential again, the timeout fails this test instead of hanging the suite."""
-    code = ("import sys\nfrom study.spec import load_spec\nfrom study.spec_errors import SpecError\n"
+    code = ("import sys\nfrom study.spec.load import load_spec\nfrom study.spec.errors import SpecError\n"
             "try:\n    load_spec(sys.argv[1])\nexcept SpecError as e:\n    print(e)\n    sys.exit(2)\n")
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
@@ -282,7 +282,7 @@ def _mem_total() -> int:
 
 
 def _no_process_limits() -> bool:
-    from study.memory import cgroup_room
+    from study.spec.memory import cgroup_room
 
     return (all(resource.getrlimit(r)[0] == resource.RLIM_INFINITY for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA))
             and cgroup_room() is None)
@@ -366,7 +366,7 @@ def test_a_dry_run_under_a_memory_limit_refuses_a_model_too_large_in_one_line(tm
 def memory_cgroup():
     """A new memory cgroup (inside this process's) limited to 3 GiB: (folder, a preexec_fn that moves
     the child process into it). Skipped where no memory cgroup can be made here."""
-    from study.memory import _cgroup_dirs
+    from study.spec.memory import _cgroup_dirs
 
     dirs = _cgroup_dirs()
     if not dirs:

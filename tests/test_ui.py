@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from study.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
+from study.record.layout import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""A study's trial checkpoints: where unfinished training is recorded, keyed by trial key.
+"""A study's trial checkpoints (where unfinished training is recorded, keyed by trial key) and ``model.pt``.
 
 ``<root>/<trial key>/trainer.pt`` (``nlstm.trainer.Trainer``'s checkpoint: weights, optimizer, RNG
 states, data position, carried state) and ``trial.json`` (whose trial and record it is, and what
@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import torch
 
-from nlstm.checkpoint import CheckpointError
+from nlstm.checkpoint import CheckpointError, load_checkpoint_file
+from nlstm.data import Vocabulary
 
 TRAINER_FILE, META_FILE = "trainer.pt", "trial.json"
 
@@ -91,3 +93,29 @@ class CheckpointStore:
         folder = self._dir(key)
         if self._fs.get_file_info(folder).type == pafs.FileType.Directory:
             self._fs.delete_dir(folder)
+
+
+def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, Any], vocab: Vocabulary,
+                    key: str) -> Path:
+    """``model.pt``: the weights with what is needed to rebuild and use them."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loadable without a GPU
+    torch.save({"state_dict": weights, "model_config": model_config, "vocab": vocab.to_json(), "trial_id": key}, path)
+    return path
+
+
+def model_file_from_checkpoint(checkpoint_dir: Path, out: Path) -> Path | None:
+    """``model.pt`` with the best weights of a trial's Tune checkpoint (None if it has none).
+
+    The checkpoint is read with ``weights_only=True`` (it runs no code); a damaged one is a one-line
+    ``nlstm.checkpoint.CheckpointError`` naming the file."""
+    meta_path, state_path = checkpoint_dir / "trial.json", checkpoint_dir / "trainer.pt"
+    if not (meta_path.is_file() and state_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    state = load_checkpoint_file(state_path)
+    weights = {k: v.cpu() for k, v in (state["best_state_dict"] or state["model"]).items()}
+    torch.save({"state_dict": weights, "model_config": meta["model_config"], "vocab": meta["vocab"],
+                "trial_id": meta["key"]}, out)
+    return out
+
+

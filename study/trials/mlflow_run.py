@@ -2,7 +2,7 @@
 created once, re-attached when the trial runs again, one metric batch per epoch, each epoch once.
 
 Every write checks the study's lease first (``fence``): a trial of a driver that lost the study to
-another driver writes nothing more (see ``study.lease``)."""
+another driver writes nothing more (see ``study.record.lease``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
-from study.layout import (
+from study.record.layout import (
     ATTEMPTS_TAG,
     EPOCH_METRICS,
     FAIL_REASON_TAG,
@@ -22,7 +22,7 @@ from study.layout import (
     STOP_REASON_TAG,
     TRIAL_ID_TAG,
 )
-from study.tracking import as_params, find_runs, now_ms
+from study.record.tracker import as_params, find_runs, now_ms
 
 MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
 

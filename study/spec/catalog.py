@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from study.spec_errors import SpecError
+from study.spec.errors import SpecError
 
 
 def builtin_studies() -> dict[str, Path]:

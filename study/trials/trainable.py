@@ -1,10 +1,10 @@
 """One trial: a Tune function trainable that trains one configuration with one seed.
 
-Its Tune config says everything about it (``study.searcher`` builds it): the trial key, phase,
+Its Tune config says everything about it (``study.search.searcher`` builds it): the trial key, phase,
 family, chosen values, seed, the MLflow run it belongs under and the fingerprint of the data it
 must train on. It solves the width from the budget, sets torch's threads to its CPU allotment,
 trains with ``nlstm.trainer.Trainer`` and, after each epoch, writes its checkpoint
-(``study.checkpoints``), then logs the epoch to MLflow, then reports the epoch's metrics to Tune
+(``study.trials.checkpoints``), then logs the epoch to MLflow, then reports the epoch's metrics to Tune
 (no Tune checkpoint: Ray's folders are a disposable cache). A trial that runs again (an interrupted
 study, a lost worker) continues from its checkpoint and logs only what MLflow does not have, so
 every epoch is recorded once.
@@ -22,7 +22,6 @@ again. A trial that failed for any other reason is retried when the study is res
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import math
 import os
@@ -36,15 +35,13 @@ import torch
 from ray import tune
 
 from nlstm.analysis import memory_timescales, memory_traces
-from nlstm.checkpoint import CheckpointError, load_checkpoint_file
-from nlstm.data import Corpus, CorpusError, Vocabulary, load_corpus
+from nlstm.checkpoint import CheckpointError
+from nlstm.data import Corpus
 from nlstm.data.synthetic import SyntheticConfig
 from nlstm.model import CharLM, ModelConfig
 from nlstm.probes import closer_bpc, no_memory_bound
 from nlstm.trainer import DivergenceError, EpochResult, TrainConfig, Trainer, TrainResult, seed_everything
-from study.checkpoints import TRAINER_FILE, CheckpointStore
-from study.cluster import node_name, trial_device, where_am_i
-from study.layout import (
+from study.record.layout import (
     ARCH_TAG,
     CANDIDATE_TAG,
     CODE_VERSION_TAG,
@@ -65,10 +62,13 @@ from study.layout import (
     STUDY_TAG,
     THREADS_TAG,
 )
-from study.lease import LeaseFence
-from study.schema import StudySpec
-from study.space import TrialConfig, resolve
-from study.trial_run import MAX_ATTEMPTS, TrialRun
+from study.record.lease import LeaseFence
+from study.spec.configs import TrialConfig, resolve
+from study.spec.schema import StudySpec
+from study.trials.checkpoints import TRAINER_FILE, CheckpointStore, save_model_file
+from study.trials.corpus import node_corpus
+from study.trials.mlflow_run import MAX_ATTEMPTS, TrialRun
+from study.trials.placement import trial_device, where_am_i
 
 MEMORY_STEPS = 1000  # held-out symbols read for the memory timescales and memories.npz
 
@@ -111,7 +111,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     checkpoints: CheckpointStore
-    lease_owner: str  # the driver's lease (study.lease): a trial of a driver that lost it writes nothing more
+    lease_owner: str  # the driver's lease (study.record.lease): a trial of a driver that lost it writes nothing more
     code_version: str = ""
     git_commit: str | None = None
     data_dir: str | None = None
@@ -144,55 +144,6 @@ class TrialSpec:
                    config.get("tuning_group", ""))
 
 
-@functools.lru_cache(maxsize=2)
-def _load(corpus: str, options_json: str, data_dir: str | None, max_train: int | None, max_eval: int | None) -> Corpus:
-    data = load_corpus(corpus, data_dir=data_dir, **json.loads(options_json))
-    if max_train is not None or max_eval is not None:
-        data = data.truncated(max_train if max_train is not None else len(data.train),
-                              max_eval if max_eval is not None else max(len(data.valid), len(data.test)))
-    return data
-
-
-def data_key(overrides: dict[str, Any]) -> str:
-    """Names a trial's corpus variant (``TrialConfig.data``); ``'{}'`` is the study's own corpus."""
-    return json.dumps(overrides, sort_keys=True)
-
-
-def load_study_corpus(spec: StudySpec, data_dir: str | None, download: bool = True,
-                      overrides: dict[str, Any] | None = None, cached: bool = True) -> Corpus:
-    """The study's corpus (with a trial's option ``overrides``), truncated as ``data`` says; cached
-    per process (a reused Tune actor loads it once). The driver reads it afresh (``cached=False``): a
-    ``text:PATH`` file edited between two studies of one process is other data."""
-    d = spec.data
-    options = d.options | (overrides or {})
-    if not download or not cached:
-        data = load_corpus(d.corpus, data_dir=data_dir, download=download, **options)
-        if d.max_train_tokens is not None or d.max_eval_tokens is not None:
-            data = data.truncated(d.max_train_tokens or len(data.train),
-                                  d.max_eval_tokens or max(len(data.valid), len(data.test)))
-        return data
-    return _load(d.corpus, json.dumps(options, sort_keys=True), data_dir, d.max_train_tokens, d.max_eval_tokens)
-
-
-def node_corpus(spec: StudySpec, data_dir: str | None, fingerprint: str | None, where: dict[str, str],
-                overrides: dict[str, Any] | None = None) -> Corpus:
-    """The study's corpus on this node: from ``data_dir`` if that folder exists here, else this
-    node's ``$NLSTM_DATA_DIR``, cache or a download; it must be the driver's corpus (same
-    fingerprint). Errors name the node."""
-    if data_dir is not None and not Path(data_dir).is_dir():
-        data_dir = None  # the driver's --data-dir is not mounted on this node
-    try:
-        corpus = load_study_corpus(spec, data_dir, overrides=overrides)
-    except (CorpusError, OSError, ValueError) as e:
-        raise CorpusError(f"node {node_name(where)}: corpus {spec.data.corpus!r} not available there ({e}); "
-                          "mount --data-dir at the same path on every node, or set NLSTM_DATA_DIR or "
-                          "NLSTM_CACHE_DIR on the node") from None
-    if fingerprint is not None and corpus.fingerprint != fingerprint:
-        raise CorpusError(f"node {node_name(where)}: its {spec.data.corpus} corpus ({corpus.source}) differs from "
-                          f"the driver's (fingerprint {corpus.fingerprint[:12]} != {fingerprint[:12]})")
-    return corpus
-
-
 def trial_tags(spec: StudySpec, trial: TrialSpec, cfg: TrialConfig, context: TrialContext) -> dict[str, str]:
     tags = {PARENT_RUN_TAG: trial.parent_run_id, KIND_TAG: "trial", PHASE_TAG: trial.phase, STUDY_TAG: spec.name,
             ARCH_TAG: cfg.arch, DEPTH_TAG: str(cfg.depth), FAMILY_TAG: cfg.family,
@@ -202,30 +153,6 @@ def trial_tags(spec: StudySpec, trial: TrialSpec, cfg: TrialConfig, context: Tri
     if context.git_commit:
         tags[GIT_COMMIT_TAG] = context.git_commit
     return tags
-
-
-def save_model_file(path: Path, model: torch.nn.Module, model_config: dict[str, Any], vocab: Vocabulary,
-                    key: str) -> Path:
-    """``model.pt``: the weights with what is needed to rebuild and use them."""
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loadable without a GPU
-    torch.save({"state_dict": weights, "model_config": model_config, "vocab": vocab.to_json(), "trial_id": key}, path)
-    return path
-
-
-def model_file_from_checkpoint(checkpoint_dir: Path, out: Path) -> Path | None:
-    """``model.pt`` with the best weights of a trial's Tune checkpoint (None if it has none).
-
-    The checkpoint is read with ``weights_only=True`` (it runs no code); a damaged one is a one-line
-    ``nlstm.checkpoint.CheckpointError`` naming the file."""
-    meta_path, state_path = checkpoint_dir / "trial.json", checkpoint_dir / "trainer.pt"
-    if not (meta_path.is_file() and state_path.is_file()):
-        return None
-    meta = json.loads(meta_path.read_text())
-    state = load_checkpoint_file(state_path)
-    weights = {k: v.cpu() for k, v in (state["best_state_dict"] or state["model"]).items()}
-    torch.save({"state_dict": weights, "model_config": meta["model_config"], "vocab": meta["vocab"],
-                "trial_id": meta["key"]}, out)
-    return out
 
 
 class _Reporter:

@@ -68,7 +68,7 @@ class RecordBinding:
     parent_run_id: str
     study_hash: str
     storage: str = ""  # where the Ray experiments are (<study_dir>/ray, or a record's folder in --storage)
-    record_version: int = 1  # study.layout.RECORD_VERSION of the code that wrote the folder (absent: 1)
+    record_version: int = 1  # study.record.layout.RECORD_VERSION of the code that wrote the folder (absent: 1)
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)

@@ -31,7 +31,7 @@ FAIL_REASON_TAG = "nlstm.fail_reason"
 ATTEMPTS_TAG = "nlstm.attempts"
 SOURCE_TRIAL_TAG = "nlstm.source_trial"  # evaluate config runs: the search trial they re-run
 TRIAL_SLOTS_TAG = "nlstm.trial_slots"  # parent run: trials at a time in the last driver run
-LEASE_TAG = "nlstm.lease"  # experiment: the driver that holds the study (study.lease)
+LEASE_TAG = "nlstm.lease"  # experiment: the driver that holds the study (study.record.lease)
 # Where a trial's latest attempt trained.
 HOSTNAME_TAG = "nlstm.hostname"
 NODE_ID_TAG = "nlstm.node_id"
@@ -55,7 +55,7 @@ SEARCH_BUDGET_TAG = "nlstm.search_trials_per_family"  # parent run: the tuning b
 SEARCH_TRIALS_TAG = "nlstm.search_trials"  # parent run: search trials in all (families x their budget)
 SEARCH_FIDELITY_TAG = "nlstm.search_fidelity"  # parent run: how long each search trial trains, and the scheduler
 OPTUNA_STORAGE_TAG = "nlstm.optuna_storage"  # parent run: where the search's Optuna studies are (password masked)
-CHECKPOINTS_TAG = "nlstm.checkpoints"  # parent run: where the trials' checkpoints are (study.checkpoints)
+CHECKPOINTS_TAG = "nlstm.checkpoints"  # parent run: where the trials' checkpoints are (study.trials.checkpoints)
 BEST_CONFIG_TAG = "nlstm.best_config"  # parent run: the run name of the configuration its summary metrics are of
 CPUS_TAG = "nlstm.cpus"  # trial runs: the logical CPUs of the node the latest attempt ran on
 
@@ -134,5 +134,5 @@ def planned_key(phase: str, family: str, seed: int, config_hash: str) -> str:
 
 
 def trial_key_of(config: dict[str, Any]) -> str | None:
-    """A trial's key from its Tune config (``study.searcher`` puts it there)."""
+    """A trial's key from its Tune config (``study.search.searcher`` puts it there)."""
     return config.get("trial_key")

@@ -1,6 +1,6 @@
 """Every trial of a study, phase after phase, from its record: the Tune ``Searcher`` of the study's one Tuner.
 
-**Search.** One Optuna study per family (``study.space.SearchFamily``) in the study's Optuna storage
+**Search.** One Optuna study per family (``study.search.space.SearchFamily``) in the study's Optuna storage
 (ask-and-tell): each family gets exactly its number of trials and its sampler learns from its own
 trials only. A trial is told how it ended: COMPLETE with its best valid BPC when it finished, PRUNED
 when its family's scheduler stopped it (with every value it reported), FAIL when it failed for good
@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import Searcher
 
-from study.layout import (
+from study.record.layout import (
     FAIL_REASON_TAG,
     FAMILY_TAG,
     PARAMS_JSON_TAG,
@@ -42,8 +42,9 @@ from study.layout import (
     planned_key,
     search_key,
 )
-from study.space import TRIAL_NUMBER, DefineByRun, SearchFamily, ablation_cells, make_sampler, resolve, tuning_families
-from study.trial import DISK_FULL, TrialSpec
+from study.search.space import DefineByRun, SearchFamily, make_sampler, tuning_families
+from study.spec.configs import TRIAL_NUMBER, ablation_cells, resolve
+from study.trials.trainable import DISK_FULL, TrialSpec
 
 METRIC, MODE = "best_valid_bpc", "min"  # each trial's best epoch so far: what schedulers and Optuna compare
 PARAMS_ATTR, RUN_NAME_ATTR, FAMILY_ATTR = "params", "run_name", "family"
@@ -90,7 +91,7 @@ class StudySearcher(Searcher):
         self.run = run  # study.driver.StudyRun: spec, tracker, corpora, Optuna storage
         self.phases = list(phases)
         self.max_concurrent = max_concurrent
-        self.stopped = stopped  # trials a scheduler stopped (study.family_scheduler)
+        self.stopped = stopped  # trials a scheduler stopped (study.search.scheduler)
         self.on_phase_end = on_phase_end  # the driver records the phase's outcome; raises nothing
         self.live: dict[str, TrialSpec] = {}
         self.failure: str | None = None  # set when a phase ended without a result worth going on from

@@ -1,7 +1,7 @@
 """The study file's schema: pydantic v2 models of its sections, with their defaults and ranges.
 
-Unknown keys are rejected everywhere (``extra="forbid"``); ``study.spec`` reads a file into these
-models and ``study.checks`` adds what a schema alone cannot say.
+Unknown keys are rejected everywhere (``extra="forbid"``); ``study.spec.load`` reads a file into these
+models and ``study.spec.checks`` adds what a schema alone cannot say.
 
 The file has these sections (docs/study.md has an annotated example)::
 
@@ -39,15 +39,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from study.layout import PHASES
-from study.spec_errors import describe_value, did_you_mean
+from study.record.layout import PHASES
+from study.spec.errors import describe_value, did_you_mean
 
 # Names a search space, an ablation factor or ablation.params may set: the model's and the
 # trainer's options under their YAML names, plus `layers` (the depth of a stacked LSTM).
 MODEL_PARAMS = ("arch", "depth", "layers", "embedding_dim", "dropout", "candidate_activation", "forget_bias", "impl")
 # Every budget of a study is a parameter count in [MIN_BUDGET, MAX_BUDGET]. The cap is a hard one,
 # checked without knowing the machine: a billion parameters need 16 GB for weights, gradients and
-# Adam's state alone (study.plan.check_budgets also checks the whole trial against this machine).
+# Adam's state alone (study.spec.plan.check_budgets also checks the whole trial against this machine).
 MIN_BUDGET = 100
 MAX_BUDGET = 1_000_000_000
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage
 
-from study.redact import mask_url
+from study.record.redact import mask_url
 
 PARENT_ATTR = "nlstm.parent_run_id"
 DEFAULT_FILE = "optuna.db"
@@ -53,7 +53,7 @@ def check_optuna_file(url: str) -> None:
     """A damaged sqlite Optuna storage is one ``OptunaStoreError`` naming it (an emptied one is an empty
     database: ``prepare_studies`` then refuses it if the record has trials it lost)."""
     if url.startswith("sqlite:///"):
-        from study.store import StoreError, check_sqlite_file
+        from study.record.store import StoreError, check_sqlite_file
 
         try:
             check_sqlite_file(Path(url.removeprefix("sqlite:///")), "the Optuna storage")
@@ -66,7 +66,7 @@ def check_optuna_storage(url: str) -> None:
     it) checked before the study writes anything: a name the file system cannot hold, or a folder
     (or an existing file) that cannot be written, failed only once the search started, after the
     study's record was written. Server URLs (postgresql://, ...) are not checked here."""
-    from study.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
+    from study.record.store import StoreError, check_path_names, check_writable_folder, existing_ancestor
 
     if "://" in url:
         if url.split("://", 1)[0].split("+", 1)[0].lower() != "sqlite":

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from ray import tune
 
-from study.layout import (
+from study.record.layout import (
     FAIL_REASON_TAG,
     FAMILY_TAG,
     KIND_TAG,
@@ -28,7 +28,7 @@ from study.layout import (
     TRIAL_ID_TAG,
     trial_key_of,
 )
-from study.tracking import find_runs, now_ms
+from study.record.tracker import find_runs, now_ms
 
 
 class TrackingCallback(tune.Callback):
@@ -36,7 +36,7 @@ class TrackingCallback(tune.Callback):
     (``pruned``, with their last metrics as final ones), stopped by an interruption (``interrupted``:
     the next driver continues them) or dead workers (``failed``).
 
-    ``stopped`` is the scheduler's set of trials it stopped (``study.family_scheduler``). Tune snapshots its
+    ``stopped`` is the scheduler's set of trials it stopped (``study.search.scheduler``). Tune snapshots its
     callbacks with the experiment (never read back); the client is made on first use.
     """
 

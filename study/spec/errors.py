@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# The ``type:`` of a search-space entry (study.schema.SpaceEntry), named in the messages.
+# The ``type:`` of a search-space entry (study.spec.schema.SpaceEntry), named in the messages.
 ENTRY_TYPES = ("float", "int", "categorical", "fixed")
 
 

@@ -10,7 +10,8 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import Field, ValidationError, create_model
 
-from study.schema import (
+from study.spec.errors import SpecError, describe_value, did_you_mean, pydantic_problem
+from study.spec.schema import (
     DATA_PARAMS,
     MAX_BUDGET,
     MIN_BUDGET,
@@ -25,7 +26,6 @@ from study.schema import (
     TrainDefaults,
     entry_values,
 )
-from study.spec_errors import SpecError, describe_value, did_you_mean, pydantic_problem
 
 
 def _check_param_value(name: str, value: Any) -> str | None:
@@ -146,7 +146,7 @@ FAMILY_FIELDS = ("arch", "depth", "layers", "candidate_activation", "embedding_d
 def _check_families(file: str, spec: StudySpec) -> None:
     """``search.families``: each a set of model values that names one family, tuned alone with
     ``trials_per_family`` trials; the space must not sample what a family fixes."""
-    from study.space import resolve
+    from study.spec.configs import resolve
 
     s = spec.search
     assert s is not None

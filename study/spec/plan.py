@@ -18,22 +18,12 @@ from nlstm.data import Corpus, StreamBatches
 from nlstm.model import CharLM, ModelConfig
 from nlstm.params import lm_parameters, width_for_budget
 from nlstm.trainer import TrainConfig, Trainer
-from study.layout import ARCHS, search_key
-from study.memory import trial_room
-from study.schema import MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
-from study.space import (
-    TrialConfig,
-    ablation_cells,
-    condition_holds,
-    fixed_budget,
-    num_samples,
-    preview_search,
-    resolve,
-    sampler_description,
-    scheduler_description,
-    tuning_families,
-)
-from study.spec_errors import SpecError
+from study.record.layout import ARCHS, search_key
+from study.search.space import num_samples, preview_search, sampler_description, scheduler_description, tuning_families
+from study.spec.configs import TrialConfig, ablation_cells, condition_holds, fixed_budget, resolve
+from study.spec.errors import SpecError
+from study.spec.memory import trial_room
+from study.spec.schema import MIN_BUDGET, CategoricalEntry, FixedEntry, StudySpec, entry_values
 
 TRIAL_OVERHEAD_S = 3.0  # starting/resetting a trial, MLflow writes, checkpoints (measured: 2-4 s)
 CONCURRENCY_SLOWDOWN = 1.15  # two trials on two cores each run ~10-15 % slower than one alone

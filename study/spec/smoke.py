@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from study.schema import StudySpec
-from study.spec import validate_spec
+from study.spec.load import validate_spec
+from study.spec.schema import StudySpec
 
 
 def shrink_for_smoke(spec: StudySpec) -> StudySpec:

@@ -1,5 +1,5 @@
 """The driver's MLflow records of a study, in the layout of docs/mlflow-layout.md (names in
-``study.layout``).
+``study.record.layout``).
 
 One experiment per study; one parent run (``nlstm.kind = study``); in the evaluate and ablation
 phases one config run per configuration (``nlstm.kind = config``); one trial run per training
@@ -8,7 +8,7 @@ trial runs by ``nlstm.trial_id``, the config runs by phase and ``nlstm.config_ha
 by ``nlstm.kind = study``. That is what lets a resumed study re-attach to its runs.
 
 ``StudyTracker`` is the driver's side (the experiment, the parent and config runs, environment.json);
-a trial writes its own run with ``study.trial_run.TrialRun``, and ``study.tracking_callback``
+a trial writes its own run with ``study.trials.mlflow_run.TrialRun``, and ``study.record.tune_callback``
 records from the driver what a worker cannot.
 """
 
@@ -31,8 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from study.extension import compare_specs
-from study.layout import (
+from study.record.layout import (
     ARCH_TAG,
     BEST_CONFIG_TAG,
     CANDIDATE_TAG,
@@ -61,12 +60,13 @@ from study.layout import (
     factor_tag,
     phase_tag,
 )
-from study.lease import StudyLease
-from study.redact import mask_url
-from study.schema import StudySpec
-from study.store import open_client
+from study.record.lease import StudyLease
+from study.record.redact import mask_url
+from study.record.store import open_client
+from study.spec.extension import compare_specs
+from study.spec.schema import StudySpec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("nlstm", "torch", "numpy", "ray", "optuna", "mlflow", "pandas", "pydantic", "PyYAML")
 
 
@@ -125,7 +125,7 @@ class StudyTracker:
         return exp.experiment_id
 
     def acquire_lease(self, on_lost: Any = None) -> str | None:
-        """Hold the study's lease in the store (``study.lease``); returns a note if a stale one was taken over."""
+        """Hold the study's lease in the store (``study.record.lease``); a note if a stale one was taken over."""
         self.experiment_id = self._experiment()
         self.lease = StudyLease(self.client, self.experiment_id, self.spec.name, on_lost=on_lost)
         return self.lease.acquire()
@@ -146,7 +146,7 @@ class StudyTracker:
     def check_resumable(self, parent: Run, fingerprint: str) -> list[str]:
         """Refuse (``StudyConflict``) a rerun that would mix incompatible work into a study's record: another
         record version, other data, an edit that invalidates finished runs. Returns the additions of an
-        edit that extends the study (see ``study.extension``), for the driver's note."""
+        edit that extends the study (see ``study.spec.extension``), for the driver's note."""
         tags, name = parent.data.tags, self.spec.name
         recorded = int(tags.get(RECORD_VERSION_TAG, "1"))
         if recorded != RECORD_VERSION:

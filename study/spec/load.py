@@ -1,6 +1,6 @@
 """Reading a study file: ``load_spec(path)`` parses the YAML safely (no code, bounded size and
-nesting), validates it against ``study.schema`` and ``study.checks``, and returns a ``StudySpec``.
-Any problem is a ``SpecError`` (one line, ``study.spec_errors``).
+nesting), validates it against ``study.spec.schema`` and ``study.spec.checks``, and returns a ``StudySpec``.
+Any problem is a ``SpecError`` (one line, ``study.spec.errors``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from study.checks import check_semantics
-from study.schema import StudySpec
-from study.spec_errors import SpecError, describe_value, pydantic_problem
+from study.spec.checks import check_semantics
+from study.spec.errors import SpecError, describe_value, pydantic_problem
+from study.spec.schema import StudySpec
 
 # Aliases are allowed (`train: &full {epochs: 50}` ... `train: *full`), but a document is refused
 # once expanded past these limits: nine aliases of nine aliases of ... ("billion laughs") are 342

@@ -27,8 +27,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from study.layout import LEASE_TAG
-from study.processes import process_start_time, stop_processes
+from study.driver.processes import process_start_time, stop_processes
+from study.record.layout import LEASE_TAG
 
 DISK_FULL_ALARM = "no space left on the tracking store's device"
 

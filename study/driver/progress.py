@@ -18,8 +18,8 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from study.layout import trial_key_of
-from study.tracking_callback import error_summary
+from study.record.layout import trial_key_of
+from study.record.tune_callback import error_summary
 
 
 def _clock(seconds: float) -> str:
@@ -32,7 +32,7 @@ class ProgressLine(tune.Callback):
     """The progress of a study's one Tuner, for the phase running now (a trial's phase is in its config).
 
     ``totals(phase)`` gives the phase's (trials in all, trials that had ended before this driver);
-    ``stopped`` holds the trials a scheduler stopped (``study.family_scheduler``). Tune marks the trials
+    ``stopped`` holds the trials a scheduler stopped (``study.search.scheduler``). Tune marks the trials
     it stops on Ctrl+C or SIGTERM TERMINATED, as it marks pruned ones: only those in ``stopped`` are
     called pruned, the others interrupted.
     """

@@ -3,12 +3,12 @@ the last evaluation seed.
 
 - ``search``: one Optuna study per family (or one for the whole space), each trial a configuration
   sampled with the tuning seed; the family's scheduler (ASHA, median stopping or none) stops poor
-  trials early (``study.family_scheduler``).
+  trials early (``study.search.scheduler``).
 - ``evaluate``: the top-k search configurations (overall, per arch or per family), each re-run
   with the evaluation seeds at the evaluate phase's full training budget.
 - ``ablation``: every cell of the factor grid, each run with the ablation seeds.
 
-``study.searcher.StudySearcher`` hands Tune the trials phase after phase from the record; Tune
+``study.search.searcher.StudySearcher`` hands Tune the trials phase after phase from the record; Tune
 reuses its trial processes across all of them (``reuse_actors``). Every driver starts a new Tune
 experiment (``<ray>/run-<time>``, kept for its logs and tracebacks, never read again): resuming is
 the searcher's job, from the record, so a study continues under any code version with the same
@@ -38,10 +38,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
 from nlstm.data import Corpus
-from study.checkpoints import CheckpointStore
-from study.cluster import Storage
-from study.family_scheduler import FamilyScheduler
-from study.layout import (
+from study.driver.cluster import Storage
+from study.driver.progress import ProgressLine
+from study.record.layout import (
     CONFIG_HASH_TAG,
     FAIL_REASON_TAG,
     FAMILY_TAG,
@@ -50,13 +49,15 @@ from study.layout import (
     TRIAL_ID_TAG,
     factors_of,
 )
-from study.progress import ProgressLine
-from study.redact import mask_url
-from study.schema import StudySpec
-from study.searcher import METRIC, MODE, StudySearcher, select_top
-from study.tracking import StudyTracker, find_runs
-from study.tracking_callback import TrackingCallback
-from study.trial import TrialContext, data_key, load_study_corpus, model_file_from_checkpoint, run_trial
+from study.record.redact import mask_url
+from study.record.tracker import StudyTracker, find_runs
+from study.record.tune_callback import TrackingCallback
+from study.search.scheduler import FamilyScheduler
+from study.search.searcher import METRIC, MODE, StudySearcher, select_top
+from study.spec.schema import StudySpec
+from study.trials.checkpoints import CheckpointStore, model_file_from_checkpoint
+from study.trials.corpus import data_key, load_study_corpus
+from study.trials.trainable import TrialContext, run_trial
 
 # Tune restarts a trial whose worker or node died (from its checkpoint) this many times. Tune cannot tell
 # those from the trial's own errors, which it restarts too: a diverged trial then fails again at once from
@@ -148,7 +149,7 @@ class StudyRun:
     out: TextIO
     storage: Storage  # the record's Ray folder root (Tune experiments go to <storage>/run-<time>)
     checkpoints: CheckpointStore
-    optuna_storage: Any = None  # the search's Optuna storage (study.optuna_store)
+    optuna_storage: Any = None  # the search's Optuna storage (study.search.optuna_store)
     optuna_location: str = ""  # how to name it to the user (no password)
     code_version: str = ""
     git_commit: str | None = None

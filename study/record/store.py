@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from study.redact import mask_url
+from study.record.redact import mask_url
 
 # Schemes MLflow's tracking stores understand (database URIs may carry a driver: `postgresql+psycopg2`).
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
