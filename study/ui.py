@@ -39,9 +39,15 @@ def server_command(tracking_uri: str, host: str, port: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dashboards.load import StoreError, default_tracking_uri, open_store
+    from dashboards.load import StoreError, open_store
+    from study.record.store import StoreError as UriError
+    from study.record.store import resolve_tracking_uri
 
-    uri = args.tracking_uri or default_tracking_uri()
+    try:  # the study command's rules: a URI, or a sqlite file path ending in .db
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except UriError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         client = open_store(uri)
     except StoreError as exc:

@@ -36,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(mlflow|sqlalchemy|alembic)(\..*)?")
-    from dashboards.load import StoreError, StudyNotFoundError, default_tracking_uri, load_study
+    from dashboards.load import StoreError, StudyNotFoundError, load_study
+    from study.record.store import StoreError as UriError
+    from study.record.store import resolve_tracking_uri
 
-    uri = args.tracking_uri or default_tracking_uri()
+    try:  # the study command's rules: a URI, or a sqlite file path ending in .db
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except UriError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         data = load_study(args.study, uri)
