@@ -99,7 +99,6 @@ class StudySearcher(Searcher):
         self.searches: list[FamilySearch] = []
         self._ot: dict[str, tuple[optuna.Study, int]] = {}  # Tune trial id -> (Optuna study, trial number)
         self._last_step: dict[str, int] = {}
-        self.ended: dict[str, list[str]] = {}  # phase -> keys that ended in this driver
         self._planned: dict[str, list[str]] = {}  # evaluate/ablation: every key of the phase
         self.totals: dict[str, tuple[int, int]] = {}  # phase -> (trials in all, ended before this driver)
         self._start_next(raise_problems=True)
@@ -127,7 +126,6 @@ class StudySearcher(Searcher):
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
-        self.ended.setdefault(trial.phase, []).append(trial.key)
         if error:
             record = self.run.tracker.trial_run(trial.key)
             reason = record.data.tags.get(FAIL_REASON_TAG, "") if record is not None else ""
