@@ -26,11 +26,11 @@ def test_a_log_gets_one_line_per_trial_end_and_a_final_summary():
             t.last_result |= {"epoch": epoch, "best_valid_bpc": 3.0 - epoch / 10}
             progress.on_trial_result(0, trials, t, t.last_result)
             progress.on_step_end(0, trials)
-        t.status = "TERMINATED"
         t.last_result["finished"] = i % 2 == 0
         if i % 2:
             stopped.add(t.trial_id)  # the scheduler's decision
-        progress.on_trial_complete(0, trials, t)
+        progress.on_trial_complete(0, trials, t)  # Tune calls it while the trial's status still says RUNNING
+        t.status = "TERMINATED"
     progress.end_phase("search")
     lines = log.getvalue().splitlines()
     assert len(lines) == 11, lines
@@ -57,10 +57,11 @@ def test_an_interrupted_trial_is_never_called_pruned_in_any_phase():
         progress = ProgressLine(lambda p: (3, 0), set(), stream=log, summary_every_s=3600)
         trials = [trial(f"k{i}", phase, epoch=1, best_valid_bpc=2.0) for i in (1, 2, 3)]
         progress.on_trial_start(0, trials, trials[0])
-        trials[0].status, trials[0].last_result["finished"] = "TERMINATED", True
+        trials[0].last_result["finished"] = True
         progress.on_trial_complete(0, trials, trials[0])
-        trials[1].status = "TERMINATED"  # stopped mid-run by the interruption
-        progress.on_trial_complete(0, trials, trials[1])
+        trials[0].status = "TERMINATED"
+        progress.on_trial_complete(0, trials, trials[1])  # stopped mid-run by the interruption
+        trials[1].status = "TERMINATED"
         progress.end_phase(phase)
         lines = log.getvalue().splitlines()
         assert lines[1] == f"  [{phase}] k2 stopped (interrupted) after 1 epoch(s), best 2.000 bpc", lines

@@ -58,11 +58,12 @@ class ProgressLine(tune.Callback):
     def setup(self, **info: Any) -> None:
         self._start = time.monotonic()
 
-    def _how(self, trial: Any) -> str:
+    def _how(self, trial: Any, ended: bool = False) -> str:
+        """How a trial stands; ``ended``: Tune is telling that it completed (its status may still say RUNNING)."""
         result = trial.last_result or {}
         if trial.status == "ERROR":
             return "failed"
-        if trial.status != "TERMINATED":
+        if trial.status != "TERMINATED" and not ended:
             return trial.status.lower()
         if result.get("finished"):
             return "completed"
@@ -127,8 +128,9 @@ class ProgressLine(tune.Callback):
             return
         result = trial.last_result or {}
         key = result.get("trial_key") or trial_key_of(trial.config) or trial.trial_id
+        state = self._how(trial, ended=True)
         how = {"completed": "completed", "pruned": "stopped early (pruned)",
-               "interrupted": "stopped (interrupted)"}.get(self._how(trial), self._how(trial))
+               "interrupted": "stopped (interrupted)"}.get(state, state)
         epochs = f" after {result['epoch']} epoch(s)" if result.get("epoch") else ""
         value = result.get("best_valid_bpc")
         best = f", best {value:.3f} bpc" if isinstance(value, (int, float)) and math.isfinite(value) else ""
