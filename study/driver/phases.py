@@ -223,9 +223,11 @@ def run_phases(run: StudyRun, phases: list[str]) -> None:
         callbacks.append(progress)
     tuner = tune.Tuner(
         trainable,
+        # max_concurrent_trials: Tune then keeps that many trials pending for the searcher (one otherwise, which
+        # starts the second slot's trial only when the first one ends)
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=-1, reuse_actors=True, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
+                                    num_samples=-1, reuse_actors=True, max_concurrent_trials=run.max_concurrent,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         # One experiment per driver, named for its record: two drivers on one cluster starting in the same second
         # must not share Ray's staging folder (<session>/artifacts/<start time>/<name>).
         run_config=tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{run.tracker.parent_run_id[:8]}",

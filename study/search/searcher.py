@@ -101,6 +101,15 @@ class StudySearcher(Searcher):
         self._last_step: dict[str, int] = {}
         self._planned: dict[str, list[str]] = {}  # evaluate/ablation: every key of the phase
         self.totals: dict[str, tuple[int, int]] = {}  # phase -> (trials in all, ended before this driver)
+        # Evaluate each family as soon as its own search has ended (with per-family budgets and per-family
+        # selection): no slot waits for the other families' last search trials, and Tune keeps its trial
+        # processes (an idle slot at a phase barrier makes it stop one).
+        spec = run.spec
+        self.ran_search = "search" in self.phases
+        self.pipelined = ("search" in self.phases and "evaluate" in self.phases and bool(spec.search.families)
+                          and spec.evaluate.per == "family")
+        self.early = PhaseWork("evaluate")  # evaluate trials of families whose search has ended
+        self._evaluated: dict[str, set[str]] = {}  # family -> config hashes chosen for it
         self._start_next(raise_problems=True)
 
     # ------------------------------------------------------------------ Tune's side
@@ -114,7 +123,7 @@ class StudySearcher(Searcher):
             if trial is not None:
                 self.live[trial_id] = trial
                 return trial.as_config()
-            if self.live:
+            if any(t.phase == self.current.phase for t in self.live.values()):
                 return None  # the phase's last trials are running; the next phase needs their results
             self._end_current()
 
@@ -134,6 +143,8 @@ class StudySearcher(Searcher):
                 self.phases, self.current = [], None
         if trial_id in self._ot:
             self._tell(trial_id, trial, result or {}, error)
+            if self.pipelined and self.failure is None:
+                self._maybe_evaluate_early(trial.tuning_group)
         elif trial.phase in ("evaluate", "ablation") and (result or {}).get("finished"):
             self.run.tracker.update_config_summary(trial.parent_run_id)
 
@@ -187,7 +198,8 @@ class StudySearcher(Searcher):
     def _next_trial(self, trial_id: str) -> TrialSpec | None:
         work = self.current
         if work.phase == "search":
-            return self._next_search_trial(trial_id)
+            trial = self._next_search_trial(trial_id)
+            return trial if trial is not None or not self.early.queue else self.early.queue.pop(0)
         return work.queue.pop(0) if work.queue else None
 
     def planned_keys(self, phase: str) -> list[str]:
@@ -333,21 +345,22 @@ class StudySearcher(Searcher):
         return rows
 
     def _check_search_ended(self, phase: str) -> None:
-        """Evaluate and ablation build on the search: it must have run every trial it asks for."""
+        """Evaluate and ablation build on the search: when this driver did not run it, the record must show
+        every trial it asks for ended (completed, pruned or failed)."""
         spec = self.run.spec
-        if spec.search is None:
+        if spec.search is None or self.ran_search:
             return
-        ended = 0
+        ended = {row["key"] for row in self._search_rows() if row["status"] in ("completed", "pruned", "failed")}
+        asked = 0
         for family in tuning_families(spec):
             try:
                 study = optuna.load_study(study_name=family.optuna_study, storage=self.run.optuna_storage)
             except KeyError:
-                study = None
-            trials = study.get_trials(deepcopy=False) if study is not None else []
-            ended += sum(1 for t in trials if t.state.is_finished() and RUN_NAME_ATTR in t.user_attrs)
+                continue
+            asked += sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RUN_NAME_ATTR) in ended)
         total = sum(f.trials for f in tuning_families(spec))
-        if ended < total:
-            raise SearchIncomplete(f"{phase}: the search has ended {ended} of its {total} trials; run it first "
+        if asked < total:
+            raise SearchIncomplete(f"{phase}: the search has ended {asked} of its {total} trials; run it first "
                                    "(--phases search, or no --phases)")
 
     def usable(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -355,20 +368,45 @@ class StudySearcher(Searcher):
         bar = self.run.unigram_bits
         return [r for r in rows if r["status"] in ("completed", "pruned") and below_chance(r["best_valid_bpc"], bar)]
 
-    def _start_evaluate(self) -> PhaseWork:
-        spec, tracker = self.run.spec, self.run.tracker
-        self._check_search_ended("evaluate")
+    def _evaluate_configs(self, rows: list[dict[str, Any]]) -> list[tuple[Any, dict, dict, dict]]:
         configs, seen = [], set()
-        for row in select_top(spec, self.usable(self._search_rows())):
-            cfg = resolve(spec, "evaluate", row["params"])
+        for row in select_top(self.run.spec, rows):
+            cfg = resolve(self.run.spec, "evaluate", row["params"])
             if cfg.config_hash not in seen:
                 seen.add(cfg.config_hash)
                 configs.append((cfg, row["params"], {}, {SOURCE_TRIAL_TAG: row["key"], SELECTED_TAG: "true"}))
-        if not configs:
+        return configs
+
+    def _maybe_evaluate_early(self, family: str) -> None:
+        """Plan ``family``'s evaluate trials once its search has ended (none of its trials left to run)."""
+        search = next((s for s in self.searches if s.family.name == family), None)
+        if search is None or search.wanted or family in self._evaluated or any(
+                t.phase == "search" and t.tuning_group == family for t in self.live.values()):
+            return
+        rows = [r for r in self.usable(self._search_rows()) if r["family"] == family]
+        configs = self._evaluate_configs(rows)
+        self._evaluated[family] = {cfg.config_hash for cfg, *_ in configs}
+        if configs:
+            self.early.queue += self._plan("evaluate", configs, self.run.spec.evaluate.seeds).queue
+
+    def _start_evaluate(self) -> PhaseWork:
+        spec, tracker = self.run.spec, self.run.tracker
+        if self.pipelined:  # the families evaluated early keep their choice; the others are chosen now
+            for search in self.searches:
+                self._maybe_evaluate_early(search.family.name)
+            work = PhaseWork("evaluate", list(self._planned.get("evaluate", [])), self.early.queue)
+            self.early = PhaseWork("evaluate")
+            chosen = set().union(*self._evaluated.values()) if self._evaluated else set()
+        else:
+            self._check_search_ended("evaluate")
+            configs = self._evaluate_configs(self.usable(self._search_rows()))
+            chosen = {cfg.config_hash for cfg, *_ in configs}
+            work = self._plan("evaluate", configs, spec.evaluate.seeds) if configs else PhaseWork("evaluate")
+        if not chosen:
             self.failure = "evaluate: no search trial finished below chance, so there is no configuration to evaluate"
             return PhaseWork("evaluate")
-        tracker.mark_unselected("evaluate", seen)
-        return self._plan("evaluate", configs, spec.evaluate.seeds)
+        tracker.mark_unselected("evaluate", chosen)
+        return work
 
     def _start_ablation(self) -> PhaseWork:
         spec = self.run.spec
@@ -386,7 +424,8 @@ class StudySearcher(Searcher):
 
     def _plan(self, phase: str, configs: list[tuple[Any, dict, dict, dict]], seeds: list[int]) -> PhaseWork:
         """Config runs for ``configs`` ((config, chosen values, factors, extra tags)), then every
-        (config, seed) trial whose run has not ended, the first seed of every configuration first."""
+        (config, seed) trial whose run has not ended, the first seed of every configuration first. Planning
+        a phase's families one after another adds to its planned keys and totals."""
         tracker = self.run.tracker
         work = PhaseWork(phase)
         runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in tracker.trial_runs(phase)}
@@ -407,8 +446,9 @@ class StudySearcher(Searcher):
                     continue
                 work.queue.append(TrialSpec(key, phase, cfg.family, dict(params), seed, parents[cfg.config_hash],
                                             self.run.fingerprint(cfg.data)))
-        self._planned[phase] = work.planned
-        self.totals[phase] = (len(work.planned), len(work.planned) - len(work.queue))
+        self._planned[phase] = self._planned.get(phase, []) + work.planned
+        total, before = self.totals.get(phase, (0, 0))
+        self.totals[phase] = (total + len(work.planned), before + len(work.planned) - len(work.queue))
         return work
 
 
