@@ -206,6 +206,26 @@ def test_the_lease_of_a_live_driver_refuses_and_a_dead_ones_is_taken_over(tmp_pa
     assert "nlstm.lease" not in client.get_experiment(exp).tags
 
 
+def test_a_lease_taken_over_and_released_meanwhile_is_lost_not_taken_back(tmp_path):
+    """A paused driver resumed after another driver took its study over and finished (deleting the lease):
+    its heartbeat must not write the free lease back as its own, or its fenced writes would pass."""
+    import threading
+
+    from study.record.lease import LeaseLost, StudyLease
+
+    client = open_client(f"sqlite:///{tmp_path / 'l.db'}")
+    exp = client.create_experiment("s")
+    lost = threading.Event()
+    first = StudyLease(client, exp, "s", settle_s=0.05, heartbeat_s=0.1, on_lost=lambda why: lost.set())
+    first.acquire()
+    client.delete_experiment_tag(exp, "nlstm.lease")  # the other driver's release, after it took over
+    assert lost.wait(10) and first.lost
+    assert "nlstm.lease" not in client.get_experiment(exp).tags  # not written back
+    with pytest.raises(LeaseLost, match="another driver took over"):
+        first.check()
+    first.release()
+
+
 # ------------------------------------------------------------------ item 10: fast, clear failures
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -152,11 +152,11 @@ class StudyLease:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 held = self.read()
-                if held and held["owner"] != self.owner:
-                    self.lost = True
+                if not held or held["owner"] != self.owner:  # taken over, or taken over and already released:
+                    self.lost = True                         # never ours to write again
                     if self.on_lost:
-                        self.on_lost(f"another driver took over the lease of study {self.study!r} "
-                                     f"({self.describe(held)})")
+                        who = f"({self.describe(held)})" if held else "(which has finished since)"
+                        self.on_lost(f"another driver took over the lease of study {self.study!r} {who}")
                     return
                 self._write()
                 failures = 0
