@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from study import layout
+from study.record import layout
 from study.record.layout import CHANCE_MARGIN_BITS, below_chance, planned_key, search_key, trial_key_of
 
 REPO = Path(__file__).resolve().parents[1]
