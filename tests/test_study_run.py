@@ -148,6 +148,9 @@ ablation: {base: search, factors: {arch: [nlstm, single]}, seeds: [5]}
         assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in ablation_configs}
         assert r.data.tags["nlstm.seed"] == "5" and r.data.tags["nlstm.status"] == "completed"
 
+    # a finished study leaves no run RUNNING in MLflow's table: the study, its config runs, its trials
+    assert {r.info.run_name: r.info.status for r in runs if r.info.status != "FINISHED"} == {}
+
     # Running it again finds every phase done and adds no run.
     assert main(["--space", str(spec)]) == 0
     assert len(runs_of(tmp_path, "tiny")[1]) == len(runs)
@@ -315,6 +318,64 @@ evaluate: {top_k: 1, per: family, seeds: [1, 2]}
     finally:
         for pgid in groups:  # Ray agents that outlived the killed drivers, if the reruns left any
             _kill_group(pgid)
+
+
+def test_a_lost_record_json_and_a_lost_checkpoint_lose_nothing_and_mix_no_trainings(tmp_path):
+    """Killed mid-search, then ``record.json`` emptied and the unfinished trial's checkpoint deleted: the
+    folder is still provably this record's (its Optuna storage names the study run), so the search
+    continues in it; the trial whose epochs were logged without a checkpoint starts over in a fresh run and
+    its first run is kept, marked superseded, never continued with another training's epochs."""
+    spec = study_file(tmp_path, "lost", """\
+train: {epochs: 3, batch_size: 8, bptt: 20, eval_batch_size: 8, lr: 0.01, patience: null}
+search:
+  families: [{arch: nlstm, depth: 2}]
+  trials_per_family: 2
+  space:
+    lr: {type: float, low: 3.0e-3, high: 3.0e-2, log: true}
+  sampler: {type: tpe, seed: 0}
+  scheduler: {type: none}
+  max_concurrent: 1
+""").resolve()
+    spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 16000"))  # epochs of ~1 s
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(REPO / "study" / "run.py"), "--space", str(spec), "--max-concurrent", "1"]
+    study_dir = tmp_path / "studies" / "lost"
+
+    def midway(client, runs):
+        return [r for r in kind(runs, "trial") if r.data.tags["nlstm.status"] != "completed" and steps(client, r)]
+
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        runs = _wait_until(tmp_path, "lost", midway)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        _kill_group(first.pid)
+    client = runs_of(tmp_path, "lost")[0]
+    (cut,) = midway(client, runs)
+    key, logged = cut.data.tags["nlstm.trial_id"], steps(client, cut)
+    (study_dir / "record.json").write_text("")
+    shutil.rmtree(study_dir / "checkpoints" / key)
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                           start_new_session=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "record.json was missing or damaged" in rerun.stdout and not (study_dir / "set-aside").exists()
+    assert json.loads((study_dir / "record.json").read_text())["parent_run_id"] == cut.data.tags["mlflow.parentRunId"]
+
+    client, runs = runs_of(tmp_path, "lost")
+    trials = {r.data.tags["nlstm.trial_id"]: r for r in kind(runs, "trial")}
+    assert sorted(k for k in trials if "superseded" not in k) == ["nlstm-d2-search-000", "nlstm-d2-search-001"]
+    for k in ("nlstm-d2-search-000", "nlstm-d2-search-001"):
+        assert trials[k].data.tags["nlstm.status"] == "completed" and steps(client, trials[k]) == [1, 2, 3]
+    (old,) = [r for k, r in trials.items() if k.startswith(f"{key}-superseded-")]
+    assert old.info.run_id == cut.info.run_id and old.info.status == "FAILED"
+    assert old.data.tags["nlstm.fail_reason"].startswith("superseded: its checkpoint could not be used")
+    assert steps(client, old) == logged  # kept as it was: nothing recorded is lost
+    assert trials[key].info.run_id != cut.info.run_id
+    states = [t.state.name for t in optuna_trials(tmp_path, "lost/nlstm-d2")]
+    assert states == ["COMPLETE", "COMPLETE"]
 
 
 def test_a_data_factor_trains_each_trial_on_its_own_corpus(tmp_path, monkeypatch, ray_local):

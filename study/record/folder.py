@@ -3,9 +3,9 @@
 ``<output>/<name>/`` holds the trials' checkpoints (``checkpoints/``, part of the record: interrupted
 trials continue from them), the default Optuna storage (``optuna.db``) and Tune's experiments
 (``ray/``, a disposable cache: nothing is read back from it). ``record.json`` names the record the
-folder belongs to; a folder that does not provably belong (another store, experiment, parent run or
-record version, or no ``record.json``) is set aside under ``set-aside/``, never reused, and the study
-starts cleanly.
+folder belongs to (written atomically); a folder that does not provably belong (another store,
+experiment, parent run or record version, or no readable ``record.json`` and no Optuna storage bound to
+this record's run) is set aside under ``set-aside/``, never reused, and the study starts cleanly.
 
 A live driver holds ``.lock`` (an ``flock`` that dies with its process): a second driver, of the same
 study on another store say, is refused instead of setting aside the first one's live folder.
@@ -87,7 +87,10 @@ def claim_cache(study_dir: Path, binding: RecordBinding) -> str | None:
     except (OSError, ValueError, TypeError):
         recorded = None
     note = None
-    if present and recorded != binding:
+    if present and recorded is None and _optuna_owners(study_dir / "optuna.db") == {binding.parent_run_id}:
+        note = (f"{binding_file} was missing or damaged; the folder's Optuna storage names this study's run "
+                f"{binding.parent_run_id[:8]}, so the folder is kept and {BINDING_FILE} written again")
+    elif present and recorded != binding:
         destination = study_dir / SET_ASIDE / time.strftime("%Y%m%d-%H%M%S")
         destination.mkdir(parents=True, exist_ok=True)
         for name in [*present, BINDING_FILE]:
@@ -97,8 +100,32 @@ def claim_cache(study_dir: Path, binding: RecordBinding) -> str | None:
                f"it belongs to {_describe(recorded)}, not {_describe(binding)}")
         note = (f"the Ray results in {study_dir} are not this study's record ({why}); "
                 f"set aside in {destination}, starting cleanly")
-    binding_file.write_text(json.dumps(asdict(binding), indent=1))
+    staging = binding_file.with_name(f".{BINDING_FILE}.{os.getpid()}")  # never a half-written binding
+    staging.write_text(json.dumps(asdict(binding), indent=1))
+    os.replace(staging, binding_file)
     return note
+
+
+def _optuna_owners(path: Path) -> set[str]:
+    """The MLflow parent runs that the Optuna studies in ``path`` are bound to (each study carries its run,
+    ``study.search.optuna_store.PARENT_ATTR``); empty when there is no readable Optuna storage there. The
+    proof that a folder whose ``record.json`` was lost is still this record's."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    import optuna
+
+    from study.search.optuna_store import PARENT_ATTR
+
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}", skip_table_creation=True)
+        try:
+            return {str(s.user_attrs.get(PARENT_ATTR)) for s in
+                    optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        finally:
+            storage.remove_session()
+            storage.engine.dispose()
+    except Exception:  # damaged, not an Optuna storage, another schema version: no proof
+        return set()
 
 
 def _describe(b: RecordBinding) -> str:

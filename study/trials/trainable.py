@@ -266,8 +266,8 @@ def _check_attempts(run: TrialRun) -> None:
 def _resume(build: Any, reporter: _Reporter, run: TrialRun, context: TrialContext) -> tuple[Trainer, TrialRun]:
     """Continue from the trial's checkpoint, if it has one, and log the epochs it holds that MLflow lacks.
 
-    A checkpoint that cannot be read (damaged, or of another record) is not trusted: the run that logged
-    epochs from it is set aside as superseded and the trial starts over in a fresh run, so no run mixes two
+    A checkpoint that cannot be read (damaged, missing, or of another record) is not trusted: the run that
+    logged epochs from it is set aside as superseded and the trial starts over in a fresh run, so no run mixes two
     trainings."""
     trial, trainer = reporter.trial, build()
     with tempfile.TemporaryDirectory() as d:
@@ -280,6 +280,9 @@ def _resume(build: Any, reporter: _Reporter, run: TrialRun, context: TrialContex
                                       f"record ({meta.get('key')}, experiment {meta.get('experiment_id')})")
             if meta is not None:
                 trainer.load_checkpoint(Path(d) / TRAINER_FILE)
+            elif run.logged_epochs:  # each epoch's checkpoint is written before it is logged: this one was lost
+                raise CheckpointError(f"checkpoint {context.checkpoints.location}/{trial.key} is missing, but "
+                                      f"{run.logged_epochs} epoch(s) were logged")
         except CheckpointError as e:
             print(f"{trial.key}: {e}; starting it over", flush=True)
             trainer = build()  # a fresh start: the one above may hold part of the checkpoint
