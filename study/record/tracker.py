@@ -255,20 +255,22 @@ class StudyTracker:
         self.client.set_tag(self.parent_run_id, phase_tag(phase), f"failed: {summary}"[:5000])
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the parent run; on an interruption also every run left RUNNING (re-opened on resume). A driver
-        that lost its lease writes nothing: the study is another driver's now."""
+        """End the parent run and every run still RUNNING under it: configuration runs with the study's status
+        (re-opened when the study grows), trial runs as interrupted (re-opened on resume). A driver that lost
+        its lease writes nothing: the study is another driver's now."""
         try:
             if self.parent_run_id and not (self.lease is not None and self.lease.lost):
                 self.fence()
-                if status == "KILLED":
-                    for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                                       max_results=50_000):
-                        if run.info.run_id == self.parent_run_id:
-                            continue
-                        if run.data.tags.get(KIND_TAG) == "trial":
-                            self.client.log_batch(run.info.run_id, tags=[
-                                RunTag(STATUS_TAG, "interrupted"), RunTag(STOP_REASON_TAG, "interrupted")])
+                for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                                   max_results=50_000):
+                    if run.info.run_id == self.parent_run_id:
+                        continue
+                    if run.data.tags.get(KIND_TAG) == "trial":
+                        self.client.log_batch(run.info.run_id, tags=[
+                            RunTag(STATUS_TAG, "interrupted"), RunTag(STOP_REASON_TAG, "interrupted")])
                         self.client.set_terminated(run.info.run_id, status="KILLED")
+                    else:
+                        self.client.set_terminated(run.info.run_id, status=status)
                 self.client.set_terminated(self.parent_run_id, status=status)
         finally:
             if self.lease is not None:
