@@ -761,7 +761,8 @@ def _print_done(args: argparse.Namespace, setup: Setup, run: Any, elapsed_s: flo
         print(f"           browse it: mlflow ui --backend-store-uri {setup.tracking_uri}")
     print(f"  results: {setup.study_dir}  (checkpoints {run.checkpoints.location}; Ray's logs {run.storage.location})")
     if "search" in setup.phases:
-        print(f"  Optuna:  {run.optuna_location}  (a study per search family: optuna-dashboard {run.optuna_location})")
+        optuna_location = mask_url(setup.optuna_url)
+        print(f"  Optuna:  {optuna_location}  (a study per search family: optuna-dashboard {optuna_location})")
 
 
 def _hint(error: Exception) -> str:

@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cluster_harness import PG_PORT, S3_PORT, TRACKING, postgres_missing
@@ -212,6 +213,9 @@ def test_environment_json_and_the_summary_show_the_urls_masked(tmp_path, monkeyp
     assert environment["optuna_storage"] == "postgresql://optuna:***@127.0.0.1:1/optuna"
     assert environment["command"] == ["study/run.py", argv[0], argv[1], f"--optuna-storage={mask_url(url)}"]
     assert "pw-2718" not in json.dumps(environment, default=str)
-    _print_done(args, setup, setup.storage, 61.0)
+    run = SimpleNamespace(checkpoints=SimpleNamespace(location=str(setup.study_dir / "checkpoints")),
+                          storage=setup.storage)
+    _print_done(args, setup, run, 61.0, None)
     out = capsys.readouterr().out
-    assert "  Optuna:  postgresql://optuna:***@127.0.0.1:1/optuna  (study 'm'" in out and "pw-2718" not in out, out
+    assert "  Optuna:  postgresql://optuna:***@127.0.0.1:1/optuna  (a study per search family" in out, out
+    assert "pw-2718" not in out, out
