@@ -4,10 +4,12 @@ rerun closes what it could not; the one chance rule decides what the evaluate ph
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -152,6 +154,51 @@ def test_a_folder_in_use_by_a_live_driver_is_never_moved(tmp_path):
 
 
 # ------------------------------------------------------------------ item 10: fencing
+def _pause_between_writes(process: subprocess.Popen, databases: list[Path], attempts: int = 100) -> None:
+    """SIGSTOP ``process`` at a moment it holds no lock on the sqlite ``databases``. A driver stopped in the
+    middle of a write blocks every other process's writes: that is the locked-store case (one line, tested
+    on its own below), not the lease's."""
+    for _ in range(attempts):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            for path in databases:
+                with contextlib.closing(sqlite3.connect(path, timeout=0.5, isolation_level=None)) as db:
+                    db.execute("BEGIN EXCLUSIVE")  # no other process reads or writes it now
+                    db.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+    raise AssertionError("the driver was always in the middle of a write")
+
+
+def test_a_store_held_by_a_process_stopped_mid_write_is_one_line_not_damaged(tmp_path, monkeypatch):
+    """A real process takes the write lock of an Optuna storage and is stopped (SIGSTOP) holding it: the
+    check says the file is locked by another process and what to do, not that it is damaged."""
+    from study.record import store
+
+    path = tmp_path / "optuna.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.commit()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE'); db.execute('INSERT INTO t VALUES (1)')\n"
+        "print('holding', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(store, "LOCK_WAIT_S", 0.5)
+        with pytest.raises(store.StoreError) as error:
+            store.check_sqlite_file(path, "the Optuna storage")
+        message = str(error.value)
+        assert "is locked by another process" in message and "damaged" not in message and "\n" not in message
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_a_paused_driver_that_lost_its_lease_writes_nothing_more(tmp_path):
     """Driver A is paused (SIGSTOP) past its lease's staleness; driver B, from another folder, takes the study
     over and finishes it; A, resumed, exits in one line and leaves B's record as B left it."""
@@ -162,7 +209,7 @@ def test_a_paused_driver_that_lost_its_lease_writes_nothing_more(tmp_path):
     first = driver(spec, tmp_path, "--tracking-uri", store)
     try:
         _wait_for(tmp_path, "paused", lambda client, runs: any(steps(client, r) for r in kind(runs, "trial")))
-        first.send_signal(signal.SIGSTOP)
+        _pause_between_writes(first, [tmp_path / "mlflow.db", tmp_path / "studies" / "paused" / "optuna.db"])
         time.sleep(35)  # the lease is stale after 30 s without a heartbeat
         code, out, err = finish(driver(spec, tmp_path / "b", "--tracking-uri", store), timeout=300)
         assert code == 0 and "taking over the lease" in out, out + err

@@ -119,6 +119,7 @@ def _check_database(uri: str, timeout_s: float) -> None:
 
 
 QUICK_CHECK_LIMIT = 1 << 30  # bytes: a larger database is only opened, not scanned, before a study starts
+LOCK_WAIT_S = 30.0  # how long the check waits for another process's write to end before it says so
 
 
 def check_sqlite_file(path: Path, what: str) -> None:
@@ -129,13 +130,19 @@ def check_sqlite_file(path: Path, what: str) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=LOCK_WAIT_S)) as db:
             if path.stat().st_size <= QUICK_CHECK_LIMIT:
                 verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
                 if verdict != "ok":
                     raise sqlite3.DatabaseError(verdict)
             else:
                 db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):
+            raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and "
+                             "start the study over (its runs are in that file)") from None
+        raise StoreError(f"{what} {path} is locked by another process that stopped in the middle of a write (a "
+                         "paused or hung driver of this study?): end or resume it, then rerun") from None
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and start "
                          "the study over (its runs are in that file)") from None
