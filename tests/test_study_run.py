@@ -3,6 +3,7 @@ alone, ASHA-stopped trials told to Optuna as pruned, and a driver killed with SI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from study.driver.processes import descendants
 from study.run import main
 
 pytestmark = pytest.mark.slow
@@ -336,7 +338,7 @@ search:
   scheduler: {type: none}
   max_concurrent: 1
 """).resolve()
-    spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 16000"))  # epochs of ~1 s
+    spec.write_text(spec.read_text().replace("train_chars: 4000", "train_chars: 32000"))  # epochs of ~2 s
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(REPO / "study" / "run.py"), "--space", str(spec), "--max-concurrent", "1"]
     study_dir = tmp_path / "studies" / "lost"
@@ -347,12 +349,17 @@ search:
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        runs = _wait_until(tmp_path, "lost", midway)
+        _wait_until(tmp_path, "lost", midway)
+        tree = descendants(first.pid)  # its Ray and the trial process: all killed, so none writes afterwards
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        for pid, _ in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         _kill_group(first.pid)
-    client = runs_of(tmp_path, "lost")[0]
+    time.sleep(1)
+    client, runs = runs_of(tmp_path, "lost")
     (cut,) = midway(client, runs)
     key, logged = cut.data.tags["nlstm.trial_id"], steps(client, cut)
     (study_dir / "record.json").write_text("")
