@@ -66,3 +66,19 @@ def test_an_interrupted_trial_is_never_called_pruned_in_any_phase():
         lines = log.getvalue().splitlines()
         assert lines[1] == f"  [{phase}] k2 stopped (interrupted) after 1 epoch(s), best 2.000 bpc", lines
         assert lines[-1].startswith(f"[{phase}] 2/3 done (1 interrupted) | 1 running | 0 pending"), lines
+
+
+def test_a_resumed_study_names_the_best_of_its_whole_record():
+    """After a resume the line's best is the study's, earlier drivers' trials included, until a trial of this
+    driver beats it."""
+    log = io.StringIO()
+    progress = ProgressLine(lambda p: (4, 2), set(), stream=log, summary_every_s=0.0,
+                            recorded_best=lambda p: (2.1, "single-d1-search-000") if p == "search" else None)
+    trials = [trial("nlstm-d2-search-001", best_valid_bpc=2.5), trial("nlstm-d2-search-002", "search", "PENDING")]
+    progress.on_trial_start(0, trials, trials[0])
+    assert log.getvalue().splitlines()[-1].startswith("[search] 2/4 done | 1 running | 1 pending | "
+                                                      "best 2.100 bpc single-d1-search-000 |")
+    trials[0].last_result["best_valid_bpc"] = 2.0
+    progress.on_trial_result(0, trials, trials[0], trials[0].last_result)
+    progress.on_step_end(0, trials)
+    assert "best 2.000 bpc nlstm-d2-search-001" in log.getvalue().splitlines()[-1]

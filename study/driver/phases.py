@@ -203,7 +203,8 @@ def run_phases(run: StudyRun, phases: list[str]) -> None:
     scheduler = FamilyScheduler(_search_scheduler(run.spec))
     searcher: StudySearcher | None = None
     progress = None if run.verbose else ProgressLine(lambda phase: searcher.totals.get(phase, (0, 0)),
-                                                     scheduler.stopped)
+                                                     scheduler.stopped,
+                                                     recorded_best=lambda phase: searcher.recorded_best.get(phase))
 
     def phase_ended(searcher: StudySearcher, phase: str) -> None:
         if progress is not None:

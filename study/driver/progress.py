@@ -38,9 +38,11 @@ class ProgressLine(tune.Callback):
     """
 
     def __init__(self, totals: Callable[[str], tuple[int, int]], stopped: set[str] | None = None,
-                 stream: TextIO | None = None, summary_every_s: float = 60.0) -> None:
+                 stream: TextIO | None = None, summary_every_s: float = 60.0,
+                 recorded_best: Callable[[str], tuple[float, str] | None] | None = None) -> None:
         self.totals, self.stopped, self.summary_every_s = totals, stopped if stopped is not None else set(), \
             summary_every_s
+        self.recorded_best = recorded_best or (lambda phase: None)  # the phase's best before this driver
         self._stream = stream
         self._start = time.monotonic()
         self._last_draw = 0.0
@@ -72,7 +74,7 @@ class ProgressLine(tune.Callback):
     def text(self, trials: list[Any]) -> str:
         phase = self.phase
         counts = {"completed": 0, "pruned": 0, "interrupted": 0, "failed": 0, "running": 0}
-        best, best_label = math.inf, ""
+        best, best_label = self.recorded_best(phase) or (math.inf, "")
         for t in trials:
             if (t.config or {}).get("phase", phase) != phase:
                 continue

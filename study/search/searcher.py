@@ -101,6 +101,7 @@ class StudySearcher(Searcher):
         self._last_step: dict[str, int] = {}
         self._planned: dict[str, list[str]] = {}  # evaluate/ablation: every key of the phase
         self.totals: dict[str, tuple[int, int]] = {}  # phase -> (trials in all, ended before this driver)
+        self.recorded_best: dict[str, tuple[float, str]] = {}  # phase -> best valid BPC of its earlier drivers' trials
         # Evaluate each family as soon as its own search has ended (with per-family budgets and per-family
         # selection): no slot waits for the other families' last search trials, and Tune keeps its trial
         # processes (an idle slot at a phase barrier makes it stop one).
@@ -226,6 +227,7 @@ class StudySearcher(Searcher):
                                  "or rerun with --restart (which discards this study's runs)")
         total = sum(s.family.trials for s in self.searches)
         self.totals["search"] = (total, total - sum(s.wanted for s in self.searches))
+        self._note_best("search", runs.values())
         return PhaseWork("search")
 
     def _reconcile(self, family: SearchFamily, study: optuna.Study, runs: dict[str, Any]) -> FamilySearch:
@@ -449,7 +451,17 @@ class StudySearcher(Searcher):
         self._planned[phase] = self._planned.get(phase, []) + work.planned
         total, before = self.totals.get(phase, (0, 0))
         self.totals[phase] = (total + len(work.planned), before + len(work.planned) - len(work.queue))
+        self._note_best(phase, runs.values())
         return work
+
+    def _note_best(self, phase: str, runs: Any) -> None:
+        """The best completed trial the record already has in ``phase``, so that a resumed study's progress
+        line names the study's best, not only the best of the trials this driver ran."""
+        for r in runs:
+            value = r.data.metrics.get("best_valid_bpc")
+            if r.data.tags.get(STATUS_TAG) == "completed" and value is not None and math.isfinite(value) and \
+                    value < self.recorded_best.get(phase, (math.inf, ""))[0]:
+                self.recorded_best[phase] = (value, r.data.tags.get(TRIAL_ID_TAG, r.info.run_name))
 
 
 def select_top(spec: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
