@@ -137,13 +137,10 @@ def check_sqlite_file(path: Path, what: str) -> None:
                     raise sqlite3.DatabaseError(verdict)
             else:
                 db.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.OperationalError as e:
-        if "locked" not in str(e):
-            raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and "
-                             "start the study over (its runs are in that file)") from None
-        raise StoreError(f"{what} {path} is locked by another process that stopped in the middle of a write (a "
-                         "paused or hung driver of this study?): end or resume it, then rerun") from None
     except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise StoreError(f"{what} {path} is locked by another process that stopped in the middle of a write "
+                             "(a paused or hung driver of this study?): end or resume it, then rerun") from None
         raise StoreError(f"{what} {path} is damaged ({e}): restore it from a copy, or move it away and start "
                          "the study over (its runs are in that file)") from None
 

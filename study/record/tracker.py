@@ -233,9 +233,12 @@ class StudyTracker:
         unreachable) are marked interrupted; the trial re-opens its run when it runs again."""
         for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=50_000):
             if run.data.tags.get(KIND_TAG) == "trial":
-                self.client.log_batch(run.info.run_id, tags=[RunTag(STATUS_TAG, "interrupted"),
-                                                              RunTag(STOP_REASON_TAG, "interrupted")])
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self._mark_interrupted(run.info.run_id)
+
+    def _mark_interrupted(self, run_id: str) -> None:
+        """A trial run that stopped without ending: interrupted (KILLED), re-opened when its trial runs again."""
+        self.client.log_batch(run_id, tags=[RunTag(STATUS_TAG, "interrupted"), RunTag(STOP_REASON_TAG, "interrupted")])
+        self.client.set_terminated(run_id, status="KILLED")
 
     def code_versions(self) -> dict[str, int]:
         """Trial runs per code version that trained them (the latest attempt's)."""
@@ -266,9 +269,7 @@ class StudyTracker:
                     if run.info.run_id == self.parent_run_id:
                         continue
                     if run.data.tags.get(KIND_TAG) == "trial":
-                        self.client.log_batch(run.info.run_id, tags=[
-                            RunTag(STATUS_TAG, "interrupted"), RunTag(STOP_REASON_TAG, "interrupted")])
-                        self.client.set_terminated(run.info.run_id, status="KILLED")
+                        self._mark_interrupted(run.info.run_id)
                     else:
                         self.client.set_terminated(run.info.run_id, status=status)
                 self.client.set_terminated(self.parent_run_id, status=status)
