@@ -25,12 +25,12 @@ enter.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from dashboards.search_trials import search_trials
 from dashboards.stats import sorted_families
 from study.record.layout import SEARCH_BUDGET_TAG, SEARCH_FIDELITY_TAG
 
@@ -67,34 +67,6 @@ def expected_min_band(values, n_resamples: int = N_RESAMPLES, seed: int = SEED) 
     res = stats.bootstrap((v,), _curve, vectorized=True, method="percentile", confidence_level=CONFIDENCE,
                           n_resamples=n_resamples, rng=np.random.default_rng(seed))
     return np.asarray(res.confidence_interval.low, float), np.asarray(res.confidence_interval.high, float)
-
-
-@dataclass
-class SearchTrials:
-    """The search phase's trials, by how they enter the curves."""
-
-    entering: pd.DataFrame  # completed, finite best valid BPC: at the search fidelity
-    pruned: pd.Series  # per family
-    failed: pd.Series
-    running: pd.Series
-    total: pd.Series  # every search trial per family
-
-
-def search_trials(trials: pd.DataFrame) -> SearchTrials:
-    search = trials[trials["phase"] == "search"] if len(trials) else trials
-    if search.empty:
-        empty = pd.Series(dtype="int64")
-        return SearchTrials(search, empty, empty, empty, empty)
-    state = search["state"]
-    finite = pd.Series(np.isfinite(pd.to_numeric(search["best_valid_bpc"], errors="coerce").astype(float)),
-                       index=search.index)
-
-    def per_family(mask: pd.Series) -> pd.Series:
-        return mask.groupby(search["family"]).sum().astype(int)
-
-    return SearchTrials(search[(state == "completed") & finite], per_family(state == "pruned"),
-                        per_family((state == "failed") | ((state == "completed") & ~finite)),
-                        per_family(state == "running"), search.groupby("family").size())
 
 
 def expected_best_table(trials: pd.DataFrame) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter, ScalarFormatter
 
 from dashboards.equal_time import add_equal_time
-from dashboards.expected_best import MIN_TRIALS, expected_best_table, search_trials
+from dashboards.expected_best import MIN_TRIALS, expected_best_table
 from dashboards.importance import (
     PED_ANOVA,
     family_importances,
@@ -34,6 +34,7 @@ from dashboards.importance import (
 from dashboards.load import DERIVED_PARAMS, StudyData, epoch_frame
 from dashboards.machine_load import add_machine_load
 from dashboards.outcome import NOT_LEARNED
+from dashboards.search_trials import search_trials
 from dashboards.stats import (
     EQUAL_TIME_S,
     MIN_INTERVAL_N,

@@ -401,8 +401,10 @@ def build_report(data: StudyData, aset: AnalysisSet | None = None) -> tuple[Repo
         "lower BPC (ties count half), with a 95 % percentile-bootstrap interval over those pairs "
         "(scipy.stats.bootstrap, 10,000 resamples, seeded).",
         "Wording: a lower BPC is said to mean that a model ends better or worse only when every compared run "
-        "stopped at its plateau (tag nlstm.stop_reason); otherwise the verdict says which learns faster within the "
-        "training budget and how many runs stopped at max_epochs.",
+        "stopped at its plateau (tag nlstm.stop_reason) and both families were tuned with the same number of search "
+        "trials (evaluate phase); runs at their plateau without that say where the models settle at the "
+        "configurations compared; otherwise the verdict says which learns faster within the training budget and "
+        "how many runs stopped at max_epochs.",
         f"Times (tokens/s, train time{', valid BPC at T*' if has_equal_time(arms) else ''}) are a measurement only "
         f"where every run had its CPUs: lowest "
         f"cumulative cpu_share >= {CPU_SHARE_MIN:g} and highest 1-minute load average per logical CPU <= "

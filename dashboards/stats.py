@@ -30,7 +30,8 @@ Methods (the report states them too):
   configuration that did not learn (its surviving seeds would be a biased sample); otherwise the
   sentence says why no winner is declared. Every verdict lists each arm's excluded runs. A named winner's
   sentence goes on to say what the difference means given how the runs stopped
-  (:func:`dashboards.stop_reason.ending_sentence`: "ends better" only when every run stopped at its plateau).
+  (:func:`dashboards.stop_reason.ending_sentence`: "ends better" only when every run stopped at its plateau
+  and both families were tuned with the same number of search trials).
 - Times (tokens/s, training time, valid BPC at T*) carry whether the runs had their CPUs
   (:mod:`dashboards.machine_load`).
 """
@@ -50,7 +51,8 @@ from scipy import stats
 from dashboards.improvement import Improvement, probability_of_improvement
 from dashboards.machine_load import LoadCheck, check_load
 from dashboards.outcome import EXCLUDED, LEARNED, NOT_LEARNED, OUTCOMES, RUNNING, classify_runs, exclusion_text
-from dashboards.stop_reason import describe_counts, ending_sentence, stop_counts
+from dashboards.search_trials import search_trials
+from dashboards.stop_reason import describe_counts, ending_sentence, stop_counts, tuning_gap
 from study.record.layout import ARCHS, CHANCE_MARGIN_BITS
 
 CONFIDENCE = 0.95
@@ -501,6 +503,7 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
     """Within each protocol and budget: ``nlstm-dD - stacked-dD`` and ``nlstm-dD - single-d1``, for test and valid
     BPC. A counterpart that exists at the budget only under another protocol gives a 'not compared' entry."""
     arms = arm_table(aset) if arms is None else arms
+    tuned = search_trials(aset.trials).ended
     out = []
     for _, nested_row in arms[arms["arch"] == "nlstm"].iterrows():
         protocol, budget, nested = nested_row["protocol"], nested_row["budget"], nested_row["family"]
@@ -534,7 +537,8 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
                                    improvement=probability_of_improvement(a, b))
                     ending = "" if metric == EQUAL_TIME else ending_sentence(
                         nested, other, c.diff.mean < 0, _stops(aset.selected, protocol, nested, budget, metric),
-                        _stops(aset.selected, protocol, other, budget, metric), label)
+                        _stops(aset.selected, protocol, other, budget, metric), label,
+                        tuning_gap(protocol, nested, other, tuned))
                     text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)),
                                    bar=_probe_bar(aset.selected) if metric == "closer_bpc" else None,
                                    means=(float(a.mean()), float(b.mean())), ending=ending)

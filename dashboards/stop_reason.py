@@ -15,6 +15,10 @@ Older records lack the tag. Their reason is derived only where the record leaves
   so does a completed run that stopped before its last epoch (plateau or time budget: not recorded).
 
 Anything else is blank (``""``): not recorded.
+
+Where a model ends is a claim about the model, so it also needs each family tuned as hard as the other
+(Melis et al., ICLR 2018): :func:`tuning_gap` says whether two arms were. Runs of one shared setting that all
+reached their plateau show where the models *settle at that setting*, never where they end.
 """
 
 from __future__ import annotations
@@ -65,18 +69,42 @@ def describe_counts(counts: Counter) -> str:
     return ", ".join(f"{counts[r]} {r}" for r in order if counts.get(r))
 
 
-def ending_sentence(nested: str, other: str, nested_is_lower: bool, nested_stops: Counter,
-                    other_stops: Counter, metric: str) -> str:
-    """What a clear difference in ``metric`` says, worded by how the compared runs stopped.
+def tuning_gap(protocol: str, nested: str, other: str, search_trials: dict[str, int]) -> str:
+    """``""`` when the two families were tuned with the same budget, else why not (a phrase).
 
-    Only when every run of both arms stopped at its plateau does a lower BPC mean that one model *ends*
-    better; otherwise the runs were cut off by their training budget and the difference says which
-    learns faster within it."""
+    Equal tuning: the arms are the ``evaluate`` phase's (each family's configuration chosen from its own
+    search trials) and the record holds the same, non-zero number of ended search trials for both families.
+    An ablation's or any other phase's configurations are set by the study, not tuned per family."""
+    if protocol.split(",", 1)[0] != "evaluate":
+        return f"the \"{protocol}\" runs use configurations the study set, not ones tuned per family"
+    counts = {f: int(search_trials.get(f, 0)) for f in (nested, other)}
+    if not all(counts.values()):
+        untuned = " and ".join(f for f, n in counts.items() if not n)
+        return f"the record has no search trials of {untuned}"
+    if counts[nested] != counts[other]:
+        return f"unequal tuning budgets (search trials: {nested} {counts[nested]}, {other} {counts[other]})"
+    return ""
+
+
+def ending_sentence(nested: str, other: str, nested_is_lower: bool, nested_stops: Counter,
+                    other_stops: Counter, metric: str, untuned: str = "") -> str:
+    """What a clear difference in ``metric`` says, worded by how the compared runs stopped and were tuned.
+
+    Only when every run of both arms stopped at its plateau, and both families were tuned with the same
+    budget (``untuned`` empty, :func:`tuning_gap`), does a lower BPC mean that one model *ends* better; runs
+    at their plateau without equal tuning say where the models settle at the configurations compared;
+    otherwise the runs were cut off by their training budget and the difference says which learns faster
+    within it."""
     total = nested_stops + other_stops
     n = sum(total.values())
     if n and total[PLATEAU] == n:
         word = "better" if nested_is_lower else "worse"
-        return f"Every run of both arms stopped at its plateau ({n} runs), so {nested} ends {word} than {other}."
+        if untuned:
+            return (f"Every run of both arms stopped at its plateau ({n} runs), but {untuned}, so this says "
+                    f"{nested} settles {word} than {other} at the configurations compared, not that it ends "
+                    f"{word} once each family is tuned.")
+        return (f"Every run of both arms stopped at its plateau ({n} runs) and both families were tuned with "
+                f"the same budget, so {nested} ends {word} than {other}.")
     word = "faster" if nested_is_lower else "more slowly"
     if n and total["not recorded"] == n:
         return (f"No stop reason is recorded for these {n} runs (records before nlstm.stop_reason), so this says "

@@ -157,12 +157,18 @@ def test_stop_reasons_are_recorded_or_derived_only_where_certain():
     assert derive_stop_reason(None, "completed", None, {"epochs": "4"}, 4.0) == ("", "")  # patience not recorded
 
 
-def test_the_ending_sentence_says_ends_only_when_every_run_stopped_at_its_plateau():
+def test_the_ending_sentence_says_ends_only_when_every_run_stopped_at_its_plateau_and_tuning_was_equal():
     from dashboards.stop_reason import ending_sentence
 
     plateau = Counter({"plateau": 3})
     assert ending_sentence("nlstm-d2", "stacked-d2", False, plateau, plateau, "test BPC") == (
-        "Every run of both arms stopped at its plateau (6 runs), so nlstm-d2 ends worse than stacked-d2.")
+        "Every run of both arms stopped at its plateau (6 runs) and both families were tuned with the same budget, "
+        "so nlstm-d2 ends worse than stacked-d2.")
+    untuned = ending_sentence("nlstm-d2", "stacked-d2", False, plateau, plateau, "test BPC",
+                              untuned="the record has no search trials of nlstm-d2")
+    assert untuned == ("Every run of both arms stopped at its plateau (6 runs), but the record has no search trials "
+                       "of nlstm-d2, so this says nlstm-d2 settles worse than stacked-d2 at the configurations "
+                       "compared, not that it ends worse once each family is tuned.")
     mixed = ending_sentence("nlstm-d2", "stacked-d2", True, plateau, Counter({"max_epochs": 2, "plateau": 1}),
                             "test BPC")
     assert mixed.startswith("Not every run stopped at its plateau (2 of 6 runs stopped at max_epochs, 4 at their "
@@ -170,6 +176,35 @@ def test_the_ending_sentence_says_ends_only_when_every_run_stopped_at_its_platea
     old = ending_sentence("nlstm-d2", "stacked-d2", False, Counter({"not recorded": 3}),
                           Counter({"not recorded": 3}), "test BPC")
     assert "No stop reason is recorded for these 6 runs" in old and "nlstm-d2 learns more slowly" in old
+
+
+def test_tuning_gap_needs_the_evaluate_phase_and_equal_ended_search_trials():
+    from dashboards.stop_reason import tuning_gap
+
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {"nlstm-d2": 16, "stacked-d2": 16}) == ""
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {"nlstm-d2": 16, "stacked-d2": 15}) == (
+        "unequal tuning budgets (search trials: nlstm-d2 16, stacked-d2 15)")
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {"stacked-d2": 16}) == (
+        "the record has no search trials of nlstm-d2")
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {}) == (
+        "the record has no search trials of nlstm-d2 and stacked-d2")
+    ablation = tuning_gap("ablation, dependency_length 20", "nlstm-d2", "single-d1", {"nlstm-d2": 4, "single-d1": 4})
+    assert ablation == ('the "ablation, dependency_length 20" runs use configurations the study set, not ones tuned '
+                        "per family")
+
+
+def test_ended_search_trials_leave_out_running_and_superseded_runs():
+    from dashboards.search_trials import search_trials
+
+    trials = pd.DataFrame({
+        "phase": ["search"] * 6 + ["evaluate"],
+        "family": ["nlstm-d2", "nlstm-d2", "nlstm-d2", "nlstm-d2", "stacked-d2", "stacked-d2", "stacked-d2"],
+        "state": ["completed", "pruned", "running", "failed", "failed", "completed", "completed"],
+        "fail_reason": [None, None, None, "superseded: checkpoint lost", "diverged: nan", None, None],
+        "best_valid_bpc": [1.5, 2.0, math.nan, math.nan, math.nan, 1.6, 1.4]})
+    found = search_trials(trials)
+    assert found.ended == {"nlstm-d2": 2, "stacked-d2": 2}  # nested: completed + pruned; stacked: failed + completed
+    assert found.total.to_dict() == {"nlstm-d2": 3, "stacked-d2": 2}
 
 
 # ---------------------------------------------------------------------------- machine load
@@ -191,7 +226,8 @@ def test_the_machine_load_rule_and_its_edges():
 # ---------------------------------------------------------------------------- the next record, through the report
 def new_record_runs() -> list[FakeRun]:
     """Evaluate: nlstm-d2 and stacked-d2, 4 seeds, every run at its plateau on a quiet machine, one code version.
-    Search: nlstm-d2 6 completed + 2 pruned, stacked-d2 5 completed + 1 failed."""
+    Search: nlstm-d2 6 completed + 2 pruned, stacked-d2 5 completed + 1 failed + 2 pruned: 8 trials each, the
+    same tuning budget."""
     record = {STOP_REASON_TAG: "plateau", CODE_VERSION_TAG: VERSION, CPUS_TAG: "2"}
     quiet = {"cpu_share": 0.95, "load_avg_1m": 1.0}
     nested_test, stacked_test = [1.40, 1.50, 1.45, 1.30], [1.45, 1.48, 1.45, 1.35]  # P(nested better) = 2.5 / 4
@@ -205,6 +241,8 @@ def new_record_runs() -> list[FakeRun]:
     runs += [FakeRun("search", "nlstm", 2, 0, valid=2.5, lr=0.05 + i, state="pruned", epochs=1,
                      tags=record | {STOP_REASON_TAG: "pruned"}) for i in range(2)]
     runs += [FakeRun("search", "stacked", 2, 0, valid=math.nan, lr=0.9, state="failed", reason="diverged: nan")]
+    runs += [FakeRun("search", "stacked", 2, 0, valid=2.6, lr=0.07 + i, state="pruned", epochs=1,
+                     tags=record | {STOP_REASON_TAG: "pruned"}) for i in range(2)]
     return runs
 
 
@@ -234,16 +272,16 @@ def test_expected_best_table_and_the_tuning_budget_paragraph(new_record):
         assert (part["band_low"] <= part["expected_best_valid_bpc"]).all()
         assert (part["expected_best_valid_bpc"] <= part["band_high"]).all()
     section = md.split("## Tuning budget", 1)[1].split("\n## ", 1)[0]
-    assert "Tuning budget: 8 trials per family (recorded; search trials found: nlstm-d2 8, stacked-d2 6)." in section
+    assert "Tuning budget: 8 trials per family (recorded; search trials found: nlstm-d2 8, stacked-d2 8)." in section
     assert f"Search fidelity: {FIDELITY}." in section
     assert "Entering the curves (completed at the search fidelity): nlstm-d2 6, stacked-d2 5." in section
-    assert ("2 trials stopped early by the scheduler (pruned: nlstm-d2 2) did not train to the search fidelity and "
+    assert ("4 trials stopped early by the scheduler (pruned: nlstm-d2 2, stacked-d2 2) did not train to the search fidelity and "
             "are excluded") in section
     assert "1 failed trial (no finite BPC) excluded." in section
     assert "Ranking by expected best valid BPC at n = 5 tuning trials" in section
     assert "### Figure 8. Expected best validation BPC against tuning trials" in md
     assert "figures/fig8-expected-best.png" in md and (root / "report" / "figures" / "fig8-expected-best.png").is_file()
-    assert "2 search trials stopped early by the scheduler (pruned) did not train to the search fidelity" in md
+    assert "4 search trials stopped early by the scheduler (pruned) did not train to the search fidelity" in md
 
 
 def test_probability_of_improvement_in_the_comparisons(new_record):
@@ -261,9 +299,25 @@ def test_a_win_at_the_plateau_is_worded_as_ending_better(new_record):
     _, _, _, arms, comparisons = new_record
     valid = comparisons[comparisons["split"] == "valid"].iloc[0]["verdict"]
     assert valid.startswith("nlstm-d2 has a lower valid BPC than stacked-d2")
-    assert "Every run of both arms stopped at its plateau (8 runs), so nlstm-d2 ends better than stacked-d2." in valid
+    assert ("Every run of both arms stopped at its plateau (8 runs) and both families were tuned with the same "
+            "budget, so nlstm-d2 ends better than stacked-d2.") in valid
     assert "learns" not in valid
     assert set(arms["stop_reasons"]) == {"4 plateau"}
+
+
+def test_unequal_tuning_budgets_say_settles_not_ends(tmp_path, template):
+    """The same record with one stacked search trial fewer: every run still at its plateau, but nlstm-d2 had 8
+    tuning trials and stacked-d2 7, so the win is where the models settle, not where they end."""
+    runs = new_record_runs()
+    runs.remove(next(r for r in runs if r.phase == "search" and r.arch == "stacked" and r.state == "pruned"))
+    _, _, comparisons = render(tmp_path, runs, template,
+                               parent_tags={SEARCH_BUDGET_TAG: "8", SEARCH_FIDELITY_TAG: FIDELITY})
+    valid = comparisons[comparisons["split"] == "valid"].iloc[0]["verdict"]
+    assert valid.startswith("nlstm-d2 has a lower valid BPC than stacked-d2")
+    assert ("Every run of both arms stopped at its plateau (8 runs), but unequal tuning budgets (search trials: "
+            "nlstm-d2 8, stacked-d2 7), so this says nlstm-d2 settles better than stacked-d2 at the configurations "
+            "compared, not that it ends better once each family is tuned.") in valid
+    assert "ends better than" not in valid
 
 
 def test_times_of_runs_that_had_their_cpus_are_a_measurement(new_record):
@@ -290,7 +344,7 @@ def test_trials_csv_names_family_phase_candidate_stop_reason_and_code_version(ne
     stacked = trials[trials["arch"] == "stacked"]
     assert (stacked["candidate_activation"] == "tanh").all()  # a stacked LSTM's candidate is tanh by definition
     pruned = trials[trials["status"] == "pruned"]
-    assert len(pruned) == 2 and (pruned["stop_reason"] == "pruned").all()
+    assert len(pruned) == 4 and (pruned["stop_reason"] == "pruned").all()
     assert (pruned["stop_reason_source"] == "recorded").all()
     failed = trials[trials["status"] == "failed"]
     assert list(failed["stop_reason"]) == ["diverged"] and list(failed["stop_reason_source"]) == ["derived"]

@@ -1,0 +1,47 @@
+"""The search phase's trials per family, by how they entered the tuning: what the expected-best curves draw
+from (:mod:`dashboards.expected_best`) and the tuning budget each family spent (:func:`SearchTrials.ended`,
+which the verdicts' "ends better" needs equal; :func:`dashboards.stop_reason.tuning_gap`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class SearchTrials:
+    """The search phase's trials, by how they enter the curves."""
+
+    entering: pd.DataFrame  # completed, finite best valid BPC: at the search fidelity
+    pruned: pd.Series  # per family
+    failed: pd.Series
+    running: pd.Series
+    total: pd.Series  # every search trial per family
+
+    @property
+    def ended(self) -> dict[str, int]:
+        """Search trials per family that have ended (completed, pruned or failed): its tuning budget spent."""
+        return (self.total.sub(self.running, fill_value=0)).astype(int).to_dict()
+
+
+def search_trials(trials: pd.DataFrame) -> SearchTrials:
+    """The search trials of ``trials``; a run superseded by its own trial's next run (its checkpoint was lost,
+    ``study.trials.mlflow_run``) is not a trial of its own and is left out."""
+    search = trials[trials["phase"] == "search"] if len(trials) else trials
+    if len(search) and "fail_reason" in search:
+        search = search[~search["fail_reason"].astype(str).str.startswith("superseded")]
+    if search.empty:
+        empty = pd.Series(dtype="int64")
+        return SearchTrials(search, empty, empty, empty, empty)
+    state = search["state"]
+    finite = pd.Series(np.isfinite(pd.to_numeric(search["best_valid_bpc"], errors="coerce").astype(float)),
+                       index=search.index)
+
+    def per_family(mask: pd.Series) -> pd.Series:
+        return mask.groupby(search["family"]).sum().astype(int)
+
+    return SearchTrials(search[(state == "completed") & finite], per_family(state == "pruned"),
+                        per_family((state == "failed") | ((state == "completed") & ~finite)),
+                        per_family(state == "running"), search.groupby("family").size())
