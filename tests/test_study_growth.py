@@ -127,3 +127,18 @@ def test_which_edits_extend_a_study_and_which_invalidate_it(tmp_path, edit, expe
     assert change.additions == additions
     assert (change.invalid or "").startswith(invalid or "") and (change.invalid is None) == (invalid is None), \
         change.invalid
+
+
+def test_evaluate_trials_run_begun_first_then_seed_by_seed_across_families():
+    """A study paused midway holds the same seeds of every family: the queue is seed-major, not family-major,
+    and trials an earlier driver began (interrupted, with checkpoints) go first."""
+    from study.search.searcher import StudySearcher
+    from study.trials.trainable import TrialSpec
+
+    searcher = StudySearcher.__new__(StudySearcher)  # only the ordering, without a record behind it
+    searcher._begun = {"nlstm-d2-s3-evaluate-a"}
+    queue = [TrialSpec(f"{family}-s{seed}-evaluate-{h}", "evaluate", family, {}, seed, "parent")
+             for family, h in (("nlstm-d2", "a"), ("single-d1", "b")) for seed in (1, 2, 3)]
+    assert [t.key for t in searcher._in_seed_order(queue)] == [
+        "nlstm-d2-s3-evaluate-a", "nlstm-d2-s1-evaluate-a", "single-d1-s1-evaluate-b", "nlstm-d2-s2-evaluate-a",
+        "single-d1-s2-evaluate-b", "single-d1-s3-evaluate-b"]

@@ -111,6 +111,7 @@ class StudySearcher(Searcher):
                           and spec.evaluate.per == "family")
         self.early = PhaseWork("evaluate")  # evaluate trials of families whose search has ended
         self._evaluated: dict[str, set[str]] = {}  # family -> config hashes chosen for it
+        self._begun: set[str] = set()  # evaluate/ablation keys an earlier driver began (interrupted runs)
         self._start_next(raise_problems=True)
 
     # ------------------------------------------------------------------ Tune's side
@@ -389,14 +390,16 @@ class StudySearcher(Searcher):
         configs = self._evaluate_configs(rows)
         self._evaluated[family] = {cfg.config_hash for cfg, *_ in configs}
         if configs:
-            self.early.queue += self._plan("evaluate", configs, self.run.spec.evaluate.seeds).queue
+            self.early.queue = self._in_seed_order(self.early.queue + self._plan(
+                "evaluate", configs, self.run.spec.evaluate.seeds).queue)
 
     def _start_evaluate(self) -> PhaseWork:
         spec, tracker = self.run.spec, self.run.tracker
         if self.pipelined:  # the families evaluated early keep their choice; the others are chosen now
             for search in self.searches:
                 self._maybe_evaluate_early(search.family.name)
-            work = PhaseWork("evaluate", list(self._planned.get("evaluate", [])), self.early.queue)
+            work = PhaseWork("evaluate", list(self._planned.get("evaluate", [])),
+                             self._in_seed_order(self.early.queue))
             self.early = PhaseWork("evaluate")
             chosen = set().union(*self._evaluated.values()) if self._evaluated else set()
         else:
@@ -426,8 +429,8 @@ class StudySearcher(Searcher):
 
     def _plan(self, phase: str, configs: list[tuple[Any, dict, dict, dict]], seeds: list[int]) -> PhaseWork:
         """Config runs for ``configs`` ((config, chosen values, factors, extra tags)), then every
-        (config, seed) trial whose run has not ended, the first seed of every configuration first. Planning
-        a phase's families one after another adds to its planned keys and totals."""
+        (config, seed) trial whose run has not ended, in :meth:`_in_seed_order`. Planning a phase's families
+        one after another adds to its planned keys and totals."""
         tracker = self.run.tracker
         work = PhaseWork(phase)
         runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in tracker.trial_runs(phase)}
@@ -446,13 +449,22 @@ class StudySearcher(Searcher):
                 if status == "completed" or (status == "failed"
                                              and is_final_failure(record.data.tags.get(FAIL_REASON_TAG))):
                     continue
+                if status == "interrupted":
+                    self._begun.add(key)
                 work.queue.append(TrialSpec(key, phase, cfg.family, dict(params), seed, parents[cfg.config_hash],
                                             self.run.fingerprint(cfg.data)))
         self._planned[phase] = self._planned.get(phase, []) + work.planned
+        work.queue = self._in_seed_order(work.queue)
         total, before = self.totals.get(phase, (0, 0))
         self.totals[phase] = (total + len(work.planned), before + len(work.planned) - len(work.queue))
         self._note_best(phase, runs.values())
         return work
+
+    def _in_seed_order(self, queue: list[TrialSpec]) -> list[TrialSpec]:
+        """Trials an earlier driver began first (they continue from their checkpoints), then the first seed of
+        every configuration, then the second, ...: a study paused or stopped midway holds the same seeds of
+        every family, so its partial comparison is balanced (and paired)."""
+        return sorted(queue, key=lambda t: (t.key not in self._begun, t.seed))  # stable: configurations keep order
 
     def _note_best(self, phase: str, runs: Any) -> None:
         """The best completed trial the record already has in ``phase``, so that a resumed study's progress
