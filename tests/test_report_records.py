@@ -275,8 +275,8 @@ def test_expected_best_table_and_the_tuning_budget_paragraph(new_record):
     assert "Tuning budget: 8 trials per family (recorded; search trials found: nlstm-d2 8, stacked-d2 8)." in section
     assert f"Search fidelity: {FIDELITY}." in section
     assert "Entering the curves (completed at the search fidelity): nlstm-d2 6, stacked-d2 5." in section
-    assert ("4 trials stopped early by the scheduler (pruned: nlstm-d2 2, stacked-d2 2) did not train to the search fidelity and "
-            "are excluded") in section
+    assert ("4 trials stopped early by the scheduler (pruned: nlstm-d2 2, stacked-d2 2) did not train to the search "
+            "fidelity and are excluded") in section
     assert "1 failed trial (no finite BPC) excluded." in section
     assert "Ranking by expected best valid BPC at n = 5 tuning trials" in section
     assert "### Figure 8. Expected best validation BPC against tuning trials" in md

@@ -142,3 +142,35 @@ def test_evaluate_trials_run_begun_first_then_seed_by_seed_across_families():
     assert [t.key for t in searcher._in_seed_order(queue)] == [
         "nlstm-d2-s3-evaluate-a", "nlstm-d2-s1-evaluate-a", "single-d1-s1-evaluate-b", "nlstm-d2-s2-evaluate-a",
         "single-d1-s2-evaluate-b", "single-d1-s3-evaluate-b"]
+
+
+def test_a_run_resumed_on_newer_code_records_every_version_that_trained_it(tmp_path):
+    """Re-attaching an interrupted run under a new code version appends it (``a -> b``); the same version again,
+    or a run that recorded none, changes nothing."""
+    from mlflow import MlflowClient
+
+    from study.record.layout import CODE_VERSION_TAG, KIND_TAG, STATUS_TAG
+    from study.trials.mlflow_run import TrialRun, with_versions_so_far
+
+    assert with_versions_so_far({CODE_VERSION_TAG: "b"}, {CODE_VERSION_TAG: "a"}) == {CODE_VERSION_TAG: "a -> b"}
+    assert with_versions_so_far({CODE_VERSION_TAG: "b"}, {CODE_VERSION_TAG: "a -> b"}) == {CODE_VERSION_TAG: "a -> b"}
+    assert with_versions_so_far({CODE_VERSION_TAG: "a"}, {CODE_VERSION_TAG: "a -> b"}) == {
+        CODE_VERSION_TAG: "a -> b -> a"}  # went back to older code: said as it happened
+    assert with_versions_so_far({CODE_VERSION_TAG: "b"}, {}) == {}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("versions")
+
+    def attach(version: str) -> TrialRun:
+        run = TrialRun.attach(uri, experiment, "nlstm-d2-s1-evaluate-abc",
+                              {KIND_TAG: "trial", CODE_VERSION_TAG: version}, {"lr": 0.01})
+        run.set_status("interrupted")
+        return run
+
+    first = attach("0.2.0+g1a2b3c4")
+    for version in ("0.2.0+g5d6e7f8", "0.2.0+g5d6e7f8", "0.2.0+g9a0b1c2"):
+        again = attach(version)
+    assert again.run_id == first.run_id
+    tags = MlflowClient(uri).get_run(first.run_id).data.tags
+    assert tags[CODE_VERSION_TAG] == "0.2.0+g1a2b3c4 -> 0.2.0+g5d6e7f8 -> 0.2.0+g9a0b1c2"
+    assert tags[STATUS_TAG] == "interrupted"

@@ -241,7 +241,7 @@ class StudyTracker:
         self.client.set_terminated(run_id, status="KILLED")
 
     def code_versions(self) -> dict[str, int]:
-        """Trial runs per code version that trained them (the latest attempt's)."""
+        """Trial runs per code version that trained them (``a -> b`` for a run resumed on newer code)."""
         counts: dict[str, int] = {}
         for run in self.trial_runs():
             version = run.data.tags.get(CODE_VERSION_TAG, "unrecorded")

@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Run, RunTag
 
 from study.record.layout import (
     ATTEMPTS_TAG,
+    CODE_VERSION_TAG,
     EPOCH_METRICS,
     FAIL_REASON_TAG,
     MLFLOW_STATUS,
@@ -25,6 +26,19 @@ from study.record.layout import (
 from study.record.tracker import as_params, find_runs, now_ms
 
 MAX_ATTEMPTS = 3  # a trial that failed for another reason than divergence is retried on resume this many times
+
+
+VERSION_STEP = " -> "  # nlstm.code_version of a run resumed on newer code: every version that trained it, in order
+
+
+def with_versions_so_far(tags: dict[str, str], recorded: dict[str, str]) -> dict[str, str]:
+    """The code-version tag of a run trained again by this code: the versions that trained it before, then this
+    one (``0.2.0+g1a2b3c4 -> 0.2.0+g5d6e7f8``), so a run resumed on newer code never claims one version."""
+    new, before = tags.get(CODE_VERSION_TAG), recorded.get(CODE_VERSION_TAG)
+    if not new or not before:
+        return {}
+    versions = before.split(VERSION_STEP)
+    return {CODE_VERSION_TAG: before if versions[-1] == new else VERSION_STEP.join([*versions, new])}
 
 
 class TrialRun:
@@ -71,6 +85,7 @@ class TrialRun:
                 return cls(client, client.get_run(run.info.run_id), fence)
             if all(run.data.params.get(k) == v for k, v in wanted.items()):
                 if run.data.tags.get(STATUS_TAG, "running") in ("running", "interrupted"):
+                    tags = tags | with_versions_so_far(tags, run.data.tags)
                     client.log_batch(run.info.run_id, tags=[RunTag(STATUS_TAG, "running")]
                                      + [RunTag(k, v) for k, v in tags.items()])
                     client.update_run(run.info.run_id, status="RUNNING")
