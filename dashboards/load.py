@@ -53,6 +53,9 @@ IDENTITY_TAGS = ("kind", "phase", "study", "arch", "depth", "family", "config_ha
 RECORD_TAGS = {"candidate_activation": CANDIDATE_TAG, "code_version": CODE_VERSION_TAG,
                "record_version": RECORD_VERSION_TAG, "cpus": CPUS_TAG, "threads": THREADS_TAG}
 # Params that are consequences of others (or bookkeeping), not hyper-parameters a search chooses.
+# Hyper-parameters also logged per epoch as a metric of the same name (the learning rate, which the plateau
+# schedule lowers): a run's row keeps the configured value; the epochs' values are in its history.
+SCHEDULED_PARAMS = ("lr",)
 DERIVED_PARAMS = frozenset({"seed", "width", "embedding_dim", "num_params", "trial_id", "config_hash", "parent_id",
                             "study", "phase", "family", "data_fingerprint"})
 STATES = ("completed", "running", "pruned", "failed")
@@ -247,6 +250,9 @@ def _trial_frame(runs: list[Run], configs: pd.DataFrame) -> tuple[pd.DataFrame, 
             if key not in row and key not in metrics:
                 row[key] = parse_value(value)
         row.update(metrics)
+        for key in SCHEDULED_PARAMS:  # the configured value, not its last epoch's (a schedule may have lowered it)
+            if key in run.data.params:
+                row[key] = parse_value(run.data.params[key])
         if "num_params" not in metrics and "num_params" in run.data.params:
             row["num_params"] = parse_value(run.data.params["num_params"])
         rows.append(row)

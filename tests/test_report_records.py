@@ -229,7 +229,7 @@ def new_record_runs() -> list[FakeRun]:
     Search: nlstm-d2 6 completed + 2 pruned, stacked-d2 5 completed + 1 failed + 2 pruned: 8 trials each, the
     same tuning budget."""
     record = {STOP_REASON_TAG: "plateau", CODE_VERSION_TAG: VERSION, CPUS_TAG: "2"}
-    quiet = {"cpu_share": 0.95, "load_avg_1m": 1.0}
+    quiet = {"cpu_share": 0.95, "load_avg_1m": 1.0, "lr": 2.5e-4}  # lr: as the plateau schedule lowered it
     nested_test, stacked_test = [1.40, 1.50, 1.45, 1.30], [1.45, 1.48, 1.45, 1.35]  # P(nested better) = 2.5 / 4
     runs = [FakeRun("evaluate", arch, 2, s, valid=valid + noise(s + k), test=test[s - 1], tags=record,
                     epoch_metrics=quiet, metrics={"load_avg_max": 2.0})
@@ -341,6 +341,7 @@ def test_trials_csv_names_family_phase_candidate_stop_reason_and_code_version(ne
     evaluate = trials[trials["phase"] == "evaluate"]
     assert (evaluate["stop_reason"] == "plateau").all() and (evaluate["stop_reason_source"] == "recorded").all()
     assert (evaluate["code_version"] == VERSION).all()
+    assert (evaluate["lr"] == 2e-3).all()  # the configured learning rate, not the last epoch's 2.5e-4
     stacked = trials[trials["arch"] == "stacked"]
     assert (stacked["candidate_activation"] == "tanh").all()  # a stacked LSTM's candidate is tanh by definition
     pruned = trials[trials["status"] == "pruned"]
