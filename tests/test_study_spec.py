@@ -338,6 +338,25 @@ def test_every_sampler_can_be_built(tmp_path, kind):
     assert len(preview_search(spec, 3)) == 3
 
 
+@pytest.mark.parametrize("kind", ["tpe", "random", "cmaes", "qmc"])
+def test_a_sampler_built_again_for_a_resumed_study_does_not_replay_its_proposals(tmp_path, kind):
+    """A driver that stopped after one trial and came back builds the family's sampler again: it must propose
+    a new configuration, not the one its seed gave first (the ptb-tuned search ran one duplicate that way)."""
+    spec = load_spec(write(tmp_path, BASE + f"search: {{sampler: {{type: {kind}, seed: 0}}, space: "
+                           "{lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}}}\n"))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(spec))
+    first = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+    study.tell(first, 2.0)
+    resumed = optuna.load_study(study_name="s", storage=storage)
+    resumed.sampler = make_sampler(spec, trials_so_far=len(resumed.trials))
+    again = resumed.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+    assert again.params["lr"] != first.params["lr"]
+    fresh = optuna.create_study(sampler=make_sampler(spec, trials_so_far=0))  # a fresh study: the file's seed
+    assert fresh.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)}).params == first.params
+
+
 def test_ablation_grid_runs_each_distinct_configuration_once(tmp_path):
     spec = load_spec(write(tmp_path, BASE + "ablation: {params: {lr: 0.005}, factors: {arch: [nlstm, stacked, "
                            "single], depth: [1, 2, 3], candidate_activation: [identity, tanh]}, seeds: [1, 2]}\n"))

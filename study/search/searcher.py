@@ -217,8 +217,8 @@ class StudySearcher(Searcher):
         runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in run.tracker.trial_runs("search")}
         self.searches = []
         for family in tuning_families(run.spec):
-            study = optuna.load_study(study_name=family.optuna_study, storage=run.optuna_storage,
-                                      sampler=make_sampler(run.spec))
+            study = optuna.load_study(study_name=family.optuna_study, storage=run.optuna_storage)
+            study.sampler = make_sampler(run.spec, trials_so_far=len(study.get_trials(deepcopy=False)))
             self.searches.append(self._reconcile(family, study, runs))
         known = {t.user_attrs.get(RUN_NAME_ATTR) for s in self.searches for t in s.study.get_trials(deepcopy=False)}
         lost = sorted(k for k in runs if k and k not in known and "-superseded-" not in k)

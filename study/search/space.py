@@ -177,25 +177,37 @@ def num_samples(spec: StudySpec) -> int:
     return 10
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The file's sampler, with its balanced categoricals allocated by ``BalancedSampler``."""
+# Samplers whose random draws come from a generator seeded once, at construction, and kept in memory only:
+# built again with the same seed for a study that already has trials, they would propose those trials again.
+REPLAYING_SAMPLERS = ("tpe", "random", "cmaes")
+
+
+def make_sampler(spec: StudySpec, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    """The file's sampler, with its balanced categoricals allocated by ``BalancedSampler``.
+
+    ``trials_so_far``: the trials the family's Optuna study already holds (a resumed study). TPE's, random and
+    CMA-ES's generators are seeded with ``search.sampler.seed + trials_so_far`` so that a sampler built again
+    never replays the proposals it made before the driver stopped (a fresh study: the file's seed itself). QMC
+    and grid keep the file's seed: they continue their sequence from the storage."""
     entries = space_entries(spec)
-    base = _base_sampler(spec)
+    base = _base_sampler(spec, trials_so_far if spec.search and spec.search.sampler.type in REPLAYING_SAMPLERS
+                         else 0)
     if any(isinstance(e, CategoricalEntry) and e.balanced for _, e in entries):
         return BalancedSampler(base, entries)
     return base
 
 
-def _base_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def _base_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
     assert spec.search is not None
     s = spec.search.sampler
+    seed = s.seed + offset
     startup = {} if s.n_startup_trials is None else {"n_startup_trials": s.n_startup_trials}
     if s.type == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, **startup)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, **startup)
     if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.type == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, **startup)
+        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
     if s.type == "qmc":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
