@@ -179,4 +179,8 @@ def budget_sentence(parent_tags: dict[str, str] | None, trials: pd.DataFrame) ->
         budget += f" {failed} failed trial{'s' if failed > 1 else ''} (no finite BPC) excluded."
     if running:
         budget += f" {running} still running."
+    if found.repeated:
+        per = ", ".join(f"{f} {n}" for f, n in sorted(found.repeated.items()))
+        budget += (f" Trials that repeated a configuration an earlier trial of their family had trained (they "
+                   f"tuned nothing, and the verdicts count distinct configurations): {per}.")
     return budget

@@ -19,11 +19,18 @@ class SearchTrials:
     failed: pd.Series
     running: pd.Series
     total: pd.Series  # every search trial per family
+    distinct: pd.Series  # distinct configurations (config_hash) among the ended trials, per family
 
     @property
     def ended(self) -> dict[str, int]:
         """Search trials per family that have ended (completed, pruned or failed): its tuning budget spent."""
         return (self.total.sub(self.running, fill_value=0)).astype(int).to_dict()
+
+    @property
+    def repeated(self) -> dict[str, int]:
+        """Ended trials per family that trained a configuration an earlier trial of the family had trained."""
+        ended = self.ended
+        return {f: n - int(self.distinct.get(f, n)) for f, n in ended.items() if n > int(self.distinct.get(f, n))}
 
 
 def search_trials(trials: pd.DataFrame) -> SearchTrials:
@@ -34,7 +41,7 @@ def search_trials(trials: pd.DataFrame) -> SearchTrials:
         search = search[~search["fail_reason"].astype(str).str.startswith("superseded")]
     if search.empty:
         empty = pd.Series(dtype="int64")
-        return SearchTrials(search, empty, empty, empty, empty)
+        return SearchTrials(search, empty, empty, empty, empty, empty)
     state = search["state"]
     finite = pd.Series(np.isfinite(pd.to_numeric(search["best_valid_bpc"], errors="coerce").astype(float)),
                        index=search.index)
@@ -42,6 +49,10 @@ def search_trials(trials: pd.DataFrame) -> SearchTrials:
     def per_family(mask: pd.Series) -> pd.Series:
         return mask.groupby(search["family"]).sum().astype(int)
 
+    ended = search[state != "running"]
+    config = ended["config_hash"] if "config_hash" in ended else pd.Series(None, index=ended.index, dtype=object)
+    config = config.where(config.notna(), "run " + ended.index.astype(str))  # not recorded: a configuration of its own
+    distinct = config.groupby(ended["family"]).nunique()
     return SearchTrials(search[(state == "completed") & finite], per_family(state == "pruned"),
                         per_family((state == "failed") | ((state == "completed") & ~finite)),
-                        per_family(state == "running"), search.groupby("family").size())
+                        per_family(state == "running"), search.groupby("family").size(), distinct)

@@ -503,7 +503,8 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
     """Within each protocol and budget: ``nlstm-dD - stacked-dD`` and ``nlstm-dD - single-d1``, for test and valid
     BPC. A counterpart that exists at the budget only under another protocol gives a 'not compared' entry."""
     arms = arm_table(aset) if arms is None else arms
-    tuned = search_trials(aset.trials).ended
+    found = search_trials(aset.trials)
+    tuned, distinct = found.ended, found.distinct.to_dict()
     out = []
     for _, nested_row in arms[arms["arch"] == "nlstm"].iterrows():
         protocol, budget, nested = nested_row["protocol"], nested_row["budget"], nested_row["family"]
@@ -538,7 +539,7 @@ def paired_comparisons(aset: AnalysisSet, arms: pd.DataFrame | None = None) -> l
                     ending = "" if metric == EQUAL_TIME else ending_sentence(
                         nested, other, c.diff.mean < 0, _stops(aset.selected, protocol, nested, budget, metric),
                         _stops(aset.selected, protocol, other, budget, metric), label,
-                        tuning_gap(protocol, nested, other, tuned))
+                        tuning_gap(protocol, nested, other, tuned, distinct))
                     text = verdict(c, label, a_arm, b_arm, _overlap(t_interval(a), t_interval(b)),
                                    bar=_probe_bar(aset.selected) if metric == "closer_bpc" else None,
                                    means=(float(a.mean()), float(b.mean())), ending=ending)

@@ -69,12 +69,15 @@ def describe_counts(counts: Counter) -> str:
     return ", ".join(f"{counts[r]} {r}" for r in order if counts.get(r))
 
 
-def tuning_gap(protocol: str, nested: str, other: str, search_trials: dict[str, int]) -> str:
+def tuning_gap(protocol: str, nested: str, other: str, search_trials: dict[str, int],
+               distinct: dict[str, int] | None = None) -> str:
     """``""`` when the two families were tuned with the same budget, else why not (a phrase).
 
     Equal tuning: the arms are the ``evaluate`` phase's (each family's configuration chosen from its own
-    search trials) and the record holds the same, non-zero number of ended search trials for both families.
-    An ablation's or any other phase's configurations are set by the study, not tuned per family."""
+    search trials), and the record holds the same, non-zero number of ended search trials for both families,
+    and as many distinct configurations among them (``distinct``: a trial that repeated an earlier one of its
+    family tuned nothing). An ablation's or any other phase's configurations are set by the study, not tuned
+    per family."""
     if protocol.split(",", 1)[0] != "evaluate":
         return f"the \"{protocol}\" runs use configurations the study set, not ones tuned per family"
     counts = {f: int(search_trials.get(f, 0)) for f in (nested, other)}
@@ -83,6 +86,10 @@ def tuning_gap(protocol: str, nested: str, other: str, search_trials: dict[str, 
         return f"the record has no search trials of {untuned}"
     if counts[nested] != counts[other]:
         return f"unequal tuning budgets (search trials: {nested} {counts[nested]}, {other} {counts[other]})"
+    unique = {f: int((distinct or {}).get(f, counts[f])) for f in (nested, other)}
+    if unique[nested] != unique[other]:
+        return (f"unequal tuning budgets ({counts[nested]} search trials each, but distinct configurations: "
+                f"{nested} {unique[nested]}, {other} {unique[other]})")
     return ""
 
 

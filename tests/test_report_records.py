@@ -188,6 +188,11 @@ def test_tuning_gap_needs_the_evaluate_phase_and_equal_ended_search_trials():
         "the record has no search trials of nlstm-d2")
     assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {}) == (
         "the record has no search trials of nlstm-d2 and stacked-d2")
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {"nlstm-d2": 16, "stacked-d2": 16},
+                      {"nlstm-d2": 15, "stacked-d2": 16}) == (
+        "unequal tuning budgets (16 search trials each, but distinct configurations: nlstm-d2 15, stacked-d2 16)")
+    assert tuning_gap("evaluate", "nlstm-d2", "stacked-d2", {"nlstm-d2": 16, "stacked-d2": 16},
+                      {"nlstm-d2": 16, "stacked-d2": 16}) == ""
     ablation = tuning_gap("ablation, dependency_length 20", "nlstm-d2", "single-d1", {"nlstm-d2": 4, "single-d1": 4})
     assert ablation == ('the "ablation, dependency_length 20" runs use configurations the study set, not ones tuned '
                         "per family")
@@ -201,10 +206,15 @@ def test_ended_search_trials_leave_out_running_and_superseded_runs():
         "family": ["nlstm-d2", "nlstm-d2", "nlstm-d2", "nlstm-d2", "stacked-d2", "stacked-d2", "stacked-d2"],
         "state": ["completed", "pruned", "running", "failed", "failed", "completed", "completed"],
         "fail_reason": [None, None, None, "superseded: checkpoint lost", "diverged: nan", None, None],
-        "best_valid_bpc": [1.5, 2.0, math.nan, math.nan, math.nan, 1.6, 1.4]})
+        "best_valid_bpc": [1.5, 2.0, math.nan, math.nan, math.nan, 1.6, 1.4],
+        "config_hash": ["a", "b", "c", "a", "d", "d", None]})
     found = search_trials(trials)
     assert found.ended == {"nlstm-d2": 2, "stacked-d2": 2}  # nested: completed + pruned; stacked: failed + completed
     assert found.total.to_dict() == {"nlstm-d2": 3, "stacked-d2": 2}
+    assert found.distinct.to_dict() == {"nlstm-d2": 2, "stacked-d2": 1}  # stacked's two trials: one configuration
+    assert found.repeated == {"stacked-d2": 1}
+    trials.loc[5, "config_hash"] = None  # not recorded: counted as a configuration of its own
+    assert search_trials(trials).distinct.to_dict() == {"nlstm-d2": 2, "stacked-d2": 2}
 
 
 # ---------------------------------------------------------------------------- machine load
